@@ -1,0 +1,3 @@
+from ssageo.cli import main
+
+main()

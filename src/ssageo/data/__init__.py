@@ -1,0 +1,1 @@
+"""Datasets: readers for CVUSA, CVACT and VIGOR as distributed, transforms, neighbour lists."""
