@@ -1,0 +1,1 @@
+"""Evaluation: exact retrieval metrics, descriptor files, extraction, the geo index."""
