@@ -1,0 +1,27 @@
+"""The SSA model: timm encoder split, BEV head, losses, weights load/save."""
+
+from ssageo.model.encoder import SUPPORTED_FAMILIES, Encoder
+from ssageo.model.losses import InfoNCE, bev_loss, dice_loss, ssa_loss
+from ssageo.model.ssa import (
+    SSAModel,
+    build_model,
+    load_model,
+    load_pretrained,
+    load_weights,
+    save_model,
+)
+
+__all__ = [
+    "SUPPORTED_FAMILIES",
+    "Encoder",
+    "InfoNCE",
+    "SSAModel",
+    "bev_loss",
+    "build_model",
+    "dice_loss",
+    "load_model",
+    "load_pretrained",
+    "load_weights",
+    "save_model",
+    "ssa_loss",
+]
