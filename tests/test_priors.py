@@ -1,0 +1,148 @@
+"""Fusion rules, oracle corruption and the shared driver of `ssageo priors`."""
+
+import cv2
+import numpy as np
+import pytest
+
+from ssageo.config import ConfigError
+from ssageo.priors import compile_classes, encode_label, fuse, parse_rule
+from ssageo.priors.oracle import (
+    Corruption,
+    add_false_positives,
+    confusion,
+    corrupt_mask,
+    drop_objects,
+    mean_iou,
+)
+
+PAPER_PROMPTS = ["artificial buildings", "structures", "trees", "construction", "edifice"]
+PAPER_RULE = "(artificial buildings & structures) | trees"
+
+
+def _all_combinations(names):
+    """Masks of one row whose pixels run through every truth assignment of ``names``."""
+    n = len(names)
+    bits = (np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1  # (2^n, n)
+    return {name: bits[None, :, i].astype(bool) for i, name in enumerate(names)}
+
+
+def test_paper_rule_truth_table():
+    masks = _all_combinations(["artificial buildings", "structures", "trees"])
+    rule = parse_rule(PAPER_RULE)
+    expected = (masks["artificial buildings"] & masks["structures"]) | masks["trees"]
+    np.testing.assert_array_equal(rule(masks), expected)
+    assert rule.names == {"artificial buildings", "structures", "trees"}
+
+
+@pytest.mark.parametrize(
+    ("text", "reference"),
+    [
+        ("a | b & c", lambda m: m["a"] | (m["b"] & m["c"])),  # & binds tighter than |
+        ("~a & b", lambda m: ~m["a"] & m["b"]),  # ~ binds tightest
+        ("!(a | b)", lambda m: ~(m["a"] | m["b"])),
+        ("a & !!b", lambda m: m["a"] & m["b"]),
+        ("((a))|c", lambda m: m["a"] | m["c"]),
+    ],
+)
+def test_operators_and_precedence(text, reference):
+    masks = _all_combinations(["a", "b", "c"])
+    np.testing.assert_array_equal(parse_rule(text)(masks), reference(masks))
+
+
+def test_names_ignore_case_and_spacing():
+    masks = _all_combinations(["artificial buildings", "trees"])
+    got = parse_rule("  Artificial   BUILDINGS|trees ")(masks)
+    np.testing.assert_array_equal(got, masks["artificial buildings"] | masks["trees"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("a &", "ends where"), ("(a | b", "never closed"), ("a | b)", "after a complete"),
+     ("& a", "unexpected '&'"), ("", "ends where")],
+)
+def test_malformed_rules_are_refused(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_rule(text)
+
+
+def test_rule_naming_an_unknown_prompt_is_refused():
+    with pytest.raises(ConfigError, match="'buildings'.*not among the prompts"):
+        compile_classes({"object": "buildings | trees"}, PAPER_PROMPTS)
+
+
+def test_labels_two_class_and_multi_class():
+    masks = _all_combinations(PAPER_PROMPTS[:3])
+    one = fuse(masks, compile_classes({"object": PAPER_RULE}, PAPER_PROMPTS))
+    assert one.dtype == np.uint8 and set(np.unique(one)) == {0, 255}
+    expected = (masks["artificial buildings"] & masks["structures"]) | masks["trees"]
+    np.testing.assert_array_equal(one == 255, expected)
+    classes = compile_classes({"building": "artificial buildings", "tree": "trees"}, PAPER_PROMPTS)
+    many = fuse(masks, classes)
+    assert set(np.unique(many)) == {0, 1, 2}
+    np.testing.assert_array_equal(many == 1, masks["artificial buildings"])  # first listed wins
+    np.testing.assert_array_equal(many == 2, masks["trees"] & ~masks["artificial buildings"])
+    assert encode_label([np.zeros((2, 2), bool)]).max() == 0
+
+
+def _squares(count_per_side=20, size=4, gap=4):
+    """A mask of count_per_side**2 separate square objects."""
+    step = size + gap
+    mask = np.zeros((count_per_side * step, count_per_side * step), bool)
+    for i in range(count_per_side):
+        for j in range(count_per_side):
+            mask[i * step : i * step + size, j * step : j * step + size] = True
+    return mask
+
+
+def _objects(mask):
+    return cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.8, 1.0])
+def test_drop_removes_the_requested_fraction_of_objects(fraction):
+    mask = _squares()
+    kept = _objects(drop_objects(mask, fraction, np.random.default_rng(1))) / _objects(mask)
+    assert abs((1 - kept) - fraction) < 0.07  # 400 objects: binomial sd <= 0.025
+
+
+def test_erosion_shrinks_and_dilation_grows_the_foreground():
+    mask = _squares(size=8)
+    rng = np.random.default_rng(0)
+    areas = [corrupt_mask(mask, Corruption(erode=k), rng).sum() for k in (0, 1, 2)]
+    assert areas[0] == mask.sum() > areas[1] > areas[2]
+    assert not (corrupt_mask(mask, Corruption(erode=1), rng) & ~mask).any()  # only shrinks
+    grown = corrupt_mask(mask, Corruption(dilate=2), rng)
+    assert grown.sum() > mask.sum() and (grown | ~mask).all()  # only grows
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5])
+def test_false_positives_add_the_requested_area_on_background(fraction):
+    mask = _squares(size=8)
+    radius = 3
+    out = add_false_positives(mask, fraction * mask.sum(), radius, np.random.default_rng(0))
+    added = (out & ~mask).sum()
+    disc = np.pi * (radius + 0.5) ** 2  # the last blob may overshoot by at most one disc
+    assert fraction * mask.sum() <= added <= fraction * mask.sum() + disc
+    assert (out | ~mask).all()  # true objects are left alone
+    rng = np.random.default_rng(0)
+    assert not corrupt_mask(np.zeros((16, 16), bool), Corruption(false_positives=1.0), rng).any()
+
+
+def test_miou_is_one_for_the_truth_and_falls_with_corruption():
+    mask = _squares(size=8)
+    rng = np.random.default_rng(0)
+    scores = []
+    for corruption in (Corruption(), Corruption(erode=1), Corruption(erode=2, drop=0.5)):
+        out = corrupt_mask(mask, corruption, rng)
+        scores.append(mean_iou(confusion(mask, out, 2)))
+    assert scores[0] == 1.0 and scores[0] > scores[1] > scores[2]
+    # IoU of each value, averaged: background 3/4 overlap, foreground 0 -> 0.375
+    truth, pred = np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0])
+    assert mean_iou(confusion(truth, pred, 2)) == pytest.approx(0.375)
+
+
+def test_invalid_corruption_is_refused():
+    with pytest.raises(ConfigError, match="drop"):
+        Corruption(drop=1.5)
+    with pytest.raises(ConfigError, match="erode"):
+        Corruption(erode=-1)
