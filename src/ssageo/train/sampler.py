@@ -95,10 +95,12 @@ class HardNegativeSampler(torch.utils.data.Sampler):
         for batch in self.plan()[self.start_batch:]:
             yield batch[self.rank * share:(self.rank + 1) * share].tolist()
 
-    def state_dict(self) -> dict:
-        """Everything needed to replay the epoch: plain values plus the neighbour array."""
+    def state_dict(self, position: int | None = None) -> dict:
+        """Everything needed to replay the epoch from batch ``position`` (default: the start
+        batch): plain values plus the neighbour array."""
         return {
-            "epoch": self.epoch, "start_batch": self.start_batch, "seed": self.seed,
+            "epoch": self.epoch, "seed": self.seed,
+            "start_batch": self.start_batch if position is None else position,
             "neighbour_source": self.neighbour_source, "neighbours": self.neighbours,
         }
 

@@ -1,0 +1,338 @@
+"""The training loop (METHOD.md section 5), in one file.
+
+``train(config, out)`` trains an SSA model on ``data.root`` and writes the run directory:
+
+- ``config.yaml``: the resolved config; ``metrics.jsonl``: one record per step
+  (``kind: step``: loss, infonce, bev, lr, logit_scale, pairs_per_s), per validation
+  (``kind: eval``) and per skipped non-finite step (``kind: nonfinite``);
+- ``checkpoints/last`` every ``train.checkpoint_every`` steps and at each epoch end,
+  ``checkpoints/best`` at the best validation R@1; ``summary.json`` at the end.
+
+Everything that decides the future (weights, optimizer, sampler position, RNG states) is in
+``last``, and every random choice is a function of it, so ``train(..., resume=True)`` after a
+crash continues exactly as an uninterrupted run would. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ssageo.config import load_config, save_config
+from ssageo.data.datasets import PairDataset
+from ssageo.io import DataError, atomic_write_text
+from ssageo.train.distributed import all_true, barrier, setup_distributed
+from ssageo.train.sampler import HardNegativeSampler, similarity_neighbours
+from ssageo.train.state import find_checkpoint, load_checkpoint, save_checkpoint, seed_everything
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss or gradient more often than allowed."""
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate at a global step: linear warm-up, then cosine decay to zero."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    done = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+
+
+def check_run_dir(out: Path, resume: bool, need_bytes: int) -> None:
+    """Fail at start, not after an hour: the run directory must be new (or resumable),
+    writable, and its disk must have room for a checkpoint swap (``need_bytes``)."""
+    out = Path(out)
+    if not resume and (out / "checkpoints").exists():
+        raise FileExistsError(
+            f"{out}: already holds a training run; resume it with `ssageo train --resume {out}` "
+            "or choose another --out"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        atomic_write_text(probe, "ok")
+        probe.unlink()
+    except OSError as exc:
+        raise DataError(f"{out}: run directory is not writable ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(out).free
+    if free < need_bytes:
+        raise DataError(
+            f"{out}: only {free / 2**20:.0f} MiB free on its disk; checkpoints need about "
+            f"{need_bytes / 2**20:.0f} MiB"
+        )
+
+
+class SeededPairs(PairDataset):
+    """Training pairs whose augmentation depends only on ``(seed, epoch, index)``.
+
+    Each place is drawn at most once per epoch, so this gives every sample its own stream,
+    independent of worker count and of where in the epoch a resumed run starts.
+    """
+
+    def __init__(self, *args, seed: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed, self.epoch = seed, 0
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+
+class MetricsLog:
+    """``metrics.jsonl`` kept consistent with the last checkpoint: records are buffered and the
+    file is rewritten atomically at each checkpoint, so a crash never leaves records of steps
+    that a resumed run will redo."""
+
+    def __init__(self, path: Path, keep_until_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.lines: list[str] = []
+        if keep_until_step is not None and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= keep_until_step:
+                    self.lines.append(line)
+
+    def add(self, record: dict) -> None:
+        self.lines.append(json.dumps(record))
+
+    def flush(self) -> None:
+        atomic_write_text(self.path, "\n".join(self.lines) + "\n")
+
+
+def _neighbours(sampler, model, manifest, config: dict, epoch: int, log) -> None:
+    """Give the sampler the neighbour lists this epoch uses (METHOD.md section 5)."""
+    from ssageo.data.neighbours import gps_neighbours
+    from ssageo.evaluate.embed import embed_manifest
+
+    s = config["train"]["sampling"]
+    sim_due = (
+        s["similarity"] and epoch >= s["similarity_start"]
+        and (epoch - s["similarity_start"]) % s["similarity_every"] == 0
+    )
+    if sim_due:
+        query, reference = embed_manifest(model, manifest, config)
+        sampler.set_neighbours(
+            similarity_neighbours(query, reference, manifest.positive, s["neighbour_range"]),
+            f"similarity@epoch{epoch}",
+        )
+        log(f"epoch {epoch + 1}: similarity neighbours recomputed with the current model")
+    elif sampler.neighbours is None and s["gps"]:
+        coords = manifest.query_coords if manifest.query_coords is not None else manifest.utm
+        if coords is not None:
+            sampler.set_neighbours(gps_neighbours(manifest, k=s["gps_k"]), "gps")
+            log(f"epoch {epoch + 1}: GPS neighbour lists")
+
+
+def _validation_manifest(train_manifest, config: dict):
+    """The val split, or None (with the reason) where the dataset has none (VIGOR)."""
+    from ssageo.data.manifest import load_manifest
+
+    if train_manifest.dataset == "vigor":
+        return None, (
+            "VIGOR has no separate validation split: no validation during training and no "
+            "model selection; use checkpoints/last (the test split is never used for selection)"
+        )
+    d = config["data"]
+    return load_manifest(d["root"], dataset=train_manifest.dataset, split="val"), "val split"
+
+
+def train(config: dict | None, out: Path, resume: bool = False) -> dict:
+    """Train per ``config`` into run directory ``out`` (or resume the run in ``out``).
+
+    Returns the run summary (also written to ``summary.json``). Raises DataError/ConfigError
+    for bad input, FileExistsError for an existing run without ``resume``, and
+    NonFiniteLossError when the loss or gradient is non-finite more than
+    ``train.max_nonfinite_skips`` times.
+    """
+    from ssageo.data.manifest import load_manifest
+    from ssageo.evaluate import evaluate_model
+    from ssageo.model import build_model
+    from ssageo.model.losses import ssa_loss
+
+    out = Path(out)
+    if resume:
+        find_checkpoint(out / "checkpoints" / "last")
+        config = load_config(out / CONFIG_FILE)
+    t, d = config["train"], config["data"]
+    if d.get("root") is None:
+        raise DataError("no dataset: set data.root=FOLDER (or `ssageo train --data FOLDER`)")
+    dist_info = setup_distributed(t["device"])
+    main, device = dist_info.is_main, dist_info.device
+    log = (lambda msg: tqdm.write(f"[train] {msg}")) if main else (lambda msg: None)
+    seed_everything(t["seed"])
+
+    manifest = load_manifest(d["root"], dataset=d["dataset"], split="train",
+                             vigor_mode=d["vigor_mode"])
+    model = build_model(config["model"], d["reference_size"], d["query_size"]).to(device)
+    need = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) + 64 * 2**20
+    if main:
+        check_run_dir(out, resume, need)
+        if not resume:
+            save_config(config, out / CONFIG_FILE)
+    barrier()
+    val_manifest, val_note = _validation_manifest(manifest, config)
+    log(f"validation: {val_note}")
+    if t["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    if t["grad_checkpointing"]:
+        for encoder in model.encoders.values():
+            encoder.backbone.set_grad_checkpointing(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+    s = t["sampling"]
+    sampler = HardNegativeSampler(
+        manifest.positive, t["batch_size"], s["neighbour_select"], s["neighbour_range"],
+        t["seed"], dist_info.world_size, dist_info.rank,
+    )
+    progress = {"epoch": 0, "batch": 0, "step": 0, "best_r1": None, "best_epoch": None,
+                "nonfinite_skips": 0}
+    if resume:
+        sampler_state, progress = load_checkpoint(out / "checkpoints" / "last", model, optimizer)
+        sampler.load_state_dict(sampler_state)
+        log(f"resumed at epoch {progress['epoch'] + 1}, batch {progress['batch']}, "
+            f"step {progress['step']}")
+    metrics = MetricsLog(out / METRICS_FILE, progress["step"] if resume else None)
+    net = DistributedDataParallel(model) if dist_info.world_size > 1 else model
+    norm = model.data_config()
+    dataset = SeededPairs(manifest, d, True, norm["mean"], norm["std"], seed=t["seed"])
+    steps_per_epoch = len(np.unique(manifest.positive)) // t["batch_size"]
+    total_steps = t["epochs"] * steps_per_epoch
+    warmup_steps = max(1, round(t["warmup_epochs"] * steps_per_epoch))
+    amp = bool(t["amp"]) and device.type == "cuda"
+
+    def checkpoint(folder: str, sync: bool = True) -> None:
+        if main:
+            save_checkpoint(out / "checkpoints" / folder, model, config, optimizer,
+                            sampler.state_dict(progress["batch"]), progress)
+            metrics.flush()
+        if sync:
+            barrier()
+
+    started = time.perf_counter()
+    for epoch in range(progress["epoch"], t["epochs"]):
+        if progress["batch"] == 0:
+            _neighbours(sampler, model, manifest, config, epoch, log)
+            sampler.set_epoch(epoch)
+        dataset.epoch = epoch
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, num_workers=d["workers"],
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(t["seed"] * 100_003 + epoch),
+        )
+        net.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t['epochs']}", disable=not main,
+                   initial=progress["batch"], total=len(sampler.plan()), leave=False)
+        tick = time.perf_counter()
+        for batch in bar:
+            lr = lr_at(progress["step"], t["lr"], warmup_steps, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            fmt = torch.channels_last if t["channels_last"] else torch.contiguous_format
+            query = batch["query"].to(device, non_blocking=True, memory_format=fmt)
+            reference = batch["reference"].to(device, non_blocking=True, memory_format=fmt)
+            prior = batch["prior"].to(device) if "prior" in batch else None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                outputs = net(query, reference)
+                losses = ssa_loss(outputs, prior, config["loss"])
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), t["clip_grad_norm"] or float("inf")
+            )
+            values = _mean_over_ranks(losses, device)
+            finite = all_true(
+                all(math.isfinite(v) for v in values.values())
+                and bool(torch.isfinite(grad_norm)), device,
+            )
+            progress["step"] += 1
+            progress["batch"] += 1
+            if finite:
+                optimizer.step()
+            else:
+                _non_finite(progress, values, epoch, t, metrics, log, checkpoint)
+            now = time.perf_counter()
+            record = {
+                "kind": "step", "step": progress["step"], "epoch": epoch + 1, **values,
+                "lr": lr, "logit_scale": float(outputs["logit_scale"].exp()),
+                "grad_norm": float(grad_norm), "pairs_per_s": t["batch_size"] / (now - tick),
+            }
+            tick = now
+            metrics.add(record)
+            bar.set_postfix(loss=f"{values['loss']:.3f}", bev=f"{values['bev']:.3f}",
+                            lr=f"{lr:.2e}", pairs_s=f"{record['pairs_per_s']:.1f}")
+            if progress["step"] % t["checkpoint_every"] == 0:
+                checkpoint("last")
+        bar.close()
+        progress["epoch"], progress["batch"] = epoch + 1, 0
+        sampler.set_epoch(epoch + 1)
+        last_epoch = epoch + 1 == t["epochs"]
+        if val_manifest is not None and ((epoch + 1) % config["eval"]["every"] == 0 or last_epoch):
+            result = evaluate_model(model, val_manifest, config) if main else {}
+            if main:
+                metrics.add({"kind": "eval", "split": "val", "step": progress["step"],
+                             "epoch": epoch + 1, **result})
+                log(f"epoch {epoch + 1} val: " + ", ".join(
+                    f"{k} {result[k]:.2f}" for k in ("R@1", "R@5", "R@10", "R@1%")))
+                if progress["best_r1"] is None or result["R@1"] > progress["best_r1"]:
+                    progress["best_r1"], progress["best_epoch"] = result["R@1"], epoch + 1
+                    checkpoint("best", sync=False)
+            barrier()
+        checkpoint("last")
+
+    summary = {
+        "steps": progress["step"], "epochs": t["epochs"], "world_size": dist_info.world_size,
+        "validation": val_note, "best_val_R@1": progress["best_r1"],
+        "best_epoch": progress["best_epoch"], "nonfinite_skips": progress["nonfinite_skips"],
+        "neighbours": sampler.neighbour_source,
+        "train_seconds_this_session": round(time.perf_counter() - started, 2),
+        "last_checkpoint": str(out / "checkpoints" / "last"),
+        "best_checkpoint": str(out / "checkpoints" / "best") if progress["best_r1"] is not None
+        else None,
+    }
+    if main:
+        atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1))
+    barrier()
+    return summary
+
+
+def _mean_over_ranks(losses: dict, device: torch.device) -> dict[str, float]:
+    """Loss terms averaged over processes (each rank holds an equal share of the batch)."""
+    keys = ("loss", "infonce", "bev")
+    packed = torch.stack([losses[k].detach().float() for k in keys]).to(device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(packed)
+        packed /= torch.distributed.get_world_size()
+    return dict(zip(keys, packed.tolist(), strict=True))
+
+
+def _non_finite(progress: dict, values: dict, epoch: int, t: dict, metrics: MetricsLog, log,
+                checkpoint) -> None:
+    """Skip a non-finite step (logged) while the budget lasts; otherwise stop loudly."""
+    losses = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+    where = f"step {progress['step']} (epoch {epoch + 1}, batch {progress['batch']})"
+    if progress["nonfinite_skips"] < t["max_nonfinite_skips"]:
+        progress["nonfinite_skips"] += 1
+        metrics.add({"kind": "nonfinite", "step": progress["step"], "epoch": epoch + 1,
+                     "action": "skipped", **values})
+        log(f"non-finite loss or gradient at {where}: {losses}; step skipped "
+            f"({progress['nonfinite_skips']}/{t['max_nonfinite_skips']})")
+        return
+    metrics.add({"kind": "nonfinite", "step": progress["step"], "epoch": epoch + 1,
+                 "action": "stopped", **values})
+    name = f"debug-step{progress['step']}"
+    checkpoint(name)
+    raise NonFiniteLossError(
+        f"non-finite loss or gradient at {where}: {losses}; stopped after "
+        f"{progress['nonfinite_skips']} skipped step(s) (train.max_nonfinite_skips="
+        f"{t['max_nonfinite_skips']}); debug checkpoint: checkpoints/{name}"
+    )
+
