@@ -1,0 +1,129 @@
+"""Torch datasets over a Manifest: training/eval pairs and single-view images, decoded lazily.
+
+Images are decoded in the DataLoader workers with ``ssageo.io.read_image``: a missing, empty or
+corrupt file raises DataError naming it, so a broken file stops training instead of being
+skipped. Randomness is derived from (torch's per-worker seed, index, draw count), so a seeded
+DataLoader reproduces its augmentations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ssageo.config import ConfigError
+from ssageo.data.manifest import MAX_EXAMPLES, Manifest
+from ssageo.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    geometric_augment,
+    label_to_classes,
+    photometric,
+    resize,
+    resize_label,
+    to_tensor,
+)
+from ssageo.io import DataError, read_image
+
+
+def _size(data_cfg: dict, key: str) -> tuple[int, int]:
+    value = data_cfg.get(key)
+    if not (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and v > 0 for v in value)):
+        raise ConfigError(f"data.{key} must be [height, width] (positive integers), got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+class PairDataset(Dataset):
+    """(query, positive reference[, prior]) per query of a manifest.
+
+    ``data_cfg`` is the config's ``data`` section: ``query_size``, ``reference_size`` (H, W),
+    optional ``prior_size`` (default: the reference size) and ``augment`` (``flip``, ``rotate``
+    probabilities, ``photometric`` bool), used when ``train`` is True. A sample is
+    ``{"query": (3, Hq, Wq) float32, "reference": (3, Hr, Wr) float32, "index": int}`` plus
+    ``"prior": (Hp, Wp) int64`` 0/1 class map when every reference has a prior label.
+    """
+
+    def __init__(self, manifest: Manifest, data_cfg: dict, train: bool,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.manifest = manifest
+        self.train = train
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.query_size = _size(data_cfg, "query_size")
+        self.reference_size = _size(data_cfg, "reference_size")
+        self.prior_size = (_size(data_cfg, "prior_size") if data_cfg.get("prior_size")
+                           else self.reference_size)
+        aug = data_cfg.get("augment") or {}
+        self.p_flip = float(aug.get("flip", 0.0)) if train else 0.0
+        self.p_rotate = float(aug.get("rotate", 0.0)) if train else 0.0
+        self.photometric = bool(aug.get("photometric", False)) and train
+        if self.p_rotate > 0 and (self.reference_size[0] != self.reference_size[1]
+                                  or self.prior_size[0] != self.prior_size[1]
+                                  or self.query_size[1] % 4):
+            raise ConfigError("data.augment.rotate needs square reference/prior sizes and a "
+                              f"query width divisible by 4 (got reference {self.reference_size},"
+                              f" prior {self.prior_size}, query {self.query_size})")
+        without = [r for r, p in zip(manifest.reference_paths, manifest.prior_paths, strict=True)
+                   if p is None]
+        if without and len(without) < manifest.num_references:
+            shown = ", ".join(str(p) for p in without[:MAX_EXAMPLES])
+            raise DataError(f"{manifest.root}: {len(without)} of {manifest.num_references} "
+                            f"satellite tiles have no prior label (e.g. {shown}); write the "
+                            "missing ones with `ssageo priors` or remove sat_BEV_label/")
+        self.use_priors = manifest.has_priors
+        self._views = {"query": photometric("query"), "reference": photometric("reference")} \
+            if self.photometric else {}
+        self._draws = 0
+
+    def __len__(self) -> int:
+        return self.manifest.num_queries
+
+    def _rng(self, index: int) -> np.random.Generator:
+        self._draws += 1
+        return np.random.default_rng([torch.initial_seed() % 2**63, index, self._draws])
+
+    def __getitem__(self, index: int) -> dict:
+        m = self.manifest
+        ref = int(m.positive[index])
+        query = resize(read_image(m.query_paths[index]), self.query_size)
+        tile = resize(read_image(m.reference_paths[ref]), self.reference_size)
+        prior = None
+        if self.use_priors:
+            prior = resize_label(read_image(m.prior_paths[ref], mode="L"), self.prior_size)
+        if self.train:
+            rng = self._rng(index)
+            tile, prior, query = geometric_augment(tile, prior, query, rng,
+                                                   self.p_flip, self.p_rotate)
+            for name, view in self._views.items():
+                view.set_random_seed(int(rng.integers(2**31)))
+                if name == "query":
+                    query = view(image=query)["image"]
+                else:
+                    tile = view(image=tile)["image"]
+        sample = {"query": to_tensor(query, self.mean, self.std),
+                  "reference": to_tensor(tile, self.mean, self.std), "index": index}
+        if prior is not None:
+            sample["prior"] = torch.from_numpy(label_to_classes(prior))
+        return sample
+
+
+class ImageDataset(Dataset):
+    """Eval-time images: ``{"image": (3, H, W) float32 resized to ``size`` and normalised,
+    "index": int}`` for each path."""
+
+    def __init__(self, paths: Sequence[str | Path], size: tuple[int, int],
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.paths = [Path(p) for p in paths]
+        self.size = (int(size[0]), int(size[1]))
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        image = resize(read_image(self.paths[index]), self.size)
+        return {"image": to_tensor(image, self.mean, self.std), "index": index}

@@ -1,0 +1,96 @@
+"""GPS neighbour lists for the hard-negative sampler (METHOD.md section 5), cached beside the data.
+
+For each query, the k nearest other queries: by great-circle distance on (lat, lon) for CVUSA
+(ground GPS) and VIGOR (the positive tiles' centres, never a query of the same tile), by
+Euclidean distance on UTM for CVACT. The search uses a k-d tree on unit vectors of the sphere:
+the chord length ``2 sin(d / 2)`` grows monotonically with the haversine angle d (radians), so the
+order is exactly the haversine order, without a Q x Q distance matrix.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from ssageo.data.manifest import Manifest, cache_dir_for
+from ssageo.io import DataError, atomic_write_bytes
+
+EARTH_RADIUS_M = 6_371_008.8
+
+
+def haversine(lat1, lon1, lat2, lon2) -> np.ndarray:
+    """Great-circle angle in radians between points given in **degrees** (broadcasts).
+
+    Multiply by :data:`EARTH_RADIUS_M` for metres.
+    """
+    p1, l1, p2, l2 = (np.radians(np.asarray(v, dtype=np.float64)) for v in (lat1, lon1, lat2, lon2))
+    a = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin((l2 - l1) / 2) ** 2
+    return 2 * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+
+
+def _unit_vectors(latlon: np.ndarray) -> np.ndarray:
+    lat, lon = np.radians(latlon[:, 0]), np.radians(latlon[:, 1])
+    return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
+
+
+def _points_and_groups(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """Search points (Q, 2|3) and exclusion groups (Q,): queries of one group never neighbour."""
+    if manifest.dataset == "cvact":
+        if manifest.utm is None:
+            raise DataError(f"{manifest.root}: CVACT manifest has no UTM coordinates")
+        return np.asarray(manifest.utm, dtype=np.float64), np.arange(manifest.num_queries)
+    if manifest.dataset == "vigor":
+        return (_unit_vectors(manifest.reference_coords[manifest.positive]),
+                np.asarray(manifest.positive))
+    coords = manifest.query_coords if manifest.query_coords is not None \
+        else manifest.reference_coords
+    if coords is None:
+        raise DataError(f"{manifest.root}: no GPS for {manifest.dataset.upper()} "
+                        f"{manifest.split} (split_locations/all.csv is missing), so GPS "
+                        "neighbour lists cannot be built")
+    return _unit_vectors(np.asarray(coords, dtype=np.float64)), np.arange(manifest.num_queries)
+
+
+def compute_neighbours(points: np.ndarray, groups: np.ndarray, k: int) -> np.ndarray:
+    """(Q, k') indices of the nearest points of other groups, nearest first.
+
+    k' = min(k, Q - largest group), so every row is full.
+    """
+    from scipy.spatial import cKDTree
+
+    n = len(points)
+    largest = int(np.bincount(np.unique(groups, return_inverse=True)[1]).max()) if n else 0
+    k_eff = min(k, n - largest)
+    if k_eff < 1:
+        raise DataError(f"GPS neighbours need at least two places in different groups (have {n})")
+    candidates = min(k_eff + largest, n)
+    _, idx = cKDTree(points).query(points, k=candidates)
+    idx = idx.reshape(n, candidates)
+    other = groups[idx] != groups[:, None]
+    # Stable sort of "same group" flags keeps the distance order among the others.
+    order = np.argsort(~other, axis=1, kind="stable")[:, :k_eff]
+    return np.take_along_axis(idx, order, axis=1).astype(np.int64)
+
+
+def gps_neighbours(manifest: Manifest, k: int = 128, cache_dir: str | Path | None = None
+                   ) -> np.ndarray:
+    """(Q, k') int64: for each query of ``manifest`` its nearest other queries, nearest first.
+
+    Cached as ``neighbours-<dataset>-<split>-<key>-k<k>.npy`` in :func:`cache_dir_for`; the key
+    changes with the split files, so an edited split is recomputed. k' = min(k, places - 1) (for
+    VIGOR, minus the largest number of queries sharing a tile).
+    """
+    use_cache = bool(manifest.key)
+    name = f"neighbours-{manifest.dataset}-{manifest.split}-{manifest.key}-k{k}.npy"
+    path = cache_dir_for(manifest.root, cache_dir) / name
+    if use_cache and path.is_file():
+        return np.load(path, allow_pickle=False)
+    points, groups = _points_and_groups(manifest)
+    result = compute_neighbours(points, groups, k)
+    if use_cache:
+        buf = io.BytesIO()
+        np.save(buf, result)
+        atomic_write_bytes(path, buf.getvalue())
+    return result

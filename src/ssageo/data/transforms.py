@@ -1,0 +1,107 @@
+"""Transforms: synchronised geometry for a (tile, prior, panorama) triple, photometric noise per
+view, resizing and normalisation.
+
+Orientation convention (README "Conventions"): tiles are north-up, east right; panoramas are
+north-aligned with north at column W/2 and azimuth growing clockwise left to right, so column u
+looks at azimuth ``360 * u / W - 180`` degrees. Hence:
+
+- rotating the tile counter-clockwise by k*90 degrees (``np.rot90(tile, k)``) puts what was east
+  at north, which is the panorama rolled by ``-k * W // 4`` columns;
+- mirroring the tile east-west (``np.fliplr``) turns azimuth a into -a, so panorama column u must
+  show old column ``(W - u) % W``: a left-right flip followed by a roll of one column, which keeps
+  the north column W/2 (and the south column 0) in place.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def flip_pair(tile: np.ndarray, pano: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mirror a tile east-west and its panorama about the north column."""
+    return np.fliplr(tile), np.roll(np.fliplr(pano), 1, axis=1)
+
+
+def rotate_pair(tile: np.ndarray, pano: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate a tile by k*90 degrees counter-clockwise and roll its panorama to match."""
+    width = pano.shape[1]
+    if width % 4:
+        raise ValueError(f"panorama width {width} is not divisible by 4; a k*90 degree rotation "
+                         "needs a whole-column roll")
+    return np.rot90(tile, k), np.roll(pano, -k * width // 4, axis=1)
+
+
+def geometric_augment(
+    tile: np.ndarray, prior: np.ndarray | None, pano: np.ndarray, rng: np.random.Generator,
+    p_flip: float = 0.5, p_rotate: float = 0.75,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The one place where a tile (H, W[, 3]), its prior label (H', W') and its panorama
+    (Hq, Wq[, 3]) are flipped and rotated together, so the three cannot drift apart.
+
+    Returns contiguous (tile, prior, pano); ``prior`` may be None.
+    """
+    if rng.random() < p_flip:
+        tile, pano = flip_pair(tile, pano)
+        prior = None if prior is None else np.fliplr(prior)
+    if rng.random() < p_rotate:
+        k = int(rng.integers(1, 4))
+        tile, pano = rotate_pair(tile, pano, k)
+        prior = None if prior is None else np.rot90(prior, k)
+    as_c = np.ascontiguousarray
+    return as_c(tile), None if prior is None else as_c(prior), as_c(pano)
+
+
+def photometric(view: str):
+    """Albumentations pipeline of photometric noise for ``view`` ("query" or "reference").
+
+    Colour jitter, blur/sharpen, JPEG compression and grid/coarse dropout, as in Sample4Geo; it
+    never moves pixels, so geometry (and the prior label) stay aligned.
+    """
+    import albumentations as A
+
+    return A.Compose([
+        A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.15, p=0.5),
+        A.OneOf([A.AdvancedBlur(p=1.0), A.Sharpen(p=1.0)], p=0.3),
+        A.ImageCompression(quality_range=(90, 100), p=0.5),
+        A.OneOf([
+            A.GridDropout(ratio=0.4, p=1.0),
+            A.CoarseDropout(num_holes_range=(10, 25), hole_height_range=(0.03, 0.1),
+                            hole_width_range=(0.03, 0.1) if view == "reference"
+                            else (0.01, 0.05), p=1.0),
+        ], p=0.3),
+    ])
+
+
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an (H, W[, 3]) image to ``size`` = (H, W), area-averaged when shrinking."""
+    h, w = int(size[0]), int(size[1])
+    if image.shape[:2] == (h, w):
+        return image
+    shrink = h < image.shape[0] and w < image.shape[1]
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map, so classes never blend."""
+    h, w = int(size[0]), int(size[1])
+    if label.shape[:2] == (h, w):
+        return label
+    return cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def label_to_classes(label: np.ndarray) -> np.ndarray:
+    """A 0/255 prior label (PNG, or JPEG with compression noise) -> 0/1 int64 class map."""
+    return (label > 127).astype(np.int64)
+
+
+def to_tensor(image: np.ndarray, mean, std) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 normalised with ``mean``/``std`` (0-1 scale)."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    m = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return x.sub_(m).div_(s)
