@@ -155,6 +155,7 @@ def retrieval_metrics(
     reference_coords: ArrayLike | None = None,
     block_size: int = 4096,
     ks: Sequence[int] = (1, 5, 10),
+    planar_coords: bool = False,
 ) -> dict[str, float | int]:
     """The published metrics for one query set against one gallery.
 
@@ -163,7 +164,8 @@ def retrieval_metrics(
     (k = :func:`one_percent_k`), all in percent; ``hit_rate`` (percent) when ``semi_positive``
     is given; ``median_error_m`` / ``mean_error_m`` (haversine distance from each query to its
     top-1 reference) when both coordinate arrays are given; and ``queries``, ``gallery``,
-    ``k_1%`` (the k used for R@1%).
+    ``k_1%`` (the k used for R@1%). With ``planar_coords`` the coordinates are planar metres
+    (e.g. CVACT's UTM easting/northing) and the error is their Euclidean distance.
     """
     ranked = rank_queries(query, reference, positive, semi_positive, block_size)
     rank = ranked["rank"]
@@ -177,8 +179,8 @@ def retrieval_metrics(
         raise ValueError("give both query_coords and reference_coords, or neither")
     if query_coords is not None:
         qc = _coords(query_coords, "query_coords", n_q)
-        rc = _coords(reference_coords, "reference_coords", n_r)
-        error = haversine_m(qc, rc[ranked["top1"]])
+        rc = _coords(reference_coords, "reference_coords", n_r)[ranked["top1"]]
+        error = np.hypot(*(qc - rc).T) if planar_coords else haversine_m(qc, rc)
         out["median_error_m"] = float(np.median(error))
         out["mean_error_m"] = float(np.mean(error))
     out.update({"queries": n_q, "gallery": n_r, "k_1%": k1})

@@ -1,0 +1,190 @@
+"""``ssageo eval``, ``ssageo embed``, ``ssageo index build`` and ``ssageo locate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ssageo.cli import app
+from ssageo.io import atomic_write_text
+
+index_app = typer.Typer(help="Geo-referenced indexes of satellite tiles.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+DATASET_HELP = "auto | cvusa | cvact | vigor"
+SPLIT_HELP = "train | val | test (default: test for VIGOR, val otherwise)"
+
+
+def _manifest(data: Path, dataset: str, split: str | None, vigor_mode: str):
+    from ssageo.data import detect_dataset, load_manifest
+
+    if split is None:
+        kind = detect_dataset(data) if dataset == "auto" else dataset
+        split = "test" if kind == "vigor" else "val"
+    return load_manifest(data, dataset, split, vigor_mode)
+
+
+def _embed_checkpoint(
+    checkpoint: Path,
+    data: Path,
+    dataset: str,
+    split: str | None,
+    vigor_mode: str,
+    batch_size: int | None,
+    workers: int | None,
+):
+    from ssageo.evaluate.embed import embed_manifest
+    from ssageo.model import load_model
+
+    model, config = load_model(checkpoint)
+    manifest = _manifest(data, dataset, split, vigor_mode)
+    query, reference = embed_manifest(model, manifest, config, batch_size, workers)
+    return manifest, query, reference
+
+
+def print_metrics(metrics: dict, title: str, console: Console) -> None:
+    """Render a metrics dict (percentages, metre errors, sizes) as a rich table."""
+    table = Table("metric", "value", title=title)
+    for key, value in metrics.items():
+        if key.startswith("R@") or key == "hit_rate":
+            text = f"{value:.2f} %"
+        elif key.endswith("_m"):
+            text = f"{value:,.1f} m"
+        else:
+            text = str(value)
+        table.add_row(key, text)
+    console.print(table)
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Path | None = typer.Option(None, help="Checkpoint folder (with --data)."),
+    data: Path | None = typer.Option(None, help="Dataset folder (with --checkpoint)."),
+    descriptors: Path | None = typer.Option(None, help="Evaluate a saved .npz descriptor file."),
+    dataset: str = typer.Option("auto", help=DATASET_HELP),
+    split: str | None = typer.Option(None, help=SPLIT_HELP),
+    vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
+    normalize: bool = typer.Option(False, help="L2-normalise saved descriptors before scoring."),
+    block_size: int = typer.Option(4096, help="Queries scored per block (memory: 4 x this x R B)"),
+    batch_size: int | None = typer.Option(None, help="Images per batch (default eval.batch_size)"),
+    workers: int | None = typer.Option(None, help="Loader processes (default data.workers)"),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics here."),
+) -> None:
+    """Exact R@1/5/10/1% (VIGOR: hit rate; with coordinates: metre error of the top-1 tile)."""
+    from ssageo.evaluate.descriptors import load_descriptors
+    from ssageo.evaluate.embed import manifest_metrics
+
+    if descriptors is not None:
+        if checkpoint is not None or data is not None:
+            raise typer.BadParameter("give either --descriptors or --checkpoint with --data")
+        metrics = load_descriptors(descriptors, normalize=normalize).metrics(block_size)
+        title = str(descriptors)
+    else:
+        if checkpoint is None or data is None:
+            raise typer.BadParameter("give --checkpoint and --data (or --descriptors FILE.npz)")
+        manifest, query, reference = _embed_checkpoint(
+            checkpoint, data, dataset, split, vigor_mode, batch_size, workers
+        )
+        metrics = manifest_metrics(manifest, query, reference, block_size)
+        title = f"{manifest.dataset} {manifest.split} ({checkpoint})"
+    print_metrics(metrics, title, Console())
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(metrics, indent=2) + "\n")
+
+
+@app.command("embed")
+def embed(
+    checkpoint: Path = typer.Option(..., help="Checkpoint folder."),
+    data: Path = typer.Option(..., help="Dataset folder."),
+    out: Path = typer.Option(..., help="Descriptor file to write (.npz)."),
+    dataset: str = typer.Option("auto", help=DATASET_HELP),
+    split: str | None = typer.Option(None, help=SPLIT_HELP),
+    vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
+    batch_size: int | None = typer.Option(None, help="Images per batch (default eval.batch_size)"),
+    workers: int | None = typer.Option(None, help="Loader processes (default data.workers)"),
+) -> None:
+    """Save query and reference descriptors with their ground truth to a .npz file."""
+    from ssageo.evaluate.descriptors import save_descriptors
+    from ssageo.evaluate.embed import descriptor_set
+
+    manifest, query, reference = _embed_checkpoint(
+        checkpoint, data, dataset, split, vigor_mode, batch_size, workers
+    )
+    save_descriptors(out, descriptor_set(manifest, query, reference))
+    Console().print(
+        f"wrote {len(query)} query and {len(reference)} reference descriptors "
+        f"(D = {query.shape[1]}) to {out}"
+    )
+
+
+@index_app.command("build")
+def index_build(
+    checkpoint: Path = typer.Option(..., help="Checkpoint folder."),
+    out: Path = typer.Option(..., help="Index file to write (.npz)."),
+    data: Path | None = typer.Option(None, help="Dataset folder: index its satellite tiles."),
+    tiles: Path | None = typer.Option(None, help="CSV of path,lat,lon rows: index these tiles."),
+    dataset: str = typer.Option("auto", help=DATASET_HELP),
+    split: str | None = typer.Option(None, help=SPLIT_HELP),
+    vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
+    batch_size: int = typer.Option(64, help="Tiles per batch."),
+    workers: int = typer.Option(0, help="Loader processes."),
+) -> None:
+    """Embed every satellite tile with its coordinates into one geo index file."""
+    from ssageo.evaluate.index import build_index, read_tiles_csv
+    from ssageo.io import DataError
+
+    if (data is None) == (tiles is None):
+        raise typer.BadParameter("give exactly one of --data ROOT or --tiles TILES.csv")
+    if tiles is not None:
+        paths, coords = read_tiles_csv(tiles)
+        source = str(tiles.resolve())
+    else:
+        manifest = _manifest(data, dataset, split, vigor_mode)
+        if manifest.reference_coords is None:
+            raise DataError(
+                f"{data}: {manifest.dataset} gives no latitude/longitude for its "
+                "satellite tiles; list them in a CSV and use --tiles"
+            )
+        paths, coords = manifest.reference_paths, manifest.reference_coords
+        source = f"{manifest.root.resolve()} ({manifest.dataset} {manifest.split})"
+    index = build_index(checkpoint, paths, coords, out, source, batch_size, workers)
+    Console().print(
+        f"indexed {len(paths)} tiles (D = {index.descriptors.shape[1]}, model "
+        f"{index.metadata['model_hash']}) into {out}"
+    )
+
+
+@app.command("locate")
+def locate(
+    images: list[Path] = typer.Argument(..., help="Query panoramas."),
+    index: Path = typer.Option(..., help="Index file from `ssageo index build`."),
+    checkpoint: Path | None = typer.Option(
+        None, help="Checkpoint (default: the one the index was built from)."
+    ),
+    top_k: int = typer.Option(5, help="Tiles to list per image."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Rank the index's tiles for each image: lat, lon and cosine score of the best ones."""
+    from ssageo.evaluate.index import Localizer
+
+    results = Localizer(index, checkpoint).locate_many(images, top_k)
+    if as_json:
+        payload = [{"image": str(p), "results": r} for p, r in zip(images, results, strict=True)]
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    console = Console()
+    for image, hits in zip(images, results, strict=True):
+        table = Table("rank", "lat", "lon", "score", "tile", title=str(image))
+        for hit in hits:
+            table.add_row(
+                str(hit["rank"]),
+                f"{hit['lat']:.6f}",
+                f"{hit['lon']:.6f}",
+                f"{hit['score']:.4f}",
+                hit["tile"],
+            )
+        console.print(table)
