@@ -61,12 +61,6 @@ class PairDataset(Dataset):
         self.p_flip = float(aug.get("flip", 0.0)) if train else 0.0
         self.p_rotate = float(aug.get("rotate", 0.0)) if train else 0.0
         self.photometric = bool(aug.get("photometric", False)) and train
-        if self.p_rotate > 0 and (self.reference_size[0] != self.reference_size[1]
-                                  or self.prior_size[0] != self.prior_size[1]
-                                  or self.query_size[1] % 4):
-            raise ConfigError("data.augment.rotate needs square reference/prior sizes and a "
-                              f"query width divisible by 4 (got reference {self.reference_size},"
-                              f" prior {self.prior_size}, query {self.query_size})")
         without = [r for r, p in zip(manifest.reference_paths, manifest.prior_paths, strict=True)
                    if p is None]
         if without and len(without) < manifest.num_references:
@@ -89,15 +83,20 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         m = self.manifest
         ref = int(m.positive[index])
-        query = resize(read_image(m.query_paths[index]), self.query_size)
-        tile = resize(read_image(m.reference_paths[ref]), self.reference_size)
-        prior = None
-        if self.use_priors:
-            prior = resize_label(read_image(m.prior_paths[ref], mode="L"), self.prior_size)
+        query = read_image(m.query_paths[index])
+        tile = read_image(m.reference_paths[ref])
+        prior = read_image(m.prior_paths[ref], mode="L") if self.use_priors else None
         if self.train:
             rng = self._rng(index)
+            # Geometry first, on the native pixel grid, where the panorama's north column is
+            # exactly W/2; resizing afterwards moves both views consistently.
             tile, prior, query = geometric_augment(tile, prior, query, rng,
                                                    self.p_flip, self.p_rotate)
+        query = resize(query, self.query_size)
+        tile = resize(tile, self.reference_size)
+        if prior is not None:
+            prior = resize_label(prior, self.prior_size)
+        if self.train:
             for name, view in self._views.items():
                 view.set_random_seed(int(rng.integers(2**31)))
                 if name == "query":
