@@ -15,18 +15,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-EARTH_RADIUS_M = 6_371_008.8  # mean Earth radius (IUGG), metres
+from ssageo.data.neighbours import EARTH_RADIUS_M, haversine
 
 ArrayLike = np.ndarray | torch.Tensor
 
 
 def haversine_m(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     """Great-circle distance in metres between (N, 2) arrays of (lat, lon) in degrees."""
-    a = np.radians(np.asarray(a, dtype=np.float64))
-    b = np.radians(np.asarray(b, dtype=np.float64))
-    dlat, dlon = b[..., 0] - a[..., 0], b[..., 1] - a[..., 1]
-    h = np.sin(dlat / 2) ** 2 + np.cos(a[..., 0]) * np.cos(b[..., 0]) * np.sin(dlon / 2) ** 2
-    return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0)))
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return EARTH_RADIUS_M * haversine(a[..., 0], a[..., 1], b[..., 0], b[..., 1])
 
 
 def one_percent_k(gallery: int) -> int:
