@@ -196,7 +196,7 @@ class LangSamBackend:
 
     def predict(self, tiles: Sequence[Tile]) -> list[np.ndarray]:
         """Labels for a batch of tiles: (H, W) uint8 each, the tile's own size."""
-        images = [read_image(tile.path) for tile in tiles]
+        images = [np.array(read_image(tile.path)) for tile in tiles]  # writable for torch
         return [fuse(masks, self.classes) for masks in self.prompt_masks(images)]
 
     def statistics(self) -> dict[str, float]:
