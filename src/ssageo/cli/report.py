@@ -1,0 +1,48 @@
+"""``ssageo report RUN_DIR`` (the HTML report) and ``ssageo log RUN_DIR`` (the log table)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from ssageo.cli import app
+
+
+@app.command("report")
+def report(
+    run_dir: Path = typer.Argument(..., help="Training run directory (written by ssageo train)."),
+    compare: Path | None = typer.Option(
+        None, "--compare", help="Another run to show beside this one (curves, metrics, errors)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="HTML file to write [default: RUN_DIR/report.html]."
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="Dataset folder, when it is no longer at the run's data.root."
+    ),
+    places: int = typer.Option(100, "--places", min=2, help="Held-out places to embed."),
+    examples: int = typer.Option(6, "--examples", min=1, help="Rows per example figure."),
+) -> None:
+    """Write a self-contained HTML report of a training run (opens offline in any browser)."""
+    from ssageo.report import build_report
+
+    console = Console(stderr=True)
+    with console.status("building the report") as status:
+        path = build_report(run_dir, out=out, compare=compare, data_root=data,
+                            max_examples=examples, max_places=places,
+                            progress=lambda message: status.update(f"report: {message}"))
+    Console().print(f"report written: [bold]{path}[/bold]")
+
+
+@app.command("log")
+def log(
+    run_dir: Path = typer.Argument(..., help="Training run directory (written by ssageo train)."),
+) -> None:
+    """Print a run's training log as a table: one row per epoch with losses, lr and metrics."""
+    from ssageo.report import log_table, read_run_log
+
+    console = Console()
+    # Never truncate numbers: a table wider than the terminal wraps instead.
+    console.print(log_table(read_run_log(run_dir)), width=max(console.width, 120))
