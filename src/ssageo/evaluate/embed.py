@@ -1,0 +1,128 @@
+"""Descriptor extraction: a model over image paths or a whole Manifest, and its evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ssageo.config import get
+from ssageo.data.datasets import ImageDataset
+from ssageo.data.manifest import Manifest
+from ssageo.evaluate.descriptors import DescriptorSet
+from ssageo.evaluate.metrics import retrieval_metrics
+
+DEFAULT_BATCH_SIZE = 64
+
+
+def embed_paths(
+    model: torch.nn.Module,
+    paths: Sequence[str | Path],
+    size: Sequence[int],
+    view: str,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int = 0,
+    progress: bool = True,
+) -> np.ndarray:
+    """(N, D) float32 L2-normalised descriptors of the images at ``paths``.
+
+    Each image is resized to ``size`` (H, W), normalised with ``model.data_config()`` and fed to
+    ``model.embed(x, view=view)`` in eval mode under inference mode, on the model's device; the
+    model's train/eval mode is restored afterwards. An unreadable image raises DataError naming it.
+    """
+    norm = model.data_config()
+    dataset = ImageDataset(paths, tuple(size), norm["mean"], norm["std"])
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc=f"embed {view}", unit="batch", disable=not progress):
+                desc = model.embed(batch["image"].to(device), view=view)
+                chunks.append(desc.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    if not chunks:
+        raise ValueError(f"no {view} images to embed")
+    return np.concatenate(chunks)
+
+
+def embed_manifest(
+    model: torch.nn.Module,
+    manifest: Manifest,
+    config: dict,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(query (Q, D), reference (R, D)) float32 descriptors of every image of a manifest.
+
+    Input sizes come from ``config["data"]`` (``query_size``, ``reference_size``); the batch size
+    defaults to ``eval.batch_size`` and the loader workers to ``data.workers``.
+    """
+    batch_size = batch_size or get(config, "eval.batch_size", DEFAULT_BATCH_SIZE)
+    workers = get(config, "data.workers", 0) if workers is None else workers
+    kwargs = {"batch_size": batch_size, "workers": workers, "progress": progress}
+    query = embed_paths(
+        model, manifest.query_paths, config["data"]["query_size"], "query", **kwargs
+    )
+    reference = embed_paths(
+        model, manifest.reference_paths, config["data"]["reference_size"], "reference", **kwargs
+    )
+    return query, reference
+
+
+def descriptor_set(manifest: Manifest, query: np.ndarray, reference: np.ndarray) -> DescriptorSet:
+    """Pack a manifest's descriptors and ground truth for :func:`save_descriptors`.
+
+    Semi-positives are kept only where the manifest has any (VIGOR); coordinates only where both
+    views have (lat, lon) ones.
+    """
+    semi = manifest.semi_positive
+    has_coords = manifest.query_coords is not None and manifest.reference_coords is not None
+    return DescriptorSet(
+        query=query,
+        reference=reference,
+        positive=np.asarray(manifest.positive, dtype=np.int64),
+        semi_positive=np.asarray(semi, dtype=np.int64) if (np.asarray(semi) >= 0).any() else None,
+        query_coords=manifest.query_coords if has_coords else None,
+        reference_coords=manifest.reference_coords if has_coords else None,
+    )
+
+
+def manifest_metrics(
+    manifest: Manifest, query: np.ndarray, reference: np.ndarray, block_size: int = 4096
+) -> dict[str, float | int]:
+    """Retrieval metrics of a manifest's descriptors, with the metre error where it can be had:
+    from (lat, lon) coordinates, or for CVACT from its UTM easting/northing."""
+    ds = descriptor_set(manifest, query, reference)
+    if ds.query_coords is None and manifest.utm is not None:
+        # CVACT: the UTM of each place belongs to its query and to its positive reference
+        ref_utm = np.full((len(reference), 2), np.nan)
+        ref_utm[manifest.positive] = manifest.utm
+        if np.isfinite(ref_utm).all():
+            return retrieval_metrics(
+                query,
+                reference,
+                ds.positive,
+                ds.semi_positive,
+                manifest.utm,
+                ref_utm,
+                block_size,
+                planar_coords=True,
+            )
+    return ds.metrics(block_size)
+
+
+def evaluate_model(
+    model: torch.nn.Module, manifest: Manifest, config: dict, block_size: int = 4096
+) -> dict[str, float | int]:
+    """Embed a manifest with ``model`` and return :func:`manifest_metrics` (for validation)."""
+    query, reference = embed_manifest(model, manifest, config)
+    return manifest_metrics(manifest, query, reference, block_size)

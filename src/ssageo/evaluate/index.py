@@ -1,0 +1,297 @@
+"""The geo index (satellite tile descriptors + coordinates) and :class:`Localizer`.
+
+An index is ONE uncompressed ``.npz`` file, written atomically:
+
+- ``descriptors``: (N, D) float32 L2-normalised descriptors of the satellite tiles
+- ``coords``: (N, 2) float64 tile-centre (lat, lon) in degrees
+- ``tiles``: (N,) str, the tile image paths
+- ``metadata``: a JSON string: ``format`` ("ssageo-index"), ``version``, ``model_hash`` (the
+  model's identity: its config's ``model`` section without ``pretrained``, plus the input
+  sizes), ``model``, ``reference_size``, ``query_size``, ``checkpoint`` (absolute path),
+  ``weights_sha256``, ``descriptor_dim``, ``count``, ``source``, ``created``, ``ssageo``.
+
+The index refers to its checkpoint rather than embedding a copy (a copy would add the model's
+size to every index): ``Localizer(index)`` reopens the recorded checkpoint, and any other
+checkpoint given instead must have the same model identity and the same weights, so the query
+descriptors always live in the index's descriptor space.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ssageo import __version__
+from ssageo.config import config_hash
+from ssageo.data.datasets import ImageDataset
+from ssageo.data.transforms import resize, to_tensor
+from ssageo.evaluate.embed import DEFAULT_BATCH_SIZE, embed_paths
+from ssageo.io import DataError, atomic_write
+
+INDEX_FORMAT = "ssageo-index"
+INDEX_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"  # the weights file inside a checkpoint directory
+
+
+def model_identity(config: dict) -> str:
+    """Hash of what fixes a model's descriptor space shape: ``model`` section and input sizes."""
+    model = {k: v for k, v in config["model"].items() if k != "pretrained"}
+    data = config["data"]
+    sizes = {"reference_size": list(data["reference_size"]), "query_size": list(data["query_size"])}
+    return config_hash({"model": model, **sizes})
+
+
+def weights_file(checkpoint: str | Path) -> Path:
+    """The weights file of a checkpoint directory (or the file itself)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint / WEIGHTS_FILE if checkpoint.is_dir() else checkpoint
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_tiles_csv(path: str | Path) -> tuple[list[Path], np.ndarray]:
+    """Rows ``path,lat,lon`` (an optional header row ``path,lat,lon``) -> (paths, (N, 2) coords).
+
+    Relative paths are relative to the CSV's folder. DataError names the file and line of any
+    malformed row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: tiles CSV not found")
+    paths, coords = [], []
+    with path.open(newline="", encoding="utf-8") as f:
+        for line, row in enumerate(csv.reader(f), start=1):
+            if not row or (
+                line == 1 and [c.strip().lower() for c in row] == ["path", "lat", "lon"]
+            ):
+                continue
+            if len(row) != 3:
+                raise DataError(f"{path}:{line}: expected 3 columns path,lat,lon, got {len(row)}")
+            try:
+                lat, lon = float(row[1]), float(row[2])
+            except ValueError:
+                raise DataError(
+                    f"{path}:{line}: lat/lon are not numbers: {row[1]!r}, {row[2]!r}"
+                ) from None
+            if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+                raise DataError(f"{path}:{line}: lat/lon out of range: {lat}, {lon}")
+            tile = Path(row[0].strip())
+            paths.append(tile if tile.is_absolute() else path.parent / tile)
+            coords.append((lat, lon))
+    if not paths:
+        raise DataError(f"{path}: no tiles listed")
+    return paths, np.asarray(coords, dtype=np.float64)
+
+
+@dataclass
+class GeoIndex:
+    """A loaded index: descriptors (N, D), coords (N, 2), tile paths (N,) and its metadata."""
+
+    descriptors: np.ndarray
+    coords: np.ndarray
+    tiles: list[str]
+    metadata: dict
+    path: Path | None = None
+
+    def save(self, path: str | Path) -> Path:
+        """Write the index to ``path`` atomically; returns the path."""
+        path = Path(path)
+        arrays = {
+            "descriptors": self.descriptors.astype(np.float32),
+            "coords": self.coords.astype(np.float64),
+            "tiles": np.asarray(self.tiles, dtype=str),
+            "metadata": np.asarray(json.dumps(self.metadata)),
+        }
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as f:
+                np.savez(f, **arrays)
+
+        atomic_write(path, write)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> GeoIndex:
+        """Read and check an index file; DataError naming it when it is not a usable index."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: index file not found")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+            metadata = json.loads(str(arrays["metadata"]))
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise DataError(f"{path}: not an ssageo index ({exc})") from None
+        if not isinstance(metadata, dict) or metadata.get("format") != INDEX_FORMAT:
+            raise DataError(f"{path}: not an ssageo index (no '{INDEX_FORMAT}' metadata)")
+        if metadata.get("version") != INDEX_VERSION:
+            raise DataError(
+                f"{path}: index format version {metadata.get('version')}; this "
+                f"ssageo reads version {INDEX_VERSION} - rebuild the index"
+            )
+        desc, coords, tiles = arrays["descriptors"], arrays["coords"], arrays["tiles"]
+        n, dim = metadata["count"], metadata["descriptor_dim"]
+        if desc.shape != (n, dim) or coords.shape != (n, 2) or tiles.shape != (n,):
+            raise DataError(
+                f"{path}: index is inconsistent: descriptors {desc.shape}, coords "
+                f"{coords.shape}, tiles {tiles.shape}, metadata says {n} x {dim}"
+            )
+        return cls(desc, coords, [str(t) for t in tiles], metadata, path)
+
+
+def build_index(
+    checkpoint: str | Path,
+    tiles: Sequence[str | Path],
+    coords: np.ndarray,
+    out: str | Path,
+    source: str = "",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int = 0,
+    progress: bool = True,
+) -> GeoIndex:
+    """Embed the satellite ``tiles`` (with (N, 2) lat/lon ``coords``) with the checkpoint's
+    model and write the index to ``out``; returns the index."""
+    from ssageo.model import load_model
+
+    coords = np.asarray(coords, dtype=np.float64)
+    if coords.shape != (len(tiles), 2):
+        raise ValueError(f"coords must be ({len(tiles)}, 2) lat/lon, got {coords.shape}")
+    model, config = load_model(checkpoint)
+    descriptors = embed_paths(
+        model, tiles, config["data"]["reference_size"], "reference", batch_size, workers, progress
+    )
+    metadata = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "model_hash": model_identity(config),
+        "model": config["model"],
+        "reference_size": list(config["data"]["reference_size"]),
+        "query_size": list(config["data"]["query_size"]),
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "weights_sha256": file_sha256(weights_file(checkpoint)),
+        "descriptor_dim": int(descriptors.shape[1]),
+        "count": len(tiles),
+        "source": source,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ssageo": __version__,
+    }
+    index = GeoIndex(descriptors, coords, [str(t) for t in tiles], metadata)
+    index.path = index.save(out)
+    return index
+
+
+class Localizer:
+    """Answers "where is this panorama?" from a geo index.
+
+    ``Localizer(index_path, checkpoint=None)`` opens the index and the model (the checkpoint the
+    index was built from, unless another is given). A checkpoint whose model identity or weights
+    differ from the index's is refused with DataError.
+    """
+
+    def __init__(
+        self,
+        index_path: str | Path,
+        checkpoint: str | Path | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        from ssageo.model import load_model
+
+        self.index = GeoIndex.load(index_path)
+        meta, where = self.index.metadata, self.index.path
+        checkpoint = Path(checkpoint or meta["checkpoint"])
+        if not weights_file(checkpoint).is_file():
+            raise DataError(
+                f"{checkpoint}: checkpoint of index {where} not found; pass the "
+                "checkpoint it was built from (--checkpoint)"
+            )
+        self.model, self.config = load_model(checkpoint, map_location=device)
+        identity = model_identity(self.config)
+        if identity != meta["model_hash"]:
+            raise DataError(
+                f"{checkpoint}: model configuration {identity} (backbone "
+                f"{self.config['model'].get('backbone')}) does not match index {where}, built by "
+                f"configuration {meta['model_hash']} (backbone {meta['model'].get('backbone')}); "
+                "rebuild the index with this checkpoint (ssageo index build)"
+            )
+        if file_sha256(weights_file(checkpoint)) != meta["weights_sha256"]:
+            raise DataError(
+                f"{checkpoint}: same model configuration but different weights "
+                f"than those index {where} was built with; rebuild the index"
+            )
+        self.model.eval()
+        self._reference = torch.from_numpy(self.index.descriptors)
+        self.query_size = tuple(self.config["data"]["query_size"])
+
+    def _query_tensor(self, image: str | Path | np.ndarray) -> torch.Tensor:
+        norm = self.model.data_config()
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(
+                    f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}"
+                )
+            return to_tensor(resize(image, self.query_size), norm["mean"], norm["std"])
+        return ImageDataset([image], self.query_size, norm["mean"], norm["std"])[0]["image"]
+
+    def embed(self, images: Sequence[str | Path | np.ndarray]) -> np.ndarray:
+        """(B, D) query descriptors of panoramas given as paths or (H, W, 3) uint8 arrays."""
+        x = torch.stack([self._query_tensor(im) for im in images])
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            desc = self.model.embed(x.to(device), view="query").float().cpu()
+        if desc.shape[1] != self._reference.shape[1]:
+            raise DataError(
+                f"{self.index.path}: descriptor dimension mismatch: index holds "
+                f"{self._reference.shape[1]}, the model gives {desc.shape[1]}"
+            )
+        return desc.numpy()
+
+    def locate_many(
+        self, images: Sequence[str | Path | np.ndarray], top_k: int = 5, batch_size: int = 16
+    ) -> list[list[dict]]:
+        """:meth:`locate` for several images, embedded ``batch_size`` at a time."""
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        results = []
+        for start in range(0, len(images), batch_size):
+            desc = torch.from_numpy(self.embed(images[start : start + batch_size]))
+            scores = desc @ self._reference.T  # (b, N)
+            k = min(top_k, scores.shape[1])
+            best = scores.topk(k, dim=1)
+            for values, indices in zip(best.values.tolist(), best.indices.tolist(), strict=True):
+                results.append(
+                    [
+                        self._hit(r, i, v)
+                        for r, (v, i) in enumerate(zip(values, indices, strict=True))
+                    ]
+                )
+        return results
+
+    def _hit(self, rank: int, i: int, score: float) -> dict:
+        lat, lon = self.index.coords[i]
+        return {
+            "rank": rank + 1,
+            "tile": self.index.tiles[i],
+            "lat": float(lat),
+            "lon": float(lon),
+            "score": float(score),
+        }
+
+    def locate(self, image: str | Path | np.ndarray, top_k: int = 5) -> list[dict]:
+        """The ``top_k`` best tiles for one panorama (a path or an (H, W, 3) uint8 RGB array):
+        ``[{"rank", "tile", "lat", "lon", "score"}, ...]``, best (highest cosine) first."""
+        return self.locate_many([image], top_k)[0]

@@ -1,0 +1,189 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ssageo.cli import app
+from ssageo.config import load_config
+from ssageo.data.manifest import Manifest
+from ssageo.evaluate.embed import embed_manifest, embed_paths, evaluate_model
+from ssageo.evaluate.index import GeoIndex, Localizer, build_index, read_tiles_csv
+from ssageo.evaluate.metrics import rank_queries
+from ssageo.io import DataError, read_image, write_image
+from ssageo.model import build_model, load_model, save_model
+
+N_TILES = 10
+
+
+def make_checkpoint(path, seed=0, overrides=()):
+    # query and reference inputs of one size: a tile located as a "panorama" must find itself
+    config = load_config(
+        "synth-cpu", ["model.bev.enabled=false", "data.query_size=[64,64]", *overrides]
+    )
+    torch.manual_seed(seed)
+    model = build_model(
+        config["model"], config["data"]["reference_size"], config["data"]["query_size"]
+    )
+    return save_model(path, model, config)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Ten distinct 64x64 tiles with coordinates, a tiles CSV and a checkpoint."""
+    root = tmp_path_factory.mktemp("geo")
+    rng = np.random.default_rng(0)
+    lines = ["path,lat,lon"]
+    coords = np.column_stack([47.0 + np.arange(N_TILES) * 1e-3, 8.0 + np.arange(N_TILES) * 2e-3])
+    for i in range(N_TILES):
+        # a few coloured blocks per tile, so random-model descriptors still differ clearly
+        tile = np.kron(rng.integers(0, 256, size=(4, 4, 3)), np.ones((16, 16, 1))).astype(np.uint8)
+        write_image(root / "tiles" / f"t{i}.png", tile)
+        lines.append(f"tiles/t{i}.png,{coords[i, 0]},{coords[i, 1]}")
+    (root / "tiles.csv").write_text("\n".join(lines) + "\n")
+    checkpoint = make_checkpoint(root / "ckpt")
+    index = build_index(
+        checkpoint, *read_tiles_csv(root / "tiles.csv"), root / "index.npz", progress=False
+    )
+    return {
+        "root": root,
+        "coords": coords,
+        "checkpoint": checkpoint,
+        "index": index,
+        "tiles": [root / "tiles" / f"t{i}.png" for i in range(N_TILES)],
+    }
+
+
+def test_index_file_holds_tiles_coords_and_model_identity(world):
+    index = GeoIndex.load(world["root"] / "index.npz")
+    assert index.descriptors.shape == (N_TILES, 320) and index.descriptors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(index.descriptors, axis=1), 1, rtol=1e-5)
+    np.testing.assert_array_equal(index.coords, world["coords"])
+    assert index.tiles == [str(p) for p in world["tiles"]]
+    meta = index.metadata
+    assert meta["format"] == "ssageo-index" and meta["version"] == 1 and meta["count"] == N_TILES
+    assert meta["model"]["backbone"] == "convnext_atto" and len(meta["model_hash"]) == 16
+    assert meta["checkpoint"] == str(world["checkpoint"].resolve())
+
+
+def test_locate_finds_each_tile_itself_and_agrees_with_the_metrics(world):
+    localizer = Localizer(world["root"] / "index.npz")
+    results = localizer.locate_many(world["tiles"], top_k=3)
+    assert [r[0]["tile"] for r in results] == [str(p) for p in world["tiles"]]
+    for i, hits in enumerate(results):
+        assert [h["rank"] for h in hits] == [1, 2, 3]
+        scores = [h["score"] for h in hits]
+        assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(1, abs=1e-4)
+        assert (hits[0]["lat"], hits[0]["lon"]) == tuple(world["coords"][i])
+    # the ranking is the metrics' ranking of the same descriptors
+    query = localizer.embed(world["tiles"])
+    top1 = rank_queries(query, world["index"].descriptors, np.arange(N_TILES))["top1"]
+    assert [world["index"].tiles[i] for i in top1] == [r[0]["tile"] for r in results]
+    # an in-memory RGB array gives the same answer as its file
+    as_array = localizer.locate(read_image(world["tiles"][4]), top_k=N_TILES + 5)
+    assert len(as_array) == N_TILES and as_array[0]["tile"] == str(world["tiles"][4])
+
+
+def test_embed_manifest_and_evaluate_model(world):
+    coords = world["coords"]
+    manifest = Manifest(
+        dataset="vigor",
+        split="test",
+        root=world["root"],
+        layout="test",
+        query_paths=world["tiles"][:6],
+        reference_paths=world["tiles"],
+        prior_paths=[None] * N_TILES,
+        positive=np.arange(6),
+        semi_positive=np.full((6, 3), -1),
+        place_ids=[str(i) for i in range(6)],
+        reference_ids=[str(i) for i in range(N_TILES)],
+        query_coords=coords[:6],
+        reference_coords=coords,
+    )
+    model, config = load_model(world["checkpoint"])
+    model.train()
+    query, reference = embed_manifest(model, manifest, config, batch_size=4, progress=False)
+    assert query.shape == (6, 320) and reference.shape == (N_TILES, 320)
+    assert model.training  # the caller's mode is restored
+    metrics = evaluate_model(model, manifest, config)
+    assert metrics["R@1"] == 100.0 and metrics["median_error_m"] == pytest.approx(0, abs=1e-6)
+    assert (metrics["queries"], metrics["gallery"]) == (6, N_TILES)
+
+
+def test_cli_build_and_locate_json(world, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli-index.npz"
+    result = runner.invoke(
+        app,
+        [
+            "index",
+            "build",
+            "--checkpoint",
+            str(world["checkpoint"]),
+            "--tiles",
+            str(world["root"] / "tiles.csv"),
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        app,
+        [
+            "locate",
+            "--index",
+            str(out),
+            str(world["tiles"][2]),
+            str(world["tiles"][7]),
+            "--top-k",
+            "2",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert [p["results"][0]["tile"] for p in payload] == [str(world["tiles"][i]) for i in (2, 7)]
+    assert payload[1]["results"][0]["lat"] == pytest.approx(world["coords"][7, 0])
+    assert all(len(p["results"]) == 2 for p in payload)
+    result = runner.invoke(app, ["locate", "--index", str(out), str(world["tiles"][0])])
+    assert result.exit_code == 0 and "score" in result.output
+
+
+def test_index_of_another_model_or_other_weights_is_refused(world, tmp_path):
+    other = make_checkpoint(tmp_path / "other", overrides=["data.query_size=[64,128]"])
+    with pytest.raises(DataError, match="does not match index") as err:
+        Localizer(world["root"] / "index.npz", other)
+    assert str(other) in str(err.value)
+    retrained = make_checkpoint(tmp_path / "retrained", seed=1)
+    with pytest.raises(DataError, match="different weights"):
+        Localizer(world["root"] / "index.npz", retrained)
+
+
+def test_bad_inputs_give_one_line_errors_naming_the_path(world, tmp_path):
+    localizer = Localizer(world["root"] / "index.npz", world["checkpoint"])
+    broken = tmp_path / "photo.jpg"
+    broken.write_text("not an image")
+    with pytest.raises(DataError, match="photo.jpg: cannot decode image"):
+        localizer.locate(broken)
+    # an index whose descriptors have another dimension than the model's
+    index = GeoIndex.load(world["root"] / "index.npz")
+    index.descriptors = np.pad(index.descriptors, ((0, 0), (0, 1)))
+    index.metadata = {**index.metadata, "descriptor_dim": 321}
+    index.save(tmp_path / "wide.npz")
+    with pytest.raises(DataError, match="wide.npz: descriptor dimension mismatch"):
+        Localizer(tmp_path / "wide.npz").locate(world["tiles"][0])
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(DataError, match="junk.npz: not an ssageo index"):
+        Localizer(tmp_path / "junk.npz")
+    csv = tmp_path / "tiles.csv"
+    csv.write_text("a.png,47.0,8.0\nb.png,north,8.0\n")
+    with pytest.raises(DataError, match="tiles.csv:2: lat/lon are not numbers"):
+        read_tiles_csv(csv)
+
+
+def test_embed_paths_refuses_unreadable_images(world, tmp_path):
+    model, _ = load_model(world["checkpoint"])
+    with pytest.raises(DataError, match="missing.png: image file is missing"):
+        embed_paths(model, [tmp_path / "missing.png"], (64, 64), "reference", progress=False)
