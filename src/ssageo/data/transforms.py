@@ -97,7 +97,9 @@ def label_to_classes(label: np.ndarray) -> np.ndarray:
 
 def to_tensor(image: np.ndarray, mean, std) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, H, W) float32 normalised with ``mean``/``std`` (0-1 scale)."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    # decoded images are read-only views; torch wants a writable, contiguous array
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"]))
+    x = x.permute(2, 0, 1).float().div_(255.0)
     m = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
     return x.sub_(m).div_(s)
