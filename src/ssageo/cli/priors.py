@@ -37,7 +37,7 @@ def _print_summary(console: Console, summary: PriorSummary) -> None:
     foreground = "n/a" if summary.done == 0 else f"{summary.foreground:.3f}"
     console.print(
         f"tiles done [bold]{summary.done}[/bold], skipped (already there) {summary.skipped}, "
-        f"failed [bold]{len(summary.failed)}[/bold] (listed above); "
+        f"failed [bold]{len(summary.failed)}[/bold]{' (listed above)' if summary.failed else ''}; "
         f"mean foreground fraction {foreground}",
         highlight=False,
     )

@@ -106,23 +106,21 @@ def corrupt_mask(mask: np.ndarray, corruption: Corruption, rng: np.random.Genera
 
 
 def world_class_names(root: Path) -> list[str]:
-    """Class names of a generated world, index = value in its truth maps (``world.json``)."""
+    """Class names of a generated world, index = value in its truth maps (``world.json``'s
+    ``class_names``)."""
     path = Path(root) / "world.json"
     if not path.is_file():
         raise DataError(
             f"{path}: missing - the oracle backend needs a world made by `ssageo synth`"
         )
     try:
-        classes = json.loads(path.read_text(encoding="utf-8")).get("classes")
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise DataError(f"{path}: not a JSON object ({exc})") from None
-    if isinstance(classes, Mapping):  # {"0": "ground", ...} or {"ground": 0, ...}
-        pairs = [(int(k), str(v)) if str(k).isdigit() else (int(v), str(k))
-                 for k, v in classes.items()]
-        return [name for _, name in sorted(pairs)]
-    if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
-        return list(classes)
-    raise DataError(f"{path}: no 'classes' list of class names")
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    names = meta.get("class_names") if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise DataError(f"{path}: no 'class_names' list (not a world made by `ssageo synth`?)")
+    return names
 
 
 def confusion(truth: np.ndarray, predicted: np.ndarray, values: int) -> np.ndarray:
