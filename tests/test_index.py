@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from ssageo.cli import app
 from ssageo.config import load_config
-from ssageo.data.manifest import Manifest
+from ssageo.data.manifest import Manifest, load_manifest
 from ssageo.evaluate.embed import embed_manifest, embed_paths, evaluate_model
 from ssageo.evaluate.index import GeoIndex, Localizer, build_index, read_tiles_csv
 from ssageo.evaluate.metrics import rank_queries
@@ -68,7 +68,9 @@ def test_index_file_holds_tiles_coords_and_model_identity(world):
 
 
 def test_locate_finds_each_tile_itself_and_agrees_with_the_metrics(world):
-    localizer = Localizer(world["root"] / "index.npz")
+    import ssageo
+
+    localizer = ssageo.Localizer(world["root"] / "index.npz")
     results = localizer.locate_many(world["tiles"], top_k=3)
     assert [r[0]["tile"] for r in results] == [str(p) for p in world["tiles"]]
     for i, hits in enumerate(results):
@@ -187,3 +189,42 @@ def test_embed_paths_refuses_unreadable_images(world, tmp_path):
     model, _ = load_model(world["checkpoint"])
     with pytest.raises(DataError, match="missing.png: image file is missing"):
         embed_paths(model, [tmp_path / "missing.png"], (64, 64), "reference", progress=False)
+
+
+def test_cli_embed_eval_and_index_on_a_synth_vigor_world(synth_world, tmp_path):
+    root = synth_world("vigor")
+    checkpoint = make_checkpoint(tmp_path / "ckpt", overrides=())
+    runner = CliRunner()
+    common = ["--checkpoint", str(checkpoint), "--data", str(root), "--workers", "0"]
+    result = runner.invoke(app, ["embed", *common, "--out", str(tmp_path / "d.npz")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["eval", *common, "--json", str(tmp_path / "direct.json")])
+    assert result.exit_code == 0, result.output
+    assert "hit_rate" in result.output and "median_error_m" in result.output
+    result = runner.invoke(
+        app, ["eval", "--descriptors", str(tmp_path / "d.npz"), "--json", str(tmp_path / "f.json")]
+    )
+    assert result.exit_code == 0, result.output
+    direct = json.loads((tmp_path / "direct.json").read_text())
+    assert json.loads((tmp_path / "f.json").read_text()) == direct
+    saved = np.load(tmp_path / "d.npz")
+    assert (
+        (direct["queries"], direct["gallery"])
+        == (20, 196)
+        == (len(saved["query"]), len(saved["reference"]))
+    )
+    assert saved["semi_positive"].shape == (20, 3) and saved["reference_coords"].shape == (196, 2)
+
+    out = tmp_path / "vigor-index.npz"
+    result = runner.invoke(
+        app, ["index", "build", *common[:4], "--split", "test", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    index = GeoIndex.load(out)
+    np.testing.assert_array_equal(index.coords, saved["reference_coords"])
+    panorama = load_manifest(root, split="test").query_paths[0]
+    hits = Localizer(out).locate(panorama, top_k=5)
+    # the best tile scores what the saved descriptors say the best tile scores
+    best = float((saved["reference"] @ saved["query"][0]).max())
+    assert hits[0]["score"] == pytest.approx(best, abs=1e-4)
+    assert hits[0]["tile"] in index.tiles and len(hits) == 5
