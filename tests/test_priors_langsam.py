@@ -1,12 +1,17 @@
 """The langsam backend end to end with tiny random GroundingDINO and SAM (no download)."""
 
+import shutil
+import sys
+
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from ssageo.cli import app, main
 from ssageo.config import ConfigError, load_config
 from ssageo.io import DataError, read_image, write_image
-from ssageo.priors import fuse, run_priors
+from ssageo.priors import fuse, list_tiles, run_priors
 from ssageo.priors.langsam import LangSamBackend
 from ssageo.priors.run import tiles_from_paths
 from ssageo.priors.tiny import save_tiny_langsam
@@ -109,3 +114,31 @@ def test_a_tile_that_fails_is_reported_and_the_run_goes_on(tiny_models, tiles):
     assert summary.done == 2 and not summary.ok
     assert [path for path, _ in summary.failed] == [str(tiles[1].path)]
     assert "cannot decode" in summary.failed[0][1]
+
+
+def test_cli_end_to_end_on_a_synth_world(tiny_models, synth_world, tmp_path):
+    root = tmp_path / "world"
+    shutil.copytree(synth_world("cvusa"), root)
+    result = CliRunner().invoke(app, [
+        "priors", str(root), "--backend", "langsam", "--detector", str(tiny_models[0]),
+        "--segmenter", str(tiny_models[1]), "--device", "cpu", "--batch-size", "8", "--force",
+        "--set", "priors.box_threshold=0", "--set", "priors.text_threshold=0", "--no-progress",
+    ], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "tiles done 40, skipped (already there) 0, failed 0" in result.output
+    for tile in list_tiles(root):
+        label = read_image(tile.prior_path, mode="L")
+        assert label.shape == (64, 64) and set(np.unique(label)) <= {0, 255}
+
+
+def test_cli_missing_weights_is_a_one_line_error(synth_world, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", [
+        "ssageo", "priors", str(synth_world("cvusa")), "--backend", "langsam",
+        "--detector", str(tmp_path / "gdino"), "--segmenter", str(tmp_path / "sam"),
+    ])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "gdino: GroundingDINO weights directory not found" in err
+    assert "IDEA-Research/grounding-dino-base" in err and "--detector" in err
