@@ -43,7 +43,9 @@ def _descriptors(x: ArrayLike, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: expected floating-point descriptors, got {t.dtype}")
     if t.dtype not in (torch.float32, torch.float64):
         t = t.float()  # half precision matmul is slow and inexact on CPU
-    if not bool(torch.isfinite(t).all()):
+    # Any NaN/inf makes the sum non-finite; the sum is one cheap pass, the elementwise test
+    # (which also allocates an (N, D) mask) only runs to confirm.
+    if not torch.isfinite(t.sum()) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: descriptors contain NaN or infinite values")
     return t
 
@@ -76,15 +78,16 @@ def rank_queries(
     positive: ArrayLike,
     semi_positive: ArrayLike | None = None,
     block_size: int = 4096,
+    with_top1: bool = True,
 ) -> dict[str, np.ndarray]:
     """Per-query ranking results, computed exactly and blockwise.
 
     Takes query (Q, D) and reference (R, D) descriptors, ``positive`` (Q,) index of each query's
     positive in ``reference`` and optionally ``semi_positive`` (Q, S) indices (-1 where absent).
     Returns ``{"rank": (Q,) int64, "top1": (Q,) int64, "hit": (Q,) bool}``: the number of
-    references scoring strictly above the positive, the best-scoring reference (first on ties),
-    and - only with ``semi_positive`` - whether no reference other than the positive and its
-    semi-positives scores above the positive (VIGOR's hit).
+    references scoring strictly above the positive, the best-scoring reference (first on ties;
+    only with ``with_top1``), and - only with ``semi_positive`` - whether no reference other
+    than the positive and its semi-positives scores above the positive (VIGOR's hit).
     """
     q = _descriptors(query, "query")
     r = _descriptors(reference, "reference")
@@ -106,7 +109,7 @@ def rank_queries(
     # than summing a bool tensor; beyond that, count_nonzero is exact for any size.
     exact_float_count = n_r < 2 / torch.finfo(dtype).eps
     rank = torch.empty(n_q, dtype=torch.long)
-    top1 = torch.empty(n_q, dtype=torch.long)
+    top1 = torch.empty(n_q, dtype=torch.long) if with_top1 else None
     hit = torch.empty(n_q, dtype=torch.bool) if semi is not None else None
     block = min(block_size, n_q)
     buffer = torch.empty(block, n_r, dtype=dtype)  # the only allocation that grows with R
@@ -118,7 +121,8 @@ def rank_queries(
             torch.mm(q[start:stop], ref_t, out=sim)  # (b, R)
             pos_b = pos[start:stop, None]
             pos_sim = sim.gather(1, pos_b)  # (b, 1): taken from the same matrix, so ties are exact
-            top1[start:stop] = sim.argmax(1)
+            if top1 is not None:
+                top1[start:stop] = sim.argmax(1)
             semi_above = None
             if semi is not None:
                 semi_b = semi[start:stop]
@@ -129,7 +133,9 @@ def rank_queries(
             rank[start:stop] = counts.long()
             if hit is not None:
                 hit[start:stop] = rank[start:stop] == semi_above.sum(1)
-    out = {"rank": rank.numpy(), "top1": top1.numpy()}
+    out = {"rank": rank.numpy()}
+    if top1 is not None:
+        out["top1"] = top1.numpy()
     if hit is not None:
         out["hit"] = hit.numpy()
     return out
@@ -164,7 +170,11 @@ def retrieval_metrics(
     ``k_1%`` (the k used for R@1%). With ``planar_coords`` the coordinates are planar metres
     (e.g. CVACT's UTM easting/northing) and the error is their Euclidean distance.
     """
-    ranked = rank_queries(query, reference, positive, semi_positive, block_size)
+    if (query_coords is None) != (reference_coords is None):
+        raise ValueError("give both query_coords and reference_coords, or neither")
+    ranked = rank_queries(
+        query, reference, positive, semi_positive, block_size, with_top1=query_coords is not None
+    )
     rank = ranked["rank"]
     n_q, n_r = len(rank), int(torch.as_tensor(reference).shape[0])
     k1 = one_percent_k(n_r)
@@ -172,8 +182,6 @@ def retrieval_metrics(
     out["R@1%"] = 100.0 * float(np.mean(rank < k1))
     if "hit" in ranked:
         out["hit_rate"] = 100.0 * float(np.mean(ranked["hit"]))
-    if (query_coords is None) != (reference_coords is None):
-        raise ValueError("give both query_coords and reference_coords, or neither")
     if query_coords is not None:
         qc = _coords(query_coords, "query_coords", n_q)
         rc = _coords(reference_coords, "reference_coords", n_r)[ranked["top1"]]
