@@ -43,6 +43,8 @@ def log(
     """Print a run's training log as a table: one row per epoch with losses, lr and metrics."""
     from ssageo.report import log_table, read_run_log
 
+    table = log_table(read_run_log(run_dir))
+    # Never truncate numbers: a table wider than the terminal is printed whole (and wraps).
+    needed = Console(width=1000).measure(table).maximum
     console = Console()
-    # Never truncate numbers: a table wider than the terminal wraps instead.
-    console.print(log_table(read_run_log(run_dir)), width=max(console.width, 120))
+    Console(width=max(console.width, needed)).print(table)

@@ -114,26 +114,16 @@ def error_histogram(errors_m: Mapping[str, np.ndarray]) -> bytes:
 
 def project_2d(points: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     """(N, 2) coordinates of (N, D) descriptors and the method's name: UMAP where ``umap`` is
-    installed (extra ``ssageo[viz]``), else t-SNE from scikit-learn, else PCA (numpy SVD)."""
+    installed (extra ``ssageo[viz]``), else PCA (an SVD: instant, where t-SNE takes seconds)."""
     points = np.asarray(points, dtype=np.float32)
-    n = len(points)
     try:
         import umap
-
-        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed)
-        return reducer.fit_transform(points), "UMAP"
-    except ImportError:
-        pass
-    try:
-        from sklearn.manifold import TSNE
-
-        tsne = TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), init="pca",
-                    random_state=seed)
-        return tsne.fit_transform(points), "t-SNE (install ssageo[viz] for UMAP)"
     except ImportError:
         centred = points - points.mean(axis=0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
         return centred @ vt[:2].T, "PCA (install ssageo[viz] for UMAP)"
+    reducer = umap.UMAP(n_components=2, n_neighbors=min(15, len(points) - 1), random_state=seed)
+    return reducer.fit_transform(points), "UMAP"
 
 
 def descriptor_map(query: np.ndarray, reference: np.ndarray, seed: int = 0) -> bytes:

@@ -1,0 +1,142 @@
+"""The report of a real (tiny) training run, rendered in a real headless Chromium, and the log
+table of ``ssageo log``."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from ssageo.cli import app
+from ssageo.config import load_config
+from ssageo.io import DataError
+from ssageo.report import build_report, epoch_rows, read_run_log
+from ssageo.report.figures import project_2d
+from ssageo.train.loop import train
+
+# Two short epochs of a small model: enough for every curve, table row and figure to be real.
+TINY = ["data.workers=0", "data.query_size=[32,128]", "data.reference_size=[32,32]",
+        "model.bev.grid_size=8", "model.bev.depth_bins=8", "train.epochs=2",
+        "train.batch_size=16", "train.checkpoint_every=1000", "train.sampling.similarity=false",
+        "eval.batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def runs(synth_world, tmp_path_factory):
+    """A real tiny SSA run (BEV head on) on a synthetic CVUSA world with oracle priors, and a
+    copy of it to compare against."""
+    from ssageo.priors import list_tiles, run_priors
+    from ssageo.priors.oracle import OracleBackend
+
+    base = tmp_path_factory.mktemp("report")
+    world = shutil.copytree(synth_world("cvusa"), base / "world")
+    run_priors(list_tiles(world), OracleBackend(world), progress=False)
+    cfg = load_config("synth-cpu", [f"data.root={world}", *TINY])
+    train(cfg, base / "ssa")
+    shutil.copytree(base / "ssa", base / "ssa-copy")
+    return {"ssa": base / "ssa", "copy": base / "ssa-copy"}
+
+
+def _browser() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=10000"]
+    return subprocess.run([_browser(), *flags, *args], capture_output=True, text=True,
+                          timeout=120, check=True)
+
+
+# Counts images that failed to decode and records script errors, after the page has loaded.
+_PROBE = """<script>
+window.__errors = [];
+window.addEventListener("error", e => window.__errors.push(String(e.message || e.type)), true);
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const broken = images.filter(i => !i.complete || i.naturalWidth === 0).length;
+  const out = document.createElement("pre");
+  out.id = "probe";
+  out.textContent = JSON.stringify({images: images.length, broken, errors: window.__errors});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def test_report_renders_in_a_real_browser(runs, tmp_path):
+    report = build_report(runs["ssa"], out=tmp_path / "report.html", compare=runs["copy"])
+    page = report.read_text(encoding="utf-8")
+    for heading in ("Metrics", "Training curves", "Retrieval examples", "BEV prediction",
+                    "Activation maps", "Descriptor map", "Localization error"):
+        assert f"<h2>{heading}" in page, heading
+    assert "http://" not in page and "https://" not in page  # nothing to fetch when viewing
+    best = [r for r in read_run_log(runs["ssa"]).evals][-1]
+    assert f"{best['R@1']:.2f}" in page  # the recorded validation R@1 is in the table
+
+    if _browser() is None:
+        pytest.skip("chromium is not installed (apt-get install chromium): browser check skipped")
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("<head>", "<head>" + _PROBE, 1), encoding="utf-8")
+    dom = _chromium(tmp_path, "--dump-dom", probed.as_uri()).stdout
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
+    assert found, f"the probe did not run; chromium printed: {dom[:500]}"
+    result = json.loads(found.group(1).replace("&quot;", '"'))
+    assert result["images"] >= 6 and result["broken"] == 0, result
+    assert result["errors"] == [], result
+
+    shot = tmp_path / "report.png"
+    _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1400,4000", report.as_uri())
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape == (4000, 1400)
+    assert pixels.std() > 10  # figures were painted, not a blank page
+
+
+def test_log_table_shows_every_epoch_and_the_validation(runs):
+    log = read_run_log(runs["ssa"])
+    rows = epoch_rows(log)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert sum(r["steps"] for r in rows) == len(log.steps)
+    result = CliRunner().invoke(app, ["log", str(runs["ssa"])], terminal_width=160)
+    assert result.exit_code == 0, result.output
+    for evaluation in log.evals:
+        assert f"{evaluation['R@1']:.2f}" in result.output
+    epoch1 = [s["loss"] for s in log.steps if s["epoch"] == 1]
+    assert f"{np.mean(epoch1):.4f}" in result.output
+
+
+def test_malformed_log_names_file_and_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "step", "step": 1, "loss": 1.0}\n{oops\n')
+    with pytest.raises(DataError, match=r"metrics\.jsonl:2: not valid JSON"):
+        read_run_log(tmp_path)
+    from ssageo.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["ssageo", "log", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 2
+    assert "run directory not found" in capsys.readouterr().err
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(DataError, match="metrics.jsonl"):
+        build_report(tmp_path)
+
+
+def test_descriptor_projection_names_its_method_and_keeps_pairs_apart():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 16)) * 5
+    points = np.concatenate([centres + 0.1 * rng.normal(size=(20, 16)), centres])
+    xy, method = project_2d(points)
+    assert xy.shape == (40, 2)
+    assert method.split()[0] in ("UMAP", "PCA")
+    pair = np.linalg.norm(xy[:20] - xy[20:], axis=1)
+    other = np.linalg.norm(xy[:20] - np.roll(xy[20:], 1, axis=0), axis=1)
+    assert np.median(pair) < np.median(other)  # matching descriptors land close together
