@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 import ssageo.data.cvusa
+import ssageo.data.manifest
 from ssageo.data import (
     EARTH_RADIUS_M,
+    cache_dir_for,
     detect_dataset,
     gps_neighbours,
     haversine,
@@ -123,6 +125,17 @@ def test_manifest_is_cached_and_rebuilt_when_the_split_changes(synth_world, tmp_
     assert len(calls) == 2 and shorter.num_queries == first.num_queries - 3
     load_manifest(root, cache_dir=tmp_path / "elsewhere")
     assert list((tmp_path / "elsewhere").glob("manifest-*.npz"))
+    # GPS neighbour lists follow the manifest's key: the edited split gets its own list
+    gps_neighbours(first, k=4)
+    assert gps_neighbours(shorter, k=4).shape == (shorter.num_queries, 4)
+    assert len(list((root / ".ssageo_cache").glob("neighbours-cvusa-train-*-k4.npy"))) == 2
+
+
+def test_read_only_dataset_caches_in_the_user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(ssageo.data.manifest.os, "access", lambda path, mode: False)
+    where = cache_dir_for(tmp_path / "data")
+    assert where.parent == tmp_path / "xdg" / "ssageo"
 
 
 def _brute_force(coords, k):
