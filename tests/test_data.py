@@ -106,6 +106,8 @@ def test_detection_and_explicit_override(synth_world, tmp_path):
         load_manifest(synth_world("vigor"), dataset="cvusa")
     with pytest.raises(DataError, match="does not look like any supported dataset"):
         detect_dataset(tmp_path)
+    with pytest.raises(DataError, match=r"found in subfolders: world/ \(CVACT\)"):
+        detect_dataset(synth_world("cvact").parent)
 
 
 def test_manifest_is_cached_and_rebuilt_when_the_split_changes(synth_world, tmp_path,

@@ -93,7 +93,8 @@ def check_dataset(root: str | Path, dataset: str = "auto", vigor_mode: str = "sa
         check_layout(root, dataset)
     splits: dict[str, dict] = {}
     manifests: list[Manifest] = []
-    missing: list[str] = []
+    missing: list[str] = []  # in order of discovery, each once (splits share VIGOR tiles)
+    seen: set[str] = set()
     for split in SPLITS_OF[dataset]:
         try:
             with warnings.catch_warnings():  # the skipped pairs are in this report instead
@@ -103,7 +104,8 @@ def check_dataset(root: str | Path, dataset: str = "auto", vigor_mode: str = "sa
             splits[split] = {"error": str(exc)}
             continue
         manifests.append(m)
-        missing += [p for p in m.missing if p not in missing]
+        missing += [p for p in m.missing if p not in seen]
+        seen.update(m.missing)
         splits[split] = {"queries": m.num_queries, "references": m.num_references,
                          "skipped": len(m.missing), "prior_coverage": round(m.prior_coverage, 4)}
     scan = _scan_views(manifests, progress)

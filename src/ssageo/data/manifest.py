@@ -189,8 +189,13 @@ def detect_dataset(root: str | Path) -> str:
         return next(iter(found))
     if not found:
         expected = "; ".join(f"{d.upper()}: {e}" for d, e in EXPECTED.items())
+        # A common slip is to give the folder that holds the dataset: name what is inside.
+        inside = [f"{sub.name}/ ({d.upper()})" for sub in sorted(root.iterdir())
+                  if sub.is_dir() and not sub.name.startswith(".")
+                  for d, m in _markers(sub).items() if m]
+        hint = f"; datasets found in subfolders: {', '.join(inside)}" if inside else ""
         raise DataError(f"{root}: does not look like any supported dataset layout "
-                        f"(expected one of - {expected})")
+                        f"(expected one of - {expected}){hint}")
     seen = "; ".join(f"{d.upper()} ({', '.join(m[:3])})" for d, m in found.items())
     raise DataError(f"{root}: ambiguous layout, found markers of several datasets: {seen}; "
                     "pass --dataset explicitly")
