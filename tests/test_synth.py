@@ -125,10 +125,10 @@ def test_cvusa_layout_labels_and_coordinates(tmp_path):
         assert prior.shape == truth.shape == (64, 64)
         assert set(np.unique(prior)) <= {0, 255} and truth.max() <= 4
         assert np.array_equal(prior == 255, (truth == 2) | (truth == 3))
-    # Coordinates are metric: the closest pair is at least the minimum spacing apart (30 m),
+    # Coordinates are metric: the closest pair is at least the minimum spacing apart (25 m),
     # and lat/lon distances agree with the tile scale (128 m per tile).
     d = _haversine_m(locs[:, None, 0], locs[:, None, 1], locs[None, :, 0], locs[None, :, 1])
-    assert np.min(d[~np.eye(12, dtype=bool)]) >= 30 - 0.5
+    assert np.min(d[~np.eye(12, dtype=bool)]) >= 25 - 0.5
     assert summary["metres_per_pixel"] == pytest.approx(128 / 64)
     assert summary["class_names"] == ["ground", "road", "building", "tree", "water"]
 

@@ -9,8 +9,8 @@ import numpy as np
 from ssageo.synth.render import TILE_CELLS
 from ssageo.synth.world import DEFAULT_ORIGIN, RES, World, generate_world
 
-MIN_SPACING_M = 30.0  # no two places closer than this
-AREA_PER_PLACE_M2 = 1800.0  # world area budgeted per place (streets are ~1 place / 1500 m^2)
+MIN_SPACING_M = 25.0  # no two places closer than this
+AREA_PER_PLACE_M2 = 2600.0  # world area per place (random packing on streets: ~2300 m^2)
 MARGIN_M = 80.0  # places keep this far from the world edge so tiles and views stay inside
 
 

@@ -100,13 +100,15 @@ def render_panorama(world: World, row: float, col: float, size: tuple[int, int],
     base[upright] *= np.broadcast_to(facing[None], cls.shape)[upright][:, None]
     rgb = base[k, u]  # (H, W, 3)
 
-    phi = (height / 2 - 0.5 - np.arange(height)) * step  # elevation of each row
+    phi = ((height / 2 - 0.5 - np.arange(height)) * step).astype(np.float32)  # row elevation
     dist = _DISTANCES[k]
-    # Windows: on building walls, darker panes per 3.2 m storey and 3 m bay.
-    z = cam_h + dist * np.tan(phi)[:, None]
-    along = (rows[k, u] + cols[k, u]) * RES
-    pane = ((z % 3.2) > 0.9) & ((z % 3.2) < 2.2) & ((along % 3.0) < 1.7) & (cls[k, u] == BUILDING)
-    rgb[pane] *= np.array([0.55, 0.6, 0.7], np.float32)
+    # Windows on building walls: darker panes per 3.2 m storey and 3 m bay.
+    wall = cls[k, u] == BUILDING
+    z = cam_h + dist[wall] * np.tan(phi)[:, None].repeat(width, 1)[wall]
+    along = ((rows + cols) * RES)[k[wall], u[wall]]
+    pane = ((z % 3.2) > 0.9) & ((z % 3.2) < 2.2) & ((along % 3.0) < 1.7)
+    rows_w, cols_w = np.nonzero(wall)
+    rgb[rows_w[pane], cols_w[pane]] *= np.array([0.55, 0.6, 0.7], np.float32)
 
     fog = (1.0 - np.exp(-dist / 220.0))[..., None]
     rgb = rgb * (1 - fog) + _HAZE * fog
