@@ -187,8 +187,17 @@ def test_bad_inputs_give_one_line_errors_naming_the_path(world, tmp_path):
 
 def test_embed_paths_refuses_unreadable_images(world, tmp_path):
     model, _ = load_model(world["checkpoint"])
-    with pytest.raises(DataError, match="missing.png: image file is missing"):
-        embed_paths(model, [tmp_path / "missing.png"], (64, 64), "reference", progress=False)
+    for workers in (0, 1):  # a loader worker's error is one line too, naming the file
+        with pytest.raises(DataError, match="missing.png: image file is missing") as err:
+            embed_paths(
+                model,
+                [tmp_path / "missing.png"],
+                (64, 64),
+                "reference",
+                workers=workers,
+                progress=False,
+            )
+        assert "\n" not in str(err.value) and str(err.value).startswith(str(tmp_path))
 
 
 def test_cli_embed_eval_and_index_on_a_synth_vigor_world(synth_world, tmp_path):

@@ -17,6 +17,13 @@ app.add_typer(index_app, name="index")
 
 DATASET_HELP = "auto | cvusa | cvact | vigor"
 SPLIT_HELP = "train | val | test (default: test for VIGOR, val otherwise)"
+DEVICE_HELP = "auto | cpu | cuda[:N] (auto: a GPU when torch sees one)"
+
+
+def _device(name: str) -> str:
+    from ssageo.priors.langsam import resolve_device
+
+    return resolve_device(name)
 
 
 def _manifest(data: Path, dataset: str, split: str | None, vigor_mode: str):
@@ -36,11 +43,12 @@ def _embed_checkpoint(
     vigor_mode: str,
     batch_size: int | None,
     workers: int | None,
+    device: str,
 ):
     from ssageo.evaluate.embed import embed_manifest
     from ssageo.model import load_model
 
-    model, config = load_model(checkpoint)
+    model, config = load_model(checkpoint, map_location=_device(device))
     manifest = _manifest(data, dataset, split, vigor_mode)
     query, reference = embed_manifest(model, manifest, config, batch_size, workers)
     return manifest, query, reference
@@ -73,6 +81,7 @@ def evaluate(
     batch_size: int | None = typer.Option(None, help="Images per batch (default eval.batch_size)"),
     workers: int | None = typer.Option(None, help="Loader processes (default data.workers)"),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics here."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Exact R@1/5/10/1% (VIGOR: hit rate; with coordinates: metre error of the top-1 tile)."""
     from ssageo.evaluate.descriptors import load_descriptors
@@ -87,7 +96,7 @@ def evaluate(
         if checkpoint is None or data is None:
             raise typer.BadParameter("give --checkpoint and --data (or --descriptors FILE.npz)")
         manifest, query, reference = _embed_checkpoint(
-            checkpoint, data, dataset, split, vigor_mode, batch_size, workers
+            checkpoint, data, dataset, split, vigor_mode, batch_size, workers, device
         )
         metrics = manifest_metrics(manifest, query, reference, block_size)
         title = f"{manifest.dataset} {manifest.split} ({checkpoint})"
@@ -106,13 +115,14 @@ def embed(
     vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
     batch_size: int | None = typer.Option(None, help="Images per batch (default eval.batch_size)"),
     workers: int | None = typer.Option(None, help="Loader processes (default data.workers)"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Save query and reference descriptors with their ground truth to a .npz file."""
     from ssageo.evaluate.descriptors import save_descriptors
     from ssageo.evaluate.embed import descriptor_set
 
     manifest, query, reference = _embed_checkpoint(
-        checkpoint, data, dataset, split, vigor_mode, batch_size, workers
+        checkpoint, data, dataset, split, vigor_mode, batch_size, workers, device
     )
     save_descriptors(out, descriptor_set(manifest, query, reference))
     Console().print(
@@ -132,6 +142,7 @@ def index_build(
     vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
     batch_size: int = typer.Option(64, help="Tiles per batch."),
     workers: int = typer.Option(0, help="Loader processes."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Embed every satellite tile with its coordinates into one geo index file."""
     from ssageo.evaluate.index import build_index, read_tiles_csv
@@ -151,7 +162,9 @@ def index_build(
             )
         paths, coords = manifest.reference_paths, manifest.reference_coords
         source = f"{manifest.root.resolve()} ({manifest.dataset} {manifest.split})"
-    index = build_index(checkpoint, paths, coords, out, source, batch_size, workers)
+    index = build_index(
+        checkpoint, paths, coords, out, source, batch_size, workers, device=_device(device)
+    )
     Console().print(
         f"indexed {len(paths)} tiles (D = {index.descriptors.shape[1]}, model "
         f"{index.metadata['model_hash']}) into {out}"
@@ -167,11 +180,12 @@ def locate(
     ),
     top_k: int = typer.Option(5, help="Tiles to list per image."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Rank the index's tiles for each image: lat, lon and cosine score of the best ones."""
     from ssageo.evaluate.index import Localizer
 
-    results = Localizer(index, checkpoint).locate_many(images, top_k)
+    results = Localizer(index, checkpoint, _device(device)).locate_many(images, top_k)
     if as_json:
         payload = [{"image": str(p), "results": r} for p, r in zip(images, results, strict=True)]
         typer.echo(json.dumps(payload, indent=2))

@@ -15,6 +15,7 @@ from ssageo.data.datasets import ImageDataset
 from ssageo.data.manifest import Manifest
 from ssageo.evaluate.descriptors import DescriptorSet
 from ssageo.evaluate.metrics import retrieval_metrics
+from ssageo.io import DataError
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -46,6 +47,9 @@ def embed_paths(
             for batch in tqdm(loader, desc=f"embed {view}", unit="batch", disable=not progress):
                 desc = model.embed(batch["image"].to(device), view=view)
                 chunks.append(desc.float().cpu().numpy())
+    except DataError as exc:
+        # a loader worker re-raises with its whole traceback in the message: keep the last line
+        raise DataError(str(exc).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
     finally:
         model.train(was_training)
     if not chunks:

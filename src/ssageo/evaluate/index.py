@@ -163,15 +163,16 @@ def build_index(
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int = 0,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> GeoIndex:
     """Embed the satellite ``tiles`` (with (N, 2) lat/lon ``coords``) with the checkpoint's
-    model and write the index to ``out``; returns the index."""
+    model on ``device`` and write the index to ``out``; returns the index."""
     from ssageo.model import load_model
 
     coords = np.asarray(coords, dtype=np.float64)
     if coords.shape != (len(tiles), 2):
         raise ValueError(f"coords must be ({len(tiles)}, 2) lat/lon, got {coords.shape}")
-    model, config = load_model(checkpoint)
+    model, config = load_model(checkpoint, map_location=device)
     descriptors = embed_paths(
         model, tiles, config["data"]["reference_size"], "reference", batch_size, workers, progress
     )
