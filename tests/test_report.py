@@ -72,7 +72,11 @@ window.addEventListener("load", () => {
 
 
 def test_report_renders_in_a_real_browser(runs, tmp_path):
-    report = build_report(runs["ssa"], out=tmp_path / "report.html", compare=runs["copy"])
+    report = tmp_path / "report.html"
+    result = CliRunner().invoke(app, ["report", str(runs["ssa"]), "--compare", str(runs["copy"]),
+                                      "--out", str(report)])
+    assert result.exit_code == 0, result.output
+    assert str(report) in result.output.replace("\n", "")
     page = report.read_text(encoding="utf-8")
     for heading in ("Metrics", "Training curves", "Retrieval examples", "BEV prediction",
                     "Activation maps", "Descriptor map", "Localization error"):

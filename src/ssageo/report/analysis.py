@@ -125,9 +125,12 @@ def retrieve(run: Run, manifest, k: int = 5) -> Retrieval:
     error = None
     if manifest.query_coords is not None and manifest.reference_coords is not None:
         error = haversine_m(manifest.query_coords, manifest.reference_coords[top[:, 0]])
-    elif manifest.utm is not None and manifest.num_queries == manifest.num_references:
-        # CVACT has UTM metres per place instead of lat/lon; place i's tile is reference i.
-        error = np.linalg.norm(manifest.utm - manifest.utm[top[:, 0]], axis=1)
+    elif manifest.utm is not None:
+        # CVACT: UTM metres per place instead of lat/lon, shared by a query and its positive.
+        ref_utm = np.full((manifest.num_references, 2), np.nan)
+        ref_utm[manifest.positive] = manifest.utm
+        error = np.linalg.norm(manifest.utm - ref_utm[top[:, 0]], axis=1)
+        error = error if np.isfinite(error).all() else None
     return Retrieval(manifest, query, reference, top, rank, error)
 
 
