@@ -7,7 +7,8 @@ A CVUSA-layout world is generated at the `ssageo synth` default image sizes (256
 512x128 panoramas), then each configuration loads the whole training split (repeated to
 ``--samples``) in batches of ``--batch`` pairs resized to the synth-cpu preset's model sizes.
 Baseline, in the same run: decoding the two JPEGs of each pair and nothing else, in the main
-process. Ratios are against it.
+process. Ratios are against it. Last, the consumer: training steps of the synth-cpu model on
+one loaded batch (pairs/s), and the ratio of the 2-worker loader's rate to it.
 """
 
 from __future__ import annotations
@@ -64,12 +65,37 @@ def rate(dataset: Dataset, samples: int, batch: int, workers: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def train_step_rate(cfg: dict, batch: dict, steps: int) -> float:
+    """Pairs per second consumed by forward + SSA loss + backward + AdamW on one batch, with
+    the synth-cpu model (random init): the rate the loader has to keep up with."""
+    from ssageo.model import build_model, ssa_loss
+
+    model = build_model(cfg["model"], tuple(cfg["data"]["reference_size"]),
+                        tuple(cfg["data"]["query_size"]))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        out = model(batch["query"], batch["reference"])
+        loss = ssa_loss(out, batch.get("prior"), cfg["loss"])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * len(batch["index"]) / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, help="existing CVUSA-layout world (else generated)")
     ap.add_argument("--places", type=int, default=200)
     ap.add_argument("--samples", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=5, help="timed training steps")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,6 +124,12 @@ def main() -> None:
             r = rate(ds, args.samples, args.batch, workers)
             base = base or r
             print(f"{name:40s} {r:8.1f} samples/s   x{r / base:.2f}")
+        batch = next(iter(DataLoader(runs[-1][1], batch_size=args.batch)))
+        full = load_config()
+        torch.set_num_threads(2)
+        consumed = train_step_rate(full, batch, args.steps)
+        print(f"{'training step (synth-cpu model, 2 threads)':40s} {consumed:8.1f} pairs/s     "
+              f"loader / consumer = {r / consumed:.2f}")
 
 
 if __name__ == "__main__":
