@@ -65,6 +65,8 @@ def priors(
         None, help="langsam: local SAM directory (facebook/sam-vit-huge)."),
     device: str = typer.Option(None, help="langsam: auto | cpu | cuda | cuda:N."),
     batch_size: int = typer.Option(None, help="langsam: tiles per model call."),
+    threads: int = typer.Option(
+        None, help="langsam on CPU: torch threads (1 is fastest on a busy shared machine)."),
     masks: Path = typer.Option(None, help="files: folder of existing masks to import."),
     keep_values: bool = typer.Option(
         False, help="files: import class-index masks unchanged instead of binarising to 0/255."),
@@ -86,6 +88,10 @@ def priors(
     console = Console()
     tiles = list_tiles(root, dataset, split or None)
     if backend is Backend.langsam:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         source = _langsam(config, overrides or [], detector, segmenter, device, batch_size)
     elif backend is Backend.oracle:
         from ssageo.priors.oracle import Corruption, OracleBackend

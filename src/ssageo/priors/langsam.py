@@ -34,7 +34,7 @@ def _weights_dir(path: str | Path | None, what: str, model_id: str, flag: str, k
     """The checked local weights directory; a clear error saying what to fetch otherwise."""
     how = (
         f"download {what} once on a machine with internet, e.g. "
-        f"`huggingface-cli download {model_id} --local-dir weights/{model_id.split('/')[1]}`, "
+        f"`hf download {model_id} --local-dir weights/{model_id.split('/')[1]}`, "
         f"and pass that directory with {flag} (or set {key} in the priors YAML)"
     )
     if path is None or str(path) == "":
@@ -100,12 +100,14 @@ class LangSamBackend:
                 SamModel,
                 SamProcessor,
             )
+            from transformers.utils import logging as hf_logging
         except ImportError as exc:
             raise ConfigError(
                 f"the langsam backend needs transformers ({exc}): "
                 'pip install -c constraints.txt -e ".[priors]"'
             ) from None
         self._torch = torch
+        hf_logging.disable_progress_bar()  # loading is quick; the run's progress bar is ours
         self.detector = GroundingDinoForObjectDetection.from_pretrained(
             detector_dir, local_files_only=True
         ).to(self.device).eval()
