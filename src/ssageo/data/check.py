@@ -11,7 +11,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from ssageo.data.manifest import MAX_EXAMPLES, Manifest, check_layout, detect_dataset, load_manifest
+from ssageo.data.manifest import MAX_EXAMPLES, Manifest, load_manifest, resolve_dataset
 from ssageo.io import DataError
 
 SPLITS_OF = {"cvusa": ("train", "val"), "cvact": ("train", "val", "test"),
@@ -87,10 +87,7 @@ def check_dataset(root: str | Path, dataset: str = "auto", vigor_mode: str = "sa
     pairs and say so). Raises DataError when ``root`` matches no (or the wrong) layout.
     """
     root = Path(root)
-    if dataset == "auto":
-        dataset = detect_dataset(root)
-    else:
-        check_layout(root, dataset)
+    dataset = resolve_dataset(root, dataset, vigor_mode)
     splits: dict[str, dict] = {}
     manifests: list[Manifest] = []
     missing: list[str] = []  # in order of discovery, each once (splits share VIGOR tiles)

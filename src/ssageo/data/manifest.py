@@ -203,6 +203,8 @@ def detect_dataset(root: str | Path) -> str:
 
 def check_layout(root: Path, dataset: str) -> None:
     """Refuse a folder whose layout is another dataset's, saying which one it looks like."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset '{dataset}' (use auto, {', '.join(DATASETS)})")
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
     markers = _markers(root)
@@ -215,6 +217,16 @@ def check_layout(root: Path, dataset: str) -> None:
                         f"this looks like {other.upper()} (found {', '.join(markers[other][:3])});"
                         f" use --dataset {other} or --dataset auto")
     raise DataError(f"{root}: not a {dataset.upper()} layout: none of {EXPECTED[dataset]} found")
+
+
+def resolve_dataset(root: Path, dataset: str, vigor_mode: str = "same-area") -> str:
+    """The dataset under ``root``: detected for ``auto``, else checked against the layout."""
+    if vigor_mode not in VIGOR_MODES:
+        raise DataError(f"unknown VIGOR mode '{vigor_mode}' (use {', '.join(VIGOR_MODES)})")
+    if dataset == "auto":
+        return detect_dataset(root)
+    check_layout(root, dataset)
+    return dataset
 
 
 # ---------------------------------------------------------------------------------- caching
@@ -273,16 +285,9 @@ def load_manifest(root: str | Path, dataset: str = "auto", split: str = "train",
     from ssageo.data import cvact, cvusa, vigor
 
     root = Path(root)
-    if dataset == "auto":
-        dataset = detect_dataset(root)
-    elif dataset not in DATASETS:
-        raise DataError(f"unknown dataset '{dataset}' (use auto, {', '.join(DATASETS)})")
-    else:
-        check_layout(root, dataset)
+    dataset = resolve_dataset(root, dataset, vigor_mode)
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}' (use {', '.join(SPLITS)})")
-    if vigor_mode not in VIGOR_MODES:
-        raise DataError(f"unknown VIGOR mode '{vigor_mode}' (use {', '.join(VIGOR_MODES)})")
     reader = {"cvusa": cvusa, "cvact": cvact, "vigor": vigor}[dataset]
     files, folders = reader.sources(root, split, vigor_mode)
     key = sources_key(files, folders, f"{dataset}|{split}|{vigor_mode}")
