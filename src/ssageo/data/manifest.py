@@ -132,7 +132,7 @@ def warn_missing(name: str, missing: list[str]) -> None:
 
 
 def sources_key(files: list[Path], folders: list[Path], extra: str) -> str:
-    """Hash of the files' contents, the folders' listings (mtime + entry count) and ``extra``."""
+    """Hash of the files' contents, the folders' modification times and ``extra``."""
     h = hashlib.sha256(f"v{CACHE_VERSION}|{extra}".encode())
     for f in files:
         h.update(str(f).encode())

@@ -14,9 +14,14 @@ looks at azimuth ``360 * u / W - 180`` degrees. Hence:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import albumentations
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,7 +57,7 @@ def geometric_augment(
     return as_c(tile), None if prior is None else as_c(prior), as_c(pano)
 
 
-def photometric(view: str):
+def photometric(view: str) -> albumentations.Compose:
     """Albumentations pipeline of photometric noise for ``view`` ("query" or "reference").
 
     Colour jitter, blur/sharpen, JPEG compression and grid/coarse dropout, as in Sample4Geo; it
