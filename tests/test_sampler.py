@@ -79,6 +79,11 @@ def test_ranks_take_contiguous_slices_of_the_global_batch_and_resume_replays():
     full.set_neighbours(neigh, "gps")
     full.set_epoch(2)
     assert list(full)[3:] == list(restored)
+    # Short epochs (smoke runs): the same plan, cut.
+    short = HardNegativeSampler(keys, 8, 4, 16, seed=1, max_batches=2)
+    short.set_neighbours(neigh, "gps")
+    short.set_epoch(2)
+    assert len(short) == 2 and list(short) == list(full)[:2]
 
 
 def test_bad_batch_sizes_are_refused():

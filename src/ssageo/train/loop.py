@@ -155,7 +155,7 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
     ``train.max_nonfinite_skips`` times.
     """
     from ssageo.data.manifest import load_manifest
-    from ssageo.evaluate import evaluate_model
+    from ssageo.evaluate.embed import evaluate_model
     from ssageo.model import build_model
     from ssageo.model.losses import ssa_loss
 
@@ -191,7 +191,7 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
     s = t["sampling"]
     sampler = HardNegativeSampler(
         manifest.positive, t["batch_size"], s["neighbour_select"], s["neighbour_range"],
-        t["seed"], dist_info.world_size, dist_info.rank,
+        t["seed"], dist_info.world_size, dist_info.rank, t["max_steps_per_epoch"],
     )
     progress = {"epoch": 0, "batch": 0, "step": 0, "best_r1": None, "best_epoch": None,
                 "nonfinite_skips": 0}
@@ -204,7 +204,8 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
     net = DistributedDataParallel(model) if dist_info.world_size > 1 else model
     norm = model.data_config()
     dataset = SeededPairs(manifest, d, True, norm["mean"], norm["std"], seed=t["seed"])
-    steps_per_epoch = len(np.unique(manifest.positive)) // t["batch_size"]
+    steps_per_epoch = min(len(np.unique(manifest.positive)) // t["batch_size"],
+                          t["max_steps_per_epoch"] or math.inf)
     total_steps = t["epochs"] * steps_per_epoch
     warmup_steps = max(1, round(t["warmup_epochs"] * steps_per_epoch))
     amp = bool(t["amp"]) and device.type == "cuda"
@@ -262,7 +263,7 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
             now = time.perf_counter()
             record = {
                 "kind": "step", "step": progress["step"], "epoch": epoch + 1, **values,
-                "lr": lr, "logit_scale": float(outputs["logit_scale"].exp()),
+                "lr": lr, "logit_scale": float(outputs["logit_scale"].detach().exp()),
                 "grad_norm": float(grad_norm), "pairs_per_s": t["batch_size"] / (now - tick),
             }
             tick = now

@@ -30,7 +30,8 @@ class HardNegativeSampler(torch.utils.data.Sampler):
     ``batch_size``, ``neighbour_select`` (how many neighbours join each taken place: half the
     nearest, half at random from the rest of its list) and ``neighbour_range`` (how much of a
     neighbour list is used). Without neighbour lists (``set_neighbours`` not called) batches
-    are a plain random permutation under the same uniqueness rules.
+    are a plain random permutation under the same uniqueness rules. ``max_batches`` cuts every
+    epoch short (for smoke tests and benchmarks).
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class HardNegativeSampler(torch.utils.data.Sampler):
         seed: int = 0,
         world_size: int = 1,
         rank: int = 0,
+        max_batches: int | None = None,
     ) -> None:
         if batch_size % world_size:
             raise ValueError(
@@ -60,6 +62,7 @@ class HardNegativeSampler(torch.utils.data.Sampler):
         self.seed = seed
         self.world_size = world_size
         self.rank = rank
+        self.max_batches = max_batches
         self.neighbours: np.ndarray | None = None
         self.neighbour_source = "none"
         self.epoch = 0
@@ -84,7 +87,7 @@ class HardNegativeSampler(torch.utils.data.Sampler):
             self._plan = plan_epoch(
                 self.keys, self.batch_size, self.neighbours, self.neighbour_select,
                 self.neighbour_range, np.random.default_rng([self.seed, self.epoch]),
-            )
+            )[:self.max_batches]
         return self._plan
 
     def __len__(self) -> int:
@@ -174,11 +177,12 @@ def similarity_neighbours(
 ) -> np.ndarray:
     """Top-``k`` most confusable places for each place, by descriptor similarity.
 
-    Takes L2-normalised ``query`` (Q, D) and ``reference`` (R, D) descriptors of the training
+    Takes L2-normalised ``query`` (Q, D) and ``reference`` (R, D) descriptors (tensors or arrays) of the training
     set and ``positive`` (Q,) reference index per query. Place j is a neighbour of place i when
     i's query is similar to j's positive reference; places sharing i's tile (i itself included)
     are excluded. Works in blocks of queries so Q x Q is never materialised. Returns (Q, k).
     """
+    query, reference = torch.as_tensor(query), torch.as_tensor(reference)
     positive_t = torch.as_tensor(positive, dtype=torch.long)
     candidates = reference[positive_t].float()  # (Q, D): each place's own tile
     k = min(k, len(positive) - 1)
