@@ -132,3 +132,13 @@ def test_vigor_tiles_are_every_tile_of_every_city(synth_world):
     tiles = list_tiles(root)
     on_disk = sorted(p.relative_to(root).as_posix() for p in root.glob("*/satellite/*.png"))
     assert [t.rel for t in tiles] == on_disk and len({t.rel.split("/")[0] for t in tiles}) == 4
+
+
+def test_an_absent_split_says_how_to_label_the_others(synth_world, tmp_path):
+    root = tmp_path / "cvact"
+    shutil.copytree(synth_world("cvact"), root)
+    shutil.rmtree(root / "ANU_data_test")
+    with pytest.raises(DataError, match="pass --split train --split val"):
+        list_tiles(root)
+    tiles = list_tiles(root, splits=["train", "val"])
+    assert tiles and all(t.rel.startswith("ANU_data_small/satview_polish/") for t in tiles)

@@ -105,7 +105,13 @@ def list_tiles(
         raise DataError(f"unknown dataset '{dataset}' (use auto, {', '.join(DATASET_SPLITS)})")
     rels: set[str] = set()
     for split in splits or DATASET_SPLITS[dataset]:
-        manifest = load_manifest(root, dataset, split)
+        try:
+            manifest = load_manifest(root, dataset, split)
+        except DataError as exc:
+            if splits:
+                raise
+            others = " ".join(f"--split {s}" for s in DATASET_SPLITS[dataset] if s != split)
+            raise DataError(f"{exc} - to label only the other splits, pass {others}") from None
         rels.update(Path(p).relative_to(manifest.root).as_posix() for p in manifest.reference_paths)
     return [Tile(root, rel) for rel in sorted(rels)]
 
