@@ -173,7 +173,7 @@ class OracleBackend:
         return np.random.default_rng([self.seed, zlib.crc32(tile.rel.encode())])
 
     def predict(self, tiles: Sequence[Tile]) -> list[np.ndarray]:
-        labels = []
+        labels, matrices = [], []
         for tile in tiles:
             truth_map = read_image(tile.truth_path, mode="L")
             truth = [np.isin(truth_map, members) for members in self.classes]
@@ -181,7 +181,10 @@ class OracleBackend:
             corrupted = [corrupt_mask(mask, self.corruption, rng) for mask in truth]
             label = encode_label(corrupted)
             labels.append(label)
-            self._confusion += confusion(self._index(truth), self._index(corrupted), self._values)
+            matrices.append(confusion(self._index(truth), self._index(corrupted), self._values))
+        # counted only once the whole batch succeeded: the driver retries a failed batch tile
+        # by tile, and a tile must not count twice
+        self._confusion += sum(matrices)
         return labels
 
     @staticmethod
