@@ -192,9 +192,10 @@ def test_impossible_parameters_are_refused(tmp_path, kwargs, message):
 
 def test_cli_interrupted_run_leaves_only_whole_images_and_rerun_completes(tmp_path):
     out = tmp_path / "cut"
-    cmd = [sys.executable, "-m", "ssageo", "synth", str(out), "--places", "60", "--sat-size",
-           "64", "--pano-size", "256x64", "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["synth", str(out), "--places", "60", "--sat-size", "64", "--pano-size", "256x64",
+            "--workers", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "ssageo", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and len(list(out.glob("bingmap/19/*.jpg"))) < 5:
         time.sleep(0.05)
@@ -203,13 +204,23 @@ def test_cli_interrupted_run_leaves_only_whole_images_and_rerun_completes(tmp_pa
     for image in list(out.rglob("*.jpg")) + list(out.rglob("*.png")):
         if not image.name.startswith("."):
             read_image(image)  # every image under its real name decodes completely
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    summary = generate(out, places=60, sat_size=64, pano_size=(256, 64))  # the same run: resumed
+    assert 0 < summary["images_rendered"] < 120
     assert len(list(out.glob("bingmap/19/*.jpg"))) == 60
     assert len((out / "splits/train-19zl.csv").read_text().splitlines()) == 48
-    bad = subprocess.run(cmd[:6] + ["3"], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
-    assert "--places 3 is impossible" in bad.stderr
+
+
+def test_cli_bad_input_is_one_line_and_exit_status_2(tmp_path, monkeypatch, capsys):
+    from ssageo.cli import main
+
+    for argv, message in ((["--places", "3"], "--places 3 is impossible"),
+                          (["--pano-size", "512by128"], "not of the form WIDTHxHEIGHT")):
+        monkeypatch.setattr(sys, "argv", ["ssageo", "synth", str(tmp_path / "x"), *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.strip().count("\n") == 0 and message in err
 
 
 def test_preview_sheet_shows_query_reference_and_label(tmp_path):
