@@ -77,7 +77,9 @@ def evaluate(
     split: str | None = typer.Option(None, help=SPLIT_HELP),
     vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
     normalize: bool = typer.Option(False, help="L2-normalise saved descriptors before scoring."),
-    block_size: int = typer.Option(4096, help="Queries scored per block (memory: 4 x this x R B)"),
+    block_size: int = typer.Option(
+        4096, min=1, help="Queries scored per block (memory: 4 x this x R B)"
+    ),
     batch_size: int | None = typer.Option(None, help="Images per batch (default eval.batch_size)"),
     workers: int | None = typer.Option(None, help="Loader processes (default data.workers)"),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics here."),
@@ -178,7 +180,7 @@ def locate(
     checkpoint: Path | None = typer.Option(
         None, help="Checkpoint (default: the one the index was built from)."
     ),
-    top_k: int = typer.Option(5, help="Tiles to list per image."),
+    top_k: int = typer.Option(5, min=1, help="Tiles to list per image."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
