@@ -26,7 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ssageo.config import load_config, save_config
+from ssageo.config import ConfigError, load_config, save_config
 from ssageo.data.datasets import PairDataset
 from ssageo.io import DataError, atomic_write_text
 from ssageo.train.distributed import all_true, barrier, setup_distributed
@@ -133,6 +133,26 @@ def _neighbours(sampler, model, manifest, config: dict, epoch: int, log) -> None
             log(f"epoch {epoch + 1}: GPS neighbour lists")
 
 
+_FLOATS = ("lr", "weight_decay", "warmup_epochs", "clip_grad_norm")
+_INTS = ("seed", "epochs", "batch_size", "checkpoint_every", "max_nonfinite_skips",
+         "max_steps_per_epoch")
+
+
+def _numbers(t: dict) -> dict:
+    """The ``train`` section with its numbers as numbers: YAML reads ``1e-4`` (no dot) as a
+    string, and a string learning rate must fail here, by name, not deep inside the optimizer."""
+    out = dict(t)
+    for keys, kind in ((_FLOATS, float), (_INTS, int)):
+        for key in keys:
+            if out.get(key) is None and key in ("clip_grad_norm", "max_steps_per_epoch"):
+                continue
+            try:
+                out[key] = kind(out[key])
+            except (TypeError, ValueError):
+                raise ConfigError(f"train.{key} must be a number, got {out[key]!r}") from None
+    return out
+
+
 def _validation_manifest(train_manifest, config: dict):
     """The val split, or None (with the reason) where the dataset has none (VIGOR)."""
     from ssageo.data.manifest import load_manifest
@@ -163,7 +183,7 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
     if resume:
         find_checkpoint(out / "checkpoints" / "last")
         config = load_config(out / CONFIG_FILE)
-    t, d = config["train"], config["data"]
+    t, d = _numbers(config["train"]), config["data"]
     if d.get("root") is None:
         raise DataError("no dataset: set data.root=FOLDER (or `ssageo train --data FOLDER`)")
     dist_info = setup_distributed(t["device"])

@@ -177,10 +177,11 @@ def similarity_neighbours(
 ) -> np.ndarray:
     """Top-``k`` most confusable places for each place, by descriptor similarity.
 
-    Takes L2-normalised ``query`` (Q, D) and ``reference`` (R, D) descriptors (tensors or arrays) of the training
-    set and ``positive`` (Q,) reference index per query. Place j is a neighbour of place i when
-    i's query is similar to j's positive reference; places sharing i's tile (i itself included)
-    are excluded. Works in blocks of queries so Q x Q is never materialised. Returns (Q, k).
+    Takes L2-normalised ``query`` (Q, D) and ``reference`` (R, D) descriptors (tensors or
+    arrays) of the training set and ``positive`` (Q,) reference index per query. Place j is a
+    neighbour of place i when i's query is similar to j's positive reference; places sharing
+    i's tile (i itself included) are excluded. Works in blocks of queries so Q x Q is never
+    materialised. Returns (Q, k).
     """
     query, reference = torch.as_tensor(query), torch.as_tensor(reference)
     positive_t = torch.as_tensor(positive, dtype=torch.long)
