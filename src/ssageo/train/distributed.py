@@ -66,12 +66,3 @@ def all_true(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item() > 0.5)
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Send a small picklable object from ``src`` to every process; returns it everywhere."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

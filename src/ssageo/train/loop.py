@@ -94,9 +94,18 @@ class MetricsLog:
     file is rewritten atomically at each checkpoint, so a crash never leaves records of steps
     that a resumed run will redo."""
 
-    def __init__(self, path: Path, keep_until_step: int | None = None) -> None:
+    def __init__(self, path: Path, keep_until_step: int | None = None,
+                 tensorboard: bool = False) -> None:
         self.path = Path(path)
         self.lines: list[str] = []
+        self.board = None
+        if tensorboard:
+            try:  # optional: TensorBoard event files beside metrics.jsonl when installed
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self.board = SummaryWriter(str(self.path.parent / "tensorboard"))
         if keep_until_step is not None and self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 if line.strip() and json.loads(line).get("step", 0) <= keep_until_step:
@@ -104,9 +113,15 @@ class MetricsLog:
 
     def add(self, record: dict) -> None:
         self.lines.append(json.dumps(record))
+        if self.board is not None:
+            for key, value in record.items():
+                if isinstance(value, float) and key not in ("step", "epoch"):
+                    self.board.add_scalar(f"{record['kind']}/{key}", value, record["step"])
 
     def flush(self) -> None:
         atomic_write_text(self.path, "\n".join(self.lines) + "\n")
+        if self.board is not None:
+            self.board.flush()
 
 
 def _neighbours(sampler, model, manifest, config: dict, epoch: int, log) -> None:
@@ -220,7 +235,7 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
         sampler.load_state_dict(sampler_state)
         log(f"resumed at epoch {progress['epoch'] + 1}, batch {progress['batch']}, "
             f"step {progress['step']}")
-    metrics = MetricsLog(out / METRICS_FILE, progress["step"] if resume else None)
+    metrics = MetricsLog(out / METRICS_FILE, progress["step"] if resume else None, main)
     net = DistributedDataParallel(model) if dist_info.world_size > 1 else model
     norm = model.data_config()
     dataset = SeededPairs(manifest, d, True, norm["mean"], norm["std"], seed=t["seed"])
