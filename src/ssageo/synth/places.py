@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from ssageo.config import ConfigError
 from ssageo.synth.render import TILE_CELLS
 from ssageo.synth.world import DEFAULT_ORIGIN, RES, World, generate_world
 
@@ -80,8 +81,8 @@ def assign_splits(world: World, places: np.ndarray, names: tuple[str, ...], frac
     district = world.district_id[places[:, 0] - 1, places[:, 1] - 1]
     ids = rng.permutation(np.unique(district))
     if len(ids) < len(names):
-        raise ValueError(f"cross-area needs at least {len(names)} districts with places; "
-                         f"this world has {len(ids)} (ask for more places)")
+        raise ConfigError(f"--split cross-area needs places in at least {len(names)} districts; "
+                          f"this world has {len(ids)} (ask for more --places)")
     pos = 0
     for i, frac in enumerate(fractions, 1):
         got = 0
