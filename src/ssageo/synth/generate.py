@@ -30,7 +30,16 @@ from ssageo.synth.render import (
     render_satellite,
     sat_metres_per_pixel,
 )
-from ssageo.synth.world import BUILDING, CLASS_NAMES, DEFAULT_ORIGIN, RES, TREE, World
+from ssageo.synth.world import (
+    BUILDING,
+    CLASS_NAMES,
+    DEFAULT_ORIGIN,
+    DISTRICT_M,
+    DISTRICT_TYPES,
+    RES,
+    TREE,
+    World,
+)
 
 GENERATOR_VERSION = "1.0"
 LAYOUTS = ("cvusa", "cvact", "vigor")
@@ -170,8 +179,6 @@ def _metadata(params: dict) -> dict:
 
 
 def _district_counts(world: World) -> dict:
-    from ssageo.synth.world import DISTRICT_M, DISTRICT_TYPES
-
     step = int(DISTRICT_M / RES)
     kinds = world.district[::step, ::step].ravel()
     return {name: int((kinds == i).sum()) for i, name in enumerate(DISTRICT_TYPES)}
