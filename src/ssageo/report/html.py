@@ -11,7 +11,8 @@ from html import escape
 from ssageo.report.runlog import EVAL_KEYS, format_value
 
 _LABELS = {"median_error_m": "median error (m)", "mean_error_m": "mean error (m)",
-           "hit_rate": "hit rate (%)", "train_time_s": "training time (s)"}
+           "hit_rate": "hit rate (%)", "train_time_s": "training time (s)",
+           "epoch": "evaluated after epoch"}
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
@@ -49,7 +50,8 @@ def image(png: bytes, alt: str, caption: str = "") -> str:
 
 def metrics_table(runs: Mapping[str, Mapping[str, float]]) -> str:
     """Metrics (rows) of each run (columns): recalls in %, errors in metres, ``-`` if absent."""
-    keys = [k for k in (*EVAL_KEYS, "train_time_s") if any(k in m for m in runs.values())]
+    keys = [k for k in (*EVAL_KEYS, "epoch", "train_time_s")
+            if any(k in m for m in runs.values())]
     if not keys:
         return '<p class="note">No evaluation metrics recorded.</p>'
     head = "".join(f"<th>{escape(label)}</th>" for label in runs)

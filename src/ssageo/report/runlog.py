@@ -128,10 +128,12 @@ def epoch_rows(log: RunLog) -> list[dict[str, Any]]:
 
 def final_metrics(log: RunLog, summary: dict) -> dict[str, float]:
     """The run's headline metrics: those of the evaluation at ``summary["best_epoch"]`` (the
-    epoch of ``checkpoints/best``), else of the last evaluation; ``{}`` without evaluations."""
+    epoch of ``checkpoints/best``), else of the last evaluation, with its ``epoch``; ``{}``
+    without evaluations."""
     best = [r for r in log.evals if r.get("epoch") == summary.get("best_epoch")]
     chosen = best[-1] if best else (log.evals[-1] if log.evals else {})
-    return {k: chosen[k] for k in EVAL_KEYS if isinstance(chosen.get(k), (int, float))}
+    keys = (*EVAL_KEYS, "epoch")
+    return {k: chosen[k] for k in keys if isinstance(chosen.get(k), (int, float))}
 
 
 def format_value(key: str, value: Any) -> str:
