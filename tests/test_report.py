@@ -144,3 +144,17 @@ def test_descriptor_projection_names_its_method_and_keeps_pairs_apart():
     pair = np.linalg.norm(xy[:20] - xy[20:], axis=1)
     other = np.linalg.norm(xy[:20] - np.roll(xy[20:], 1, axis=0), axis=1)
     assert np.median(pair) < np.median(other)  # matching descriptors land close together
+
+
+def test_sample_of_places_keeps_each_querys_true_tiles(synth_world):
+    from ssageo.data import load_manifest
+    from ssageo.report.analysis import subset
+
+    full = load_manifest(synth_world("vigor"), split="test")
+    part = subset(full, 7)
+    assert part.num_queries == 7 and (part.semi_positive >= 0).any()
+    for i, query in enumerate(part.query_paths):
+        j = full.query_paths.index(query)
+        assert part.reference_paths[part.positive[i]] == full.reference_paths[full.positive[j]]
+        semi = {full.reference_paths[k] for k in full.semi_positive[j] if k >= 0}
+        assert {part.reference_paths[k] for k in part.semi_positive[i] if k >= 0} == semi
