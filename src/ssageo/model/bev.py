@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 
 def naive_polar_projection(
@@ -31,59 +32,70 @@ def naive_polar_projection(
 class _LeanPolar(torch.autograd.Function):
     """Channel-chunked polar projection; backward recomputes each chunk's softmax.
 
-    Per chunk of channels with softmax weights S and output P, the gradients are
-    dF += sum_d S*dP (the weighted sum), dL = S * dP * (F - P) (softmax backward, using
+    Works on the features laid out as (C, B, W, H): the softmax axis (image rows) is innermost
+    and each chunk's logits are one matrix product (cc*D, C) @ (C, B*W*H), so a chunk costs a
+    handful of large operations. Per chunk with softmax weights S and output P, the gradients
+    are dF += sum_d S*dP (the weighted sum), dL = S * dP * (F - P) (softmax backward, using
     sum_h S*F = P), and dL flows through the 1x1 conv to its weight, bias and input.
     """
 
     @staticmethod
     def forward(ctx, features, weight, bias, depth_bins, chunk):  # noqa: D102
         b, c, h, w = features.shape
-        flat = features.reshape(b, c, h * w)
+        cols = features.permute(1, 0, 3, 2).contiguous()  # (C,B,W,H)
         weight2d = weight.reshape(weight.shape[0], c)
-        out = features.new_empty(b, c, depth_bins, w)
+        out = features.new_empty(c, depth_bins, b, w)
+        buffer = features.new_empty(chunk * depth_bins, b * w * h)
         for c0 in range(0, c, chunk):
             c1 = min(c, c0 + chunk)
-            soft = _chunk_softmax(flat, weight2d, bias, c0, c1, depth_bins, h, w)
-            out[:, c0:c1] = torch.einsum("bcdhw,bchw->bcdw", soft, features[:, c0:c1])
-        ctx.save_for_backward(features, weight, bias, out)
+            soft = _chunk_softmax(cols, weight2d, bias, c0, c1, depth_bins, buffer)
+            soft.mul_(cols[c0:c1].unsqueeze(1))
+            torch.sum(soft, dim=-1, out=out[c0:c1])
+        ctx.save_for_backward(cols, weight, bias, out)
         ctx.depth_bins, ctx.chunk = depth_bins, chunk
-        return out
+        return out.permute(2, 0, 1, 3)  # (B,C,D,W)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
-        features, weight, bias, out = ctx.saved_tensors
+        cols, weight, bias, out = ctx.saved_tensors
         depth_bins, chunk = ctx.depth_bins, ctx.chunk
-        b, c, h, w = features.shape
-        flat = features.reshape(b, c, h * w)
+        c, b, w, h = cols.shape
+        flat = cols.view(c, b * w * h)
         weight2d = weight.reshape(weight.shape[0], c)
-        grad_features = torch.zeros_like(features)
-        grad_flat = grad_features.view(b, c, h * w)
+        grad_out = grad_out.permute(1, 2, 0, 3)  # (C,D,B,W)
+        grad_cols = torch.zeros_like(cols)
+        grad_flat = grad_cols.view(c, b * w * h)
         grad_weight = torch.empty_like(weight2d)
         grad_bias = torch.empty_like(bias)
+        buffer = cols.new_empty(chunk * depth_bins, b * w * h)
         for c0 in range(0, c, chunk):
             c1 = min(c, c0 + chunk)
             rows = slice(c0 * depth_bins, c1 * depth_bins)
-            soft = _chunk_softmax(flat, weight2d, bias, c0, c1, depth_bins, h, w)
-            g = grad_out[:, c0:c1]  # (B,cc,D,W)
-            grad_features[:, c0:c1] += torch.einsum("bcdhw,bcdw->bchw", soft, g)
-            # dL = S * g * (F - P), built in place in one (B,cc,D,H,W) buffer
-            d_logits = features[:, c0:c1].unsqueeze(2) - out[:, c0:c1].unsqueeze(3)
-            d_logits.mul_(g.unsqueeze(3)).mul_(soft)
-            del soft
-            d_logits = d_logits.view(b, (c1 - c0) * depth_bins, h * w)
-            grad_weight[rows] = torch.einsum("bon,bin->oi", d_logits, flat)
-            grad_bias[rows] = d_logits.sum(dim=(0, 2))
-            grad_flat += torch.matmul(weight2d[rows].t(), d_logits)
+            soft = _chunk_softmax(cols, weight2d, bias, c0, c1, depth_bins, buffer)
+            # S * dP, then the direct path dF[c,b,w,h] += sum_d S * dP
+            soft.mul_(grad_out[c0:c1].unsqueeze(-1))
+            grad_cols[c0:c1] += soft.sum(dim=1)
+            # softmax path, in place: dL = S * dP * (F - P)
+            soft.mul_(cols[c0:c1].unsqueeze(1) - out[c0:c1].unsqueeze(-1))
+            d_logits = soft.view((c1 - c0) * depth_bins, b * w * h)
+            torch.mm(d_logits, flat.t(), out=grad_weight[rows])
+            torch.sum(d_logits, dim=1, out=grad_bias[rows])
+            grad_flat.addmm_(weight2d[rows].t(), d_logits)
+        grad_features = grad_cols.permute(1, 0, 3, 2).contiguous()
         return grad_features, grad_weight.view_as(weight), grad_bias, None, None
 
 
-def _chunk_softmax(flat, weight2d, bias, c0, c1, depth_bins, h, w) -> torch.Tensor:
-    """softmax over rows of the logits of channels c0..c1: (B, c1-c0, D, H, W)."""
+def _chunk_softmax(cols, weight2d, bias, c0, c1, depth_bins, buffer) -> torch.Tensor:
+    """Softmax over image rows of the logits of channels c0..c1: (c1-c0, D, B, W, H).
+
+    ``cols`` is the (C,B,W,H) feature layout; the logits go to ``buffer``.
+    """
+    c, b, w, h = cols.shape
     rows = slice(c0 * depth_bins, c1 * depth_bins)
-    logits = torch.matmul(weight2d[rows], flat).add_(bias[rows].unsqueeze(1))
-    return logits.view(flat.shape[0], c1 - c0, depth_bins, h, w).softmax(dim=3)
+    logits = buffer[: (c1 - c0) * depth_bins]
+    torch.addmm(bias[rows].unsqueeze(1), weight2d[rows], cols.view(c, b * w * h), out=logits)
+    return logits.view(c1 - c0, depth_bins, b, w, h).softmax(dim=-1)
 
 
 class PolarProjection(nn.Module):
@@ -94,7 +106,7 @@ class PolarProjection(nn.Module):
     """
 
     def __init__(self, channels: int, depth_bins: int, lean: bool = True,
-                 chunk_elements: int = 1 << 22) -> None:
+                 chunk_elements: int = 1 << 23) -> None:
         super().__init__()
         self.depth_bins = depth_bins
         self.lean = lean
@@ -194,10 +206,18 @@ class UpStage(nn.Module):
 
 class BEVDecoder(nn.Module):
     """(B,C,N,N) -> (B,K,8N,8N): two residual blocks (C -> C/2), three UpStages, DoubleConv,
-    1x1 classifier."""
+    1x1 classifier.
 
-    def __init__(self, channels: int, classes: int) -> None:
+    With ``recompute`` (the lean head), the high-resolution part (last two UpStages, DoubleConv
+    and classifier) runs one sample and one stage at a time under activation checkpointing:
+    its activations are recomputed in the backward pass instead of kept, so they are held for
+    one sample and one stage only. InstanceNorm is per sample and keeps no running statistics,
+    so outputs and gradients are those of the plain pass.
+    """
+
+    def __init__(self, channels: int, classes: int, recompute: bool = False) -> None:
         super().__init__()
+        self.recompute = recompute
         half = max(1, channels // 2)
         self.blocks = nn.Sequential(ResidualBlock(channels, half), ResidualBlock(half, half))
         stages, c = [], half
@@ -208,8 +228,20 @@ class BEVDecoder(nn.Module):
         self.refine = DoubleConv(c, c)
         self.classifier = nn.Conv2d(c, classes, 1)
 
+    def _output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.refine(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.refine(self.up(self.blocks(x))))
+        x = self.up[0](self.blocks(x))
+        if not (self.recompute and torch.is_grad_enabled()):
+            return self._output(self.up[2](self.up[1](x)))
+        samples = []
+        for i in range(x.shape[0]):
+            z = x[i:i + 1]
+            for stage in (self.up[1], self.up[2], self._output):
+                z = checkpoint(stage, z, use_reentrant=False)
+            samples.append(z)
+        return torch.cat(samples)
 
 
 class BEVHead(nn.Module):
@@ -220,7 +252,7 @@ class BEVHead(nn.Module):
         super().__init__()
         self.grid_size = grid_size
         self.projection = PolarProjection(channels, depth_bins, lean=lean)
-        self.decoder = BEVDecoder(channels, classes)
+        self.decoder = BEVDecoder(channels, classes, recompute=lean)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         polar = self.projection(features)
