@@ -172,3 +172,12 @@ def test_memory_is_bounded_by_the_block_not_the_gallery():
     grown = _peak_rss_growth(lambda: rank_queries(query, reference, positive, block_size=128))
     full_matrix = n * n * 4  # 256 MB; one block is 4 MB
     assert grown < full_matrix / 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_ranking_matches_brute_force():
+    query, reference, positive, semi = quantised_world(seed=5)
+    rank, hit = brute_force(query, reference, positive, semi)
+    got = rank_queries(query, reference, positive, semi, block_size=8, device="cuda")
+    np.testing.assert_array_equal(got["rank"], rank)
+    np.testing.assert_array_equal(got["hit"], hit)

@@ -92,7 +92,8 @@ def evaluate(
     if descriptors is not None:
         if checkpoint is not None or data is not None:
             raise typer.BadParameter("give either --descriptors or --checkpoint with --data")
-        metrics = load_descriptors(descriptors, normalize=normalize).metrics(block_size)
+        loaded = load_descriptors(descriptors, normalize=normalize)
+        metrics = loaded.metrics(block_size, _device(device))
         title = str(descriptors)
     else:
         if checkpoint is None or data is None:
@@ -100,7 +101,7 @@ def evaluate(
         manifest, query, reference = _embed_checkpoint(
             checkpoint, data, dataset, split, vigor_mode, batch_size, workers, device
         )
-        metrics = manifest_metrics(manifest, query, reference, block_size)
+        metrics = manifest_metrics(manifest, query, reference, block_size, _device(device))
         title = f"{manifest.dataset} {manifest.split} ({checkpoint})"
     print_metrics(metrics, title, Console())
     if json_out is not None:

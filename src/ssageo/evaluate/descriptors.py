@@ -38,7 +38,7 @@ class DescriptorSet:
     query_coords: np.ndarray | None = None
     reference_coords: np.ndarray | None = None
 
-    def metrics(self, block_size: int = 4096) -> dict[str, float | int]:
+    def metrics(self, block_size: int = 4096, device: str | None = None) -> dict[str, float | int]:
         """The retrieval metrics of :func:`ssageo.evaluate.metrics.retrieval_metrics`."""
         return retrieval_metrics(
             self.query,
@@ -48,6 +48,7 @@ class DescriptorSet:
             self.query_coords,
             self.reference_coords,
             block_size=block_size,
+            device=device,
         )
 
     def normalized(self) -> DescriptorSet:

@@ -101,10 +101,15 @@ def descriptor_set(manifest: Manifest, query: np.ndarray, reference: np.ndarray)
 
 
 def manifest_metrics(
-    manifest: Manifest, query: np.ndarray, reference: np.ndarray, block_size: int = 4096
+    manifest: Manifest,
+    query: np.ndarray,
+    reference: np.ndarray,
+    block_size: int = 4096,
+    device: str | torch.device | None = None,
 ) -> dict[str, float | int]:
     """Retrieval metrics of a manifest's descriptors, with the metre error where it can be had:
-    from (lat, lon) coordinates, or for CVACT from its UTM easting/northing."""
+    from (lat, lon) coordinates, or for CVACT from its UTM easting/northing; the similarity
+    products run on ``device`` (default CPU)."""
     ds = descriptor_set(manifest, query, reference)
     if ds.query_coords is None and manifest.utm is not None:
         # CVACT: the UTM of each place belongs to its query and to its positive reference
@@ -120,13 +125,16 @@ def manifest_metrics(
                 ref_utm,
                 block_size,
                 planar_coords=True,
+                device=device,
             )
-    return ds.metrics(block_size)
+    return ds.metrics(block_size, device)
 
 
 def evaluate_model(
     model: torch.nn.Module, manifest: Manifest, config: dict, block_size: int = 4096
 ) -> dict[str, float | int]:
-    """Embed a manifest with ``model`` and return :func:`manifest_metrics` (for validation)."""
+    """Embed a manifest with ``model`` and return :func:`manifest_metrics` (for validation),
+    ranking on the model's device."""
     query, reference = embed_manifest(model, manifest, config)
-    return manifest_metrics(manifest, query, reference, block_size)
+    device = next(model.parameters()).device
+    return manifest_metrics(manifest, query, reference, block_size, device)

@@ -79,6 +79,7 @@ def rank_queries(
     semi_positive: ArrayLike | None = None,
     block_size: int = 4096,
     with_top1: bool = True,
+    device: str | torch.device | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-query ranking results, computed exactly and blockwise.
 
@@ -88,6 +89,7 @@ def rank_queries(
     references scoring strictly above the positive, the best-scoring reference (first on ties;
     only with ``with_top1``), and - only with ``semi_positive`` - whether no reference other
     than the positive and its semi-positives scores above the positive (VIGOR's hit).
+    ``device`` (default: where ``query`` is) runs the products there, e.g. on a GPU.
     """
     q = _descriptors(query, "query")
     r = _descriptors(reference, "reference")
@@ -96,23 +98,24 @@ def rank_queries(
             f"descriptor dimension mismatch: query has {q.shape[1]}, reference {r.shape[1]}"
         )
     dtype = torch.promote_types(q.dtype, r.dtype)
-    q, r = q.to(dtype), r.to(dtype)
+    device = q.device if device is None else torch.device(device)
+    q, r = q.to(device, dtype), r.to(device, dtype)
     n_q, n_r = q.shape[0], r.shape[0]
-    pos = _indices(positive, "positive", (n_q,), 0, n_r)
+    pos = _indices(positive, "positive", (n_q,), 0, n_r).to(device)
     semi = None
     if semi_positive is not None:
-        semi = _indices(semi_positive, "semi_positive", (n_q, None), -1, n_r)
+        semi = _indices(semi_positive, "semi_positive", (n_q, None), -1, n_r).to(device)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
 
     # Counting in the similarity dtype is exact while counts fit its mantissa and ~30x faster
     # than summing a bool tensor; beyond that, count_nonzero is exact for any size.
     exact_float_count = n_r < 2 / torch.finfo(dtype).eps
-    rank = torch.empty(n_q, dtype=torch.long)
-    top1 = torch.empty(n_q, dtype=torch.long) if with_top1 else None
-    hit = torch.empty(n_q, dtype=torch.bool) if semi is not None else None
+    rank = torch.empty(n_q, dtype=torch.long, device=device)
+    top1 = torch.empty(n_q, dtype=torch.long, device=device) if with_top1 else None
+    hit = torch.empty(n_q, dtype=torch.bool, device=device) if semi is not None else None
     block = min(block_size, n_q)
-    buffer = torch.empty(block, n_r, dtype=dtype)  # the only allocation that grows with R
+    buffer = torch.empty(block, n_r, dtype=dtype, device=device)  # the only one growing with R
     ref_t = r.T
     with torch.inference_mode():
         for start in range(0, n_q, block):
@@ -133,11 +136,11 @@ def rank_queries(
             rank[start:stop] = counts.long()
             if hit is not None:
                 hit[start:stop] = rank[start:stop] == semi_above.sum(1)
-    out = {"rank": rank.numpy()}
+    out = {"rank": rank.cpu().numpy()}
     if top1 is not None:
-        out["top1"] = top1.numpy()
+        out["top1"] = top1.cpu().numpy()
     if hit is not None:
-        out["hit"] = hit.numpy()
+        out["hit"] = hit.cpu().numpy()
     return out
 
 
@@ -159,6 +162,7 @@ def retrieval_metrics(
     block_size: int = 4096,
     ks: Sequence[int] = (1, 5, 10),
     planar_coords: bool = False,
+    device: str | torch.device | None = None,
 ) -> dict[str, float | int]:
     """The published metrics for one query set against one gallery.
 
@@ -168,12 +172,13 @@ def retrieval_metrics(
     is given; ``median_error_m`` / ``mean_error_m`` (haversine distance from each query to its
     top-1 reference) when both coordinate arrays are given; and ``queries``, ``gallery``,
     ``k_1%`` (the k used for R@1%). With ``planar_coords`` the coordinates are planar metres
-    (e.g. CVACT's UTM easting/northing) and the error is their Euclidean distance.
+    (e.g. CVACT's UTM easting/northing) and the error is their Euclidean distance. ``device``
+    as in :func:`rank_queries`.
     """
     if (query_coords is None) != (reference_coords is None):
         raise ValueError("give both query_coords and reference_coords, or neither")
     ranked = rank_queries(
-        query, reference, positive, semi_positive, block_size, with_top1=query_coords is not None
+        query, reference, positive, semi_positive, block_size, query_coords is not None, device
     )
     rank = ranked["rank"]
     n_q, n_r = len(rank), int(torch.as_tensor(reference).shape[0])
