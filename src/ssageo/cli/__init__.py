@@ -45,6 +45,7 @@ from ssageo.cli import report  # noqa: E402,F401
 from ssageo.cli import data  # noqa: E402,F401
 from ssageo.cli import train  # noqa: E402,F401
 from ssageo.cli import priors  # noqa: E402,F401
+from ssageo.cli import model  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,40 @@
+"""``ssageo model info`` and the model summary behind it."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from ssageo.cli import app
+from ssageo.config import load_config
+from ssageo.model import build_model
+from ssageo.model.summary import model_info
+
+
+def test_model_info_counts_parameters_and_traces_the_paper_shapes():
+    cfg = load_config("synth-cpu", ["model.backbone=convnext_base", "model.bev.depth_bins=96",
+                                    "model.bev.grid_size=48", "data.query_size=[384,768]",
+                                    "data.reference_size=[384,384]"])
+    info = model_info(cfg)
+    rows = {row["module"]: row for row in info["stages"]}
+    assert rows["stages.2"]["query"] == (512, 24, 48)
+    assert rows["stages.2"]["reference"] == (512, 24, 24)
+    assert rows["forward_head (pool + norm)"]["query"] == (1024,)
+    assert rows["decoder logits"]["query"] == (2, 384, 384)
+    assert info["parameters"] == sum(info["parts"].values())
+
+
+def test_model_info_parameters_match_the_built_model():
+    cfg = load_config("synth-cpu")
+    model = build_model(cfg["model"], cfg["data"]["reference_size"], cfg["data"]["query_size"])
+    assert model_info(cfg)["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_cli_prints_the_table_and_refuses_unknown_families():
+    runner = CliRunner()
+    result = runner.invoke(app, ["model", "info", "--config", "synth-cpu",
+                                 "model.backbone=resnet18", "model.bev.enabled=false"])
+    assert result.exit_code == 0, result.output
+    assert "resnet18 (ResNet)" in result.output and "layer3" in result.output
+    assert "256 x 4 x 16" in result.output  # layer3 of a 64 x 256 panorama
+    bad = runner.invoke(app, ["model", "info", "model.backbone=vit_tiny_patch16_224"])
+    assert bad.exit_code != 0 and "supported families" in str(bad.exception)
