@@ -70,6 +70,6 @@ def read_image(path: Path, mode: str = "RGB") -> np.ndarray:
         raise DataError(f"{path}: image file is empty (0 bytes)")
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert(mode))
+            return np.array(img.convert(mode))  # writable, so torch.from_numpy never warns
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DataError(f"{path}: cannot decode image ({exc})") from None
