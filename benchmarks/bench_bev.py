@@ -1,10 +1,12 @@
-"""BEV head: peak memory and time of the memory-lean polar projection vs the straightforward one.
+"""BEV head: peak memory and time of the memory-lean variants vs the straightforward head.
 
-Each formulation runs forward + backward of the whole BEV head (polar projection, polar ->
-Cartesian, decoder) in its own subprocess, so peak RSS (``ru_maxrss``) belongs to it alone.
-Prints, per formulation, the peak RSS, the peak growth over the RSS before the first forward
+Variants: the straightforward head (the (B,C,D,H,W) projection), the lean projection, and the
+lean projection with the recomputing decoder. Each variant runs forward + backward of the
+whole BEV head (polar projection, polar -> Cartesian, decoder) in its own subprocess, so
+peak RSS (``ru_maxrss``) belongs to it alone.
+Prints, per variant, the peak RSS, the peak growth over the RSS before the first forward
 (head weights and inputs already allocated), the median time of forward+backward, and the
-ratios lean / straightforward.
+ratios to the straightforward head.
 
     python benchmarks/bench_bev.py                       # the paper's configuration
     python benchmarks/bench_bev.py --channels 160 --depth 16 --height 4 --width 16 --grid 16
@@ -31,14 +33,23 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def run_one(args: argparse.Namespace, lean: bool) -> dict:
-    """Forward + backward of one head formulation; runs inside the child process."""
+VARIANTS = {  # name: (lean projection, recomputing decoder)
+    "straightforward": (False, False),
+    "lean": (True, False),
+    "lean+recompute": (True, True),
+}
+
+
+def run_one(args: argparse.Namespace, variant: str) -> dict:
+    """Forward + backward of one head variant; runs inside the child process."""
     import torch
 
     from ssageo.model.bev import BEVHead
 
     torch.manual_seed(0)
-    head = BEVHead(args.channels, args.depth, args.grid, args.classes, lean=lean)
+    lean, recompute = VARIANTS[variant]
+    head = BEVHead(args.channels, args.depth, args.grid, args.classes, lean=lean,
+                   recompute_decoder=recompute)
     features = torch.randn(args.batch, args.channels, args.height, args.width,
                            requires_grad=True)
     base = _rss_mb()
@@ -65,28 +76,29 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=48)
     parser.add_argument("--classes", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", choices=["lean", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_one(args, args.child == "lean")))
+        print(json.dumps(run_one(args, args.child)))
         return
     print(f"BEV head, batch {args.batch}: C={args.channels} D={args.depth} feature map "
           f"{args.height}x{args.width} -> {args.grid}x{args.grid} polar grid -> "
           f"{8 * args.grid}x{8 * args.grid} logits; forward+backward, median of {args.repeats}")
     results = {}
-    for kind in ("naive", "lean"):
+    for kind in VARIANTS:
         cmd = [sys.executable, __file__, "--child", kind] + [
             f"--{k}={v}" for k, v in vars(args).items() if k != "child"]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[kind] = json.loads(out.strip().splitlines()[-1])
-        r = results[kind]
-        print(f"  {kind:>5}: peak RSS {r['peak_mb']:8.0f} MB   growth over start "
-              f"{r['growth_mb']:8.0f} MB   time {r['time_s']:6.2f} s "
+        results[kind] = r = json.loads(out.strip().splitlines()[-1])
+        print(f"  {kind:>15}: peak RSS {r['peak_mb']:6.0f} MB  growth over start "
+              f"{r['growth_mb']:6.0f} MB  time {r['time_s']:6.2f} s "
               f"(runs: {', '.join(f'{t:.2f}' for t in r['times'])})")
-    naive, lean = results["naive"], results["lean"]
-    print(f"  lean / straightforward: peak RSS {lean['peak_mb'] / naive['peak_mb']:.3f}   "
-          f"growth {lean['growth_mb'] / naive['growth_mb']:.3f}   "
-          f"time {lean['time_s'] / naive['time_s']:.3f}")
+    base = results["straightforward"]
+    for kind in list(VARIANTS)[1:]:
+        r = results[kind]
+        print(f"  {kind} / straightforward: peak RSS {r['peak_mb'] / base['peak_mb']:.3f}  "
+              f"growth {r['growth_mb'] / base['growth_mb']:.3f}  "
+              f"time {r['time_s'] / base['time_s']:.3f}")
 
 
 if __name__ == "__main__":

@@ -37,11 +37,13 @@ def test_lean_projection_passes_gradcheck_in_float64():
     assert torch.autograd.gradcheck(module, (x,))
 
 
-def test_whole_head_lean_and_straightforward_agree():
+@pytest.mark.parametrize("recompute_decoder", [False, True])
+def test_whole_head_lean_and_straightforward_agree(recompute_decoder):
     # float64: the decoder's InstanceNorm amplifies fp32 rounding (~1e-7 after the
     # projection, see the fp32 test above) to ~1e-5 in the logits, which would hide real bugs
     torch.manual_seed(0)
-    lean = BEVHead(16, depth_bins=8, grid_size=6, classes=2, lean=True).double()
+    lean = BEVHead(16, depth_bins=8, grid_size=6, classes=2, lean=True,
+                   recompute_decoder=recompute_decoder).double()
     lean.projection.chunk_elements = 500  # several chunks
     naive = copy.deepcopy(lean)
     naive.projection.lean = False

@@ -208,7 +208,7 @@ class BEVDecoder(nn.Module):
     """(B,C,N,N) -> (B,K,8N,8N): two residual blocks (C -> C/2), three UpStages, DoubleConv,
     1x1 classifier.
 
-    With ``recompute`` (the lean head), the high-resolution part (last two UpStages, DoubleConv
+    With ``recompute``, the high-resolution part (last two UpStages, DoubleConv
     and classifier) runs one sample and one stage at a time under activation checkpointing:
     its activations are recomputed in the backward pass instead of kept, so they are held for
     one sample and one stage only. InstanceNorm is per sample and keeps no running statistics,
@@ -245,14 +245,18 @@ class BEVDecoder(nn.Module):
 
 
 class BEVHead(nn.Module):
-    """Trunk features of the panorama (B,C,H,W) -> BEV logits (B,K,8N,8N) on the tile's grid."""
+    """Trunk features of the panorama (B,C,H,W) -> BEV logits (B,K,8N,8N) on the tile's grid.
+
+    ``lean`` selects the memory-lean polar projection; ``recompute_decoder`` the recomputing
+    decoder (less memory, more time: see benchmarks/RESULTS.md). Neither changes the maths.
+    """
 
     def __init__(self, channels: int, depth_bins: int, grid_size: int, classes: int,
-                 lean: bool = True) -> None:
+                 lean: bool = True, recompute_decoder: bool = False) -> None:
         super().__init__()
         self.grid_size = grid_size
         self.projection = PolarProjection(channels, depth_bins, lean=lean)
-        self.decoder = BEVDecoder(channels, classes, recompute=lean)
+        self.decoder = BEVDecoder(channels, classes, recompute=recompute_decoder)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         polar = self.projection(features)
