@@ -166,9 +166,11 @@ def load_pretrained(model: SSAModel, path: str | Path) -> dict[str, list[str]]:
             model.logit_scale.copy_(scale.reshape(()))
     report = {"missing": sorted(set(own) - set(used)),
               "unexpected": sorted(set(renamed) - set(used) - classifier)}
-    log.info("%s: loaded %d backbone tensors; missing %s; unexpected %s; classifier ignored: %d",
-             path, len(used), report["missing"] or "none", report["unexpected"] or "none",
-             len(classifier))
+    # incomplete weights deserve the user's attention; complete ones only a note
+    level = logging.WARNING if report["missing"] or report["unexpected"] else logging.INFO
+    log.log(level, "%s: loaded %d backbone tensors; missing %s; unexpected %s; "
+            "classifier ignored: %d", path, len(used), report["missing"] or "none",
+            report["unexpected"] or "none", len(classifier))
     return report
 
 
