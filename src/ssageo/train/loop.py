@@ -208,7 +208,8 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
 
     manifest = load_manifest(d["root"], dataset=d["dataset"], split="train",
                              vigor_mode=d["vigor_mode"])
-    model = build_model(config["model"], d["reference_size"], d["query_size"]).to(device)
+    model = build_model(config["model"], d["reference_size"], d["query_size"],
+                        config["loss"]["logit_scale_init"]).to(device)
     need = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) + 64 * 2**20
     if main:
         check_run_dir(out, resume, need)
