@@ -38,14 +38,16 @@ def _root(
 
 
 # Command modules register themselves on `app` when imported.
-# (registered modules are imported here, one line each)
-from ssageo.cli import synth  # noqa: E402,F401
-from ssageo.cli import evaluate  # noqa: E402,F401
-from ssageo.cli import report  # noqa: E402,F401
-from ssageo.cli import data  # noqa: E402,F401
-from ssageo.cli import train  # noqa: E402,F401
-from ssageo.cli import priors  # noqa: E402,F401
-from ssageo.cli import model  # noqa: E402,F401
+from ssageo.cli import (  # noqa: E402,F401
+    data,
+    demo,
+    evaluate,
+    model,
+    priors,
+    report,
+    synth,
+    train,
+)
 
 
 def main() -> None:

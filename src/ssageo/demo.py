@@ -1,0 +1,227 @@
+"""``ssageo demo``: the whole method on a synthetic world, within a compute budget.
+
+Stages, each reused when a rerun finds it finished in the same output folder:
+
+1. ``world/``     a synthetic city in the CVUSA layout (``ssageo.synth.generate``);
+2. priors         oracle prior labels, corrupted to about the quality a VFM gives
+                  (``ssageo.priors``), with their mIoU against the truth;
+3. ``runs/ssa``   SSA training (InfoNCE + BEV loss) and ``runs/baseline`` (InfoNCE only), same
+                  seed, same number of steps;
+4. evaluation     both best checkpoints on the held-out ``val`` split (``eval.json`` per run);
+5. ``report.html`` the visual report of the SSA run compared with the baseline.
+
+Sizes and epochs come from the budget: the per-step cost of both models is measured on this
+machine first, so every figure printed comes from this run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ssageo.config import ConfigError, load_config
+from ssageo.io import atomic_write_text
+
+DONE = "demo.json"
+# The oracle corruption that stands in for a vision foundation model's errors.
+VFM_LIKE = {"erode": 1, "drop": 0.15, "false_positives": 0.15}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the budget buys: world size and training length (shared by both runs)."""
+
+    places: int
+    epochs: int
+    eval_every: int
+    similarity_every: int
+    seconds_per_step: dict[str, float]
+
+
+def _overrides(root: Path, seed: int, bev: bool) -> list[str]:
+    return [f"data.root={root}", f"train.seed={seed}", f"model.bev.enabled={str(bev).lower()}",
+            "data.workers=1"]
+
+
+def _step_seconds(config: dict, steps: int = 3) -> float:
+    """Median wall time of one optimisation step of ``config``'s model on random inputs."""
+    from ssageo.model import build_model
+    from ssageo.model.losses import ssa_loss
+
+    d, t = config["data"], config["train"]
+    torch.manual_seed(0)
+    model = build_model(config["model"], d["reference_size"], d["query_size"]).train()
+    if t["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    b = t["batch_size"]
+    query = torch.randn(b, 3, *d["query_size"])
+    reference = torch.randn(b, 3, *d["reference_size"])
+    prior = torch.randint(0, 2, (b, *d["reference_size"]))
+    times = []
+    for _ in range(steps + 1):  # the first step warms up allocators and kernels
+        start = time.perf_counter()
+        losses = ssa_loss(model(query, reference), prior, config["loss"])
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def plan_budget(budget_minutes: float, seed: int, root: Path) -> Plan:
+    """Choose world size and epochs so that the whole demo fits ``budget_minutes``."""
+    if budget_minutes < 3:
+        raise ConfigError(f"--budget-minutes {budget_minutes}: the demo needs at least 3 minutes")
+    places = int(min(4000, max(200, 40 * budget_minutes)))
+    cost = {name: _step_seconds(load_config("synth-cpu", _overrides(root, seed, bev)))
+            for name, bev in (("ssa", True), ("baseline", False))}
+    base = load_config("synth-cpu")
+    batch = base["train"]["batch_size"]
+    train_places = int(places * 0.8)
+    steps_per_epoch = train_places // batch
+    # Everything but the optimisation steps (world, priors, data loading, validation,
+    # similarity neighbours, report) measured at about 45 % of the training time on 2 cores.
+    seconds = budget_minutes * 60 - 60 - places * 0.03
+    per_epoch = steps_per_epoch * (cost["ssa"] + cost["baseline"]) * 1.45
+    epochs = max(1, math.floor(seconds / per_epoch))
+    return Plan(places=places, epochs=epochs, eval_every=max(1, math.ceil(epochs / 3)),
+                similarity_every=max(1, math.ceil(epochs / 3)), seconds_per_step=cost)
+
+
+def run_demo(out: Path, budget_minutes: float = 10.0, seed: int = 0,
+             console: Console | None = None) -> dict:
+    """Run every stage into ``out`` (reusing finished ones); returns the final results."""
+    console = console or Console()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    state_file = out / DONE
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if state and (state.get("budget_minutes"), state.get("seed")) != (budget_minutes, seed):
+        raise FileExistsError(
+            f"{out}: holds a demo made with budget {state.get('budget_minutes')} min, seed "
+            f"{state.get('seed')}; use another --out (or remove it) for other settings")
+    world = out / "world"
+
+    def save() -> None:
+        atomic_write_text(state_file, json.dumps(state, indent=1))
+
+    def stage(name: str, text: str) -> bool:
+        """Announce a stage; False when a previous run finished it."""
+        done = name in state.get("done", [])
+        console.rule(f"[bold]{text}" + (" (reused)" if done else ""))
+        return not done
+
+    def finish(name: str) -> None:
+        state.setdefault("done", []).append(name)
+        save()
+
+    state.update(budget_minutes=budget_minutes, seed=seed)
+    if "plan" not in state:
+        console.rule("[bold]1/6 measuring this machine to fit the budget")
+        state["plan"] = plan_budget(budget_minutes, seed, world).__dict__
+        save()
+    plan = Plan(**state["plan"])
+    console.print(f"budget {budget_minutes:g} min: {plan.places} places, {plan.epochs} epochs "
+                  f"per model; measured step time SSA {plan.seconds_per_step['ssa']:.2f} s, "
+                  f"baseline {plan.seconds_per_step['baseline']:.2f} s", highlight=False)
+
+    if stage("world", "2/6 synthetic world (CVUSA layout)"):
+        from ssageo.synth import generate
+
+        summary = generate(world, layout="cvusa", places=plan.places, seed=seed, sat_size=128,
+                           pano_size=(512, 128), progress=True)
+        console.print(f"{summary['counts']} places written to {world}", highlight=False)
+        finish("world")
+
+    if stage("priors", "3/6 oracle priors with VFM-like errors"):
+        from ssageo.priors.oracle import Corruption, OracleBackend
+        from ssageo.priors.run import list_tiles, run_priors
+
+        backend = OracleBackend(world, Corruption(**VFM_LIKE), seed=seed)
+        result = run_priors(list_tiles(world), backend, force=True)
+        if not result.ok:
+            raise RuntimeError(f"prior labels failed for {len(result.failed)} tiles, "
+                               f"e.g. {result.failed[0][0]}: {result.failed[0][1]}")
+        state["prior_miou"] = result.statistics["miou"]
+        console.print(f"{result.done} labels, mIoU vs truth {state['prior_miou']:.3f} "
+                      f"(corruption {VFM_LIKE})", highlight=False)
+        finish("priors")
+
+    from ssageo.train import train
+
+    runs = {"SSA": out / "runs" / "ssa", "no-SSA baseline": out / "runs" / "baseline"}
+    for i, (label, run) in enumerate(runs.items()):
+        if stage(run.name, f"{4 + i}/6 training: {label}"):
+            config = load_config("synth-cpu", [
+                *_overrides(world, seed, label == "SSA"), f"train.epochs={plan.epochs}",
+                f"eval.every={plan.eval_every}",
+                f"train.sampling.similarity_every={plan.similarity_every}",
+            ])
+            resume = (run / "checkpoints" / "last").is_dir()
+            train(None if resume else config, run, resume=resume)
+            finish(run.name)
+
+    results = {label: _evaluate(run, console) for label, run in runs.items()}
+    console.rule("[bold]report")
+    from ssageo.report import build_report
+
+    report = build_report(runs["SSA"], out=out / "report.html", compare=runs["no-SSA baseline"],
+                          progress=lambda msg: console.print(f"report: {msg}", highlight=False))
+    state["wall_seconds_this_session"] = round(time.perf_counter() - started, 1)
+    state["results"] = results
+    save()
+    console.print(results_table(results, state.get("prior_miou")))
+    console.print(f"report: [bold]{report}[/bold]")
+    console.print(f"demo wall time this session: {state['wall_seconds_this_session']:.0f} s "
+                  f"(budget {budget_minutes:g} min)", highlight=False)
+    return state
+
+
+def _evaluate(run: Path, console: Console) -> dict:
+    """Held-out metrics of a run's best checkpoint (cached in ``eval.json``) + training time."""
+    from ssageo.data import load_manifest
+    from ssageo.evaluate.embed import evaluate_model
+    from ssageo.model import load_model
+
+    cached = run / "eval.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    checkpoint = summary.get("best_checkpoint") or summary["last_checkpoint"]
+    model, config = load_model(checkpoint)
+    manifest = load_manifest(config["data"]["root"], split="val")
+    console.print(f"evaluating {checkpoint} on the val split", highlight=False)
+    metrics = evaluate_model(model.eval(), manifest, config)
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r["kind"] == "step"]
+    batch = config["train"]["batch_size"]  # pairs_per_s = batch / (wall time of that step)
+    metrics["train_seconds"] = round(sum(batch / r["pairs_per_s"] for r in steps), 1)
+    metrics["steps"] = len(steps)
+    metrics["checkpoint"] = checkpoint
+    atomic_write_text(cached, json.dumps(metrics, indent=1))
+    return metrics
+
+
+def results_table(results: dict, prior_miou: float | None) -> Table:
+    """The final comparison table (recalls in %, errors in metres, training time)."""
+    title = "held-out (val) retrieval, synthetic CVUSA-layout world"
+    if prior_miou is not None:
+        title += f"; SSA priors mIoU {prior_miou:.3f}"
+    table = Table(title=title)
+    for column in ("model", "R@1", "R@5", "R@10", "R@1%", "median err (m)", "mean err (m)",
+                   "train steps", "train time (s)"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for label, m in results.items():
+        table.add_row(label, *(f"{m[k]:.2f}" for k in ("R@1", "R@5", "R@10", "R@1%")),
+                      f"{m['median_error_m']:.0f}", f"{m['mean_error_m']:.0f}",
+                      str(m["steps"]), f"{m['train_seconds']:.0f}")
+    return table
