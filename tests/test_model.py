@@ -59,7 +59,8 @@ def test_forward_gives_normalised_descriptors_and_bev_only_in_training(config):
     out = model.train()(query, reference)
     assert out["query"].shape == out["reference"].shape == (3, 320)
     torch.testing.assert_close(out["query"].norm(dim=1), torch.ones(3))
-    assert out["bev_logits"].shape == (3, 2, 128, 128)  # 8 * grid_size
+    side = 8 * config["model"]["bev"]["grid_size"]
+    assert out["bev_logits"].shape == (3, 2, side, side)
     assert out["logit_scale"].item() == pytest.approx(torch.log(torch.tensor(1 / 0.07)).item())
     model.eval()
     with torch.no_grad():
