@@ -1,4 +1,5 @@
-"""The BEV head: lean == straightforward polar projection, and the north-up/east-right geometry."""
+"""The BEV head: lean == straightforward head (projection, decoder, gradients), what the lean head
+keeps for the backward pass, and the north-up/east-right geometry."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import copy
 import pytest
 import torch
 
-from ssageo.model.bev import BEVHead, PolarProjection, naive_polar_projection, polar_to_cartesian
+from ssageo.model import bev
+from ssageo.model.bev import (
+    BEVDecoder,
+    BEVHead,
+    PolarProjection,
+    naive_polar_projection,
+    polar_to_cartesian,
+)
 
 
 @pytest.mark.parametrize("chunk_elements", [1, 700, 1 << 22])  # 1 channel .. all at once
@@ -37,28 +45,121 @@ def test_lean_projection_passes_gradcheck_in_float64():
     assert torch.autograd.gradcheck(module, (x,))
 
 
-@pytest.mark.parametrize("recompute_decoder", [False, True])
-def test_whole_head_lean_and_straightforward_agree(recompute_decoder):
+def _straightforward(head: BEVHead) -> BEVHead:
+    naive = copy.deepcopy(head)
+    naive.projection.lean = False
+    naive.decoder.lean = False
+    return naive
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_whole_head_lean_and_straightforward_agree(batch):
     # float64: the decoder's InstanceNorm amplifies fp32 rounding (~1e-7 after the
     # projection, see the fp32 test above) to ~1e-5 in the logits, which would hide real bugs
     torch.manual_seed(0)
-    lean = BEVHead(16, depth_bins=8, grid_size=6, classes=2, lean=True,
-                   recompute_decoder=recompute_decoder).double()
+    lean = BEVHead(16, depth_bins=8, grid_size=6, classes=2, lean=True).double()
     lean.projection.chunk_elements = 500  # several chunks
-    naive = copy.deepcopy(lean)
-    naive.projection.lean = False
-    naive.decoder.recompute = False
-    features = torch.randn(2, 16, 4, 12, dtype=torch.float64)
-    target = torch.randn(2, 2, 48, 48, dtype=torch.float64)
+    features = torch.randn(batch, 16, 4, 12, dtype=torch.float64)
+    target = torch.randn(batch, 2, 48, 48, dtype=torch.float64)
     results = []
-    for head in (lean, naive):
-        logits = head(features)
+    for head in (lean, _straightforward(lean)):
+        x = features.clone().requires_grad_()
+        logits = head(x)
         (logits * target).sum().backward()
-        results.append((logits, {n: p.grad for n, p in head.named_parameters()}))
-    assert results[0][0].shape == (2, 2, 48, 48)  # 8 * grid_size
+        results.append((logits, x.grad, {n: p.grad for n, p in head.named_parameters()}))
+    assert results[0][0].shape == (batch, 2, 48, 48)  # 8 * grid_size
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-9, atol=1e-9)
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-9, atol=1e-9, msg=name)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-9, atol=1e-9)
+    for name, grad in results[0][2].items():
+        torch.testing.assert_close(grad, results[1][2][name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_lean_decoder_matches_the_plain_one_in_float32():
+    torch.manual_seed(0)
+    lean = BEVDecoder(32, 2, lean=True)
+    plain = copy.deepcopy(lean)
+    plain.lean = False
+    features = torch.randn(2, 32, 6, 6)
+    target = torch.randn(2, 2, 48, 48)
+    results = []
+    for decoder in (lean, plain):
+        x = features.clone().requires_grad_()
+        logits = decoder(x)
+        (logits * target).sum().backward()
+        # InstanceNorm's own weight gradients are ill-conditioned in float32 (the plain
+        # decoder's differ from float64 by up to 1e-2): the float64 test covers them
+        convs = [m.weight.grad for m in decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+        results.append([logits, x.grad] + convs)
+    for a, b in zip(results[0], results[1], strict=True):
+        scale = b.abs().max()  # weight gradients sum ~10^4 terms: compare at their scale
+        torch.testing.assert_close(a / scale, b / scale, rtol=1e-5, atol=1e-5)
+
+
+def test_lean_decoder_functions_pass_gradcheck_in_float64():
+    torch.manual_seed(0)
+    stage = bev.UpStage(8).double()
+    x = torch.randn(1, 8, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(stage.lean, (x,))
+    refine = bev.DoubleConv(4, 4).double()
+    classifier = torch.nn.Conv2d(4, 2, 1).double()
+    c1 = torch.randn(1, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: refine.lean(t, classifier), (c1,))
+
+
+def test_projection_bias_cancels_in_the_softmax():
+    # the 1x1 conv's bias is constant along the softmax axis: no effect, zero gradient
+    torch.manual_seed(0)
+    module = PolarProjection(6, 4)
+    x = torch.randn(2, 6, 5, 7)
+    out = module(x)
+    module.depth.bias.data.normal_(0, 3)
+    torch.testing.assert_close(module(x), out, rtol=1e-5, atol=1e-5)
+    module(x).sum().backward()
+    assert torch.equal(module.depth.bias.grad, torch.zeros_like(module.depth.bias))
+    weight, bias = module.depth.weight.detach(), module.depth.bias.detach().requires_grad_()
+    naive_polar_projection(x, weight, bias, 4).sum().backward()
+    assert bias.grad.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_lean_projection_same_with_and_without_onednn(onednn, monkeypatch):
+    if onednn and not bev._HAS_ONEDNN_LINEAR:
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
+    torch.manual_seed(0)
+    module = PolarProjection(12, 6, chunk_elements=700)
+    x = torch.randn(2, 12, 5, 9, requires_grad=True)
+    out = module(x)
+    out.sum().backward()
+    reference = naive_polar_projection(x, module.depth.weight, module.depth.bias, 6)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(reference.sum(), (x, module.depth.weight))
+    torch.testing.assert_close(x.grad, grads[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.depth.weight.grad, grads[1], rtol=1e-5, atol=1e-5)
+
+
+def _saved_bytes(head: BEVHead, x: torch.Tensor) -> int:
+    """Bytes the forward pass keeps for the backward pass, parameters and input excluded."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        head(x)
+    shared = {p.untyped_storage().data_ptr() for p in head.parameters()}
+    shared.add(x.untyped_storage().data_ptr())
+    return sum(n for ptr, n in storages.items() if ptr not in shared)
+
+
+def test_lean_head_keeps_a_small_fraction_for_the_backward_pass():
+    torch.manual_seed(0)
+    lean = BEVHead(64, depth_bins=32, grid_size=16, classes=2)
+    x = torch.randn(2, 64, 8, 32, requires_grad=True)
+    kept, straightforward = _saved_bytes(lean, x), _saved_bytes(_straightforward(lean), x)
+    assert straightforward > 10 * 2**20  # the (B,C,D,H,W) logits and 128x128 decoder maps
+    assert kept < straightforward / 8
 
 
 def _polar_with_columns(columns: list[int], width: int = 32, depth: int = 8) -> torch.Tensor:
