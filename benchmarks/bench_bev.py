@@ -1,15 +1,20 @@
-"""BEV head: peak memory and time of the memory-lean variants vs the straightforward head.
+"""BEV head: peak memory and time of the lean head vs the straightforward one (Linux).
 
-Variants: the straightforward head (the (B,C,D,H,W) projection), the lean projection, and the
-lean projection with the recomputing decoder. Each variant runs forward + backward of the
-whole BEV head (polar projection, polar -> Cartesian, decoder) in its own subprocess, so
-peak RSS (``ru_maxrss``) belongs to it alone.
-Prints, per variant, the peak RSS, the peak growth over the RSS before the first forward
-(head weights and inputs already allocated), the median time of forward+backward, and the
-ratios to the straightforward head.
+Memory: each variant runs forward + backward of the whole BEV head (polar projection,
+polar -> Cartesian, decoder) in its own subprocess, twice; "growth" is the peak resident set
+size over both passes minus the RSS before the first (head weights and input allocated).
+It is measured twice: with glibc's default malloc, whose heap keeps freed blocks resident
+(fragmentation, so RSS overstates what the pass needs), and with glibc's mmap threshold
+pinned at 1 MiB (MALLOC_MMAP_THRESHOLD_), so every tensor of 1 MiB or more is returned to the
+system when freed and RSS follows the live tensor memory.
+Time: one subprocess builds every variant (same weights) and runs them interleaved, a
+warm-up round then ``--repeats`` rounds, so machine load hits all variants alike; it prints
+the median forward+backward time. "lean, BLAS matmuls" is the lean head with the projection's
+products on torch.mm instead of oneDNN, to show what the kernel choice contributes.
 
     python benchmarks/bench_bev.py                       # the paper's configuration
-    python benchmarks/bench_bev.py --projection-only     # without the (shared) decoder
+    python benchmarks/bench_bev.py --threads 1
+    python benchmarks/bench_bev.py --projection-only     # without the decoder
     python benchmarks/bench_bev.py --channels 160 --depth 16 --height 4 --width 16 --grid 16
 """
 
@@ -17,11 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+PINNED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+MEMORY_VARIANTS = ["straightforward", "lean"]
+TIME_VARIANTS = ["straightforward", "lean", "lean, BLAS matmuls"]
 
 
 def _rss_mb() -> float:
@@ -31,50 +41,87 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    """Peak RSS (MB) since the last _reset_peak (since start where that is not possible)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-VARIANTS = {  # name: (lean projection, recomputing decoder)
-    "straightforward": (False, False),
-    "lean": (True, False),
-    "lean+recompute": (True, True),
-}
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass  # then the peak counts from the start of the process
 
 
-def run_one(args: argparse.Namespace, variant: str) -> dict:
-    """Forward + backward of one head variant; runs inside the child process."""
+def _build(args: argparse.Namespace, variant: str):
+    """The head of ``variant`` with seed-0 weights, and a feature map that needs gradients."""
     import torch
 
-    from ssageo.model.bev import BEVHead
+    from ssageo.model import bev
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    lean, recompute = VARIANTS[variant]
-    head = BEVHead(args.channels, args.depth, args.grid, args.classes, lean=lean,
-                   recompute_decoder=recompute)
+    head = bev.BEVHead(args.channels, args.depth, args.grid, args.classes,
+                       lean=variant != "straightforward")
     if args.projection_only:  # polar projection + polar -> Cartesian, no decoder
         head.decoder = torch.nn.Identity()
     features = torch.randn(args.batch, args.channels, args.height, args.width,
                            requires_grad=True)
-    base = _rss_mb()
-    times = []
-    for _ in range(args.repeats):
-        head.zero_grad(set_to_none=True)
-        features.grad = None
+    return head, features
+
+
+def _pass(head, features, variant: str) -> float:
+    """Forward + backward; returns seconds."""
+    from ssageo.model import bev
+
+    head.zero_grad(set_to_none=True)
+    features.grad = None
+    onednn = bev._HAS_ONEDNN_LINEAR
+    bev._HAS_ONEDNN_LINEAR = onednn and variant != "lean, BLAS matmuls"
+    try:
         start = time.perf_counter()
         logits = head(features)
         logits.float().mean().backward()
-        times.append(time.perf_counter() - start)
-        del logits
-    return {"peak_mb": _peak_mb(), "base_mb": base, "growth_mb": _peak_mb() - base,
-            "time_s": statistics.median(times), "times": times}
+        seconds = time.perf_counter() - start
+    finally:
+        bev._HAS_ONEDNN_LINEAR = onednn
+    del logits
+    return seconds
 
 
-def torch_threads() -> int:
-    import torch
+def child_memory(args: argparse.Namespace) -> dict:
+    head, features = _build(args, args.child_memory)
+    _reset_peak()
+    base = _rss_mb()
+    for _ in range(2):
+        _pass(head, features, args.child_memory)
+    return {"base_mb": base, "growth_mb": _peak_mb() - base}
 
-    return torch.get_num_threads()
+
+def child_time(args: argparse.Namespace) -> dict:
+    variants = TIME_VARIANTS[:2] if args.projection_only else TIME_VARIANTS
+    built = {v: _build(args, v) for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for round_ in range(args.repeats + 1):
+        for v in variants:
+            seconds = _pass(*built[v], v)
+            if round_:  # round 0 warms up (thread pools, oneDNN kernels)
+                times[v].append(seconds)
+    return times
+
+
+def _run_child(args: argparse.Namespace, extra: list[str], env: dict | None = None) -> dict:
+    cmd = [sys.executable, __file__, *extra] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+        if k not in ("child_memory", "child_time", "projection_only")]
+    if args.projection_only:
+        cmd.append("--projection-only")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         env={**os.environ, **(env or {})}).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -88,37 +135,40 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--projection-only", action="store_true",
-                        help="leave the decoder out (it is the same in every variant)")
+                        help="leave the decoder out")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--child-memory", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--child-time", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(run_one(args, args.child)))
+    if args.child_memory or args.child_time:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = child_memory(args) if args.child_memory else child_time(args)
+        print(json.dumps(result))
         return
+    import torch
+
     what = "BEV polar projection + resampling" if args.projection_only else "BEV head"
     print(f"{what}, batch {args.batch}: C={args.channels} D={args.depth} feature map "
           f"{args.height}x{args.width} -> {args.grid}x{args.grid} polar grid -> "
-          f"{8 * args.grid}x{8 * args.grid} logits; forward+backward, median of {args.repeats}, "
-          f"{args.threads or torch_threads()} torch threads")
-    results = {}
-    variants = ["straightforward", "lean"] if args.projection_only else list(VARIANTS)
-    for kind in variants:
-        cmd = [sys.executable, __file__, "--child", kind] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k not in ("child", "projection_only")]
-        if args.projection_only:
-            cmd.append("--projection-only")
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[kind] = r = json.loads(out.strip().splitlines()[-1])
-        print(f"  {kind:>15}: peak RSS {r['peak_mb']:6.0f} MB  growth over start "
-              f"{r['growth_mb']:6.0f} MB  time {r['time_s']:6.2f} s "
-              f"(runs: {', '.join(f'{t:.2f}' for t in r['times'])})")
-    base = results["straightforward"]
-    for kind in variants[1:]:
-        r = results[kind]
-        print(f"  {kind} / straightforward: peak RSS {r['peak_mb'] / base['peak_mb']:.3f}  "
-              f"growth {r['growth_mb'] / base['growth_mb']:.3f}  "
-              f"time {r['time_s'] / base['time_s']:.3f}")
+          f"{8 * args.grid}x{8 * args.grid} logits; forward+backward; "
+          f"{args.threads or torch.get_num_threads()} torch threads")
+    print("peak RSS growth over two passes (MB):")
+    for label, env in (("glibc default malloc", None), ("mmap threshold 1 MiB", PINNED)):
+        growth = {v: _run_child(args, ["--child-memory", v], env)["growth_mb"]
+                  for v in MEMORY_VARIANTS}
+        print(f"  {label:>21}: straightforward {growth['straightforward']:6.0f}  "
+              f"lean {growth['lean']:6.0f}  "
+              f"ratio {growth['lean'] / growth['straightforward']:.3f}")
+    times = _run_child(args, ["--child-time"])
+    base = statistics.median(times["straightforward"])
+    print(f"time, median of {args.repeats} interleaved rounds after a warm-up round:")
+    for v, runs in times.items():
+        med = statistics.median(runs)
+        print(f"  {v:>21}: {med:6.2f} s  ratio {med / base:.3f}  "
+              f"(runs: {', '.join(f'{t:.2f}' for t in runs)})")
 
 
 if __name__ == "__main__":
