@@ -129,23 +129,26 @@ class PolarProjection(nn.Module):
     """Learned-depth polar projection (B,C,H,W) -> (B,C,D,W); ``lean`` picks the formulation.
 
     Both formulations share the parameters (a 1x1 conv C -> C*D), so weights move freely
-    between them. ``chunk_elements`` bounds the size of the lean version's work buffers.
+    between them. ``chunk_elements`` bounds the size of the lean version's work buffers; below
+    ``lean_from`` elements of (B,C,D,H,W) logits the straightforward code runs even when
+    ``lean`` (same maths; at such sizes it is faster and its memory small).
     """
 
     def __init__(self, channels: int, depth_bins: int, lean: bool = True,
-                 chunk_elements: int = 1 << 23) -> None:
+                 chunk_elements: int = 1 << 23, lean_from: int = 1 << 24) -> None:
         super().__init__()
         self.depth_bins = depth_bins
         self.lean = lean
         self.chunk_elements = chunk_elements
+        self.lean_from = lean_from
         self.depth = nn.Conv2d(channels, channels * depth_bins, kernel_size=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if not self.lean:
+        b, c, h, w = features.shape
+        if not self.lean or b * c * self.depth_bins * h * w < self.lean_from:
             return naive_polar_projection(
                 features, self.depth.weight, self.depth.bias, self.depth_bins
             )
-        b, _, h, w = features.shape
         chunk = max(1, self.chunk_elements // (b * self.depth_bins * h * w))
         return _LeanPolar.apply(
             features, self.depth.weight, self.depth.bias, self.depth_bins, chunk
@@ -347,12 +350,15 @@ class BEVDecoder(nn.Module):
     unchanged). Between the forward and the backward pass only the decoder input and each
     sample's 192x192 map are kept. When a part is recomputed, its layers keep only conv
     outputs, block inputs and top-k indices; normalised activations and upsampled maps are
-    recomputed once more in their backward step (_NormReLUConv, _UpSplit).
+    recomputed once more in their backward step (_NormReLUConv, _UpSplit). Below ``lean_from``
+    output pixels per batch the plain pass runs (same maths, faster there, little memory).
     """
 
-    def __init__(self, channels: int, classes: int, lean: bool = True) -> None:
+    def __init__(self, channels: int, classes: int, lean: bool = True,
+                 lean_from: int = 1 << 17) -> None:
         super().__init__()
         self.lean = lean
+        self.lean_from = lean_from
         half = max(1, channels // 2)
         self.blocks = nn.Sequential(ResidualBlock(channels, half), ResidualBlock(half, half))
         stages, c = [], half
@@ -364,7 +370,8 @@ class BEVDecoder(nn.Module):
         self.classifier = nn.Conv2d(c, classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.lean and torch.is_grad_enabled()):
+        pixels = x.shape[0] * (8 * x.shape[-2]) * (8 * x.shape[-1])
+        if not (self.lean and torch.is_grad_enabled() and pixels >= self.lean_from):
             return self.classifier(self.refine(self.up(self.blocks(x))))
         x = checkpoint(self._lean_bottom, x, use_reentrant=False)
         return torch.cat([checkpoint(self._lean_top, x[i:i + 1], use_reentrant=False)
