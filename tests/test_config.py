@@ -19,9 +19,9 @@ def test_unknown_key_is_refused_with_a_hint():
 
 def test_file_preset_with_base_and_roundtrip(tmp_path):
     f = tmp_path / "mine.yaml"
-    f.write_text("_base_: synth-cpu\nmodel:\n  backbone: resnet18\n")
+    f.write_text("_base_: synth-cpu\nmodel:\n  backbone: resnet34\n")
     cfg = load_config(f)
-    assert cfg["model"]["backbone"] == "resnet18"
+    assert cfg["model"]["backbone"] == "resnet34"
     assert cfg["model"]["bev"]["depth_bins"] == load_config()["model"]["bev"]["depth_bins"]
     save_config(cfg, tmp_path / "out.yaml")
     assert load_config(tmp_path / "out.yaml") == cfg

@@ -20,7 +20,8 @@ N_TILES = 10
 def make_checkpoint(path, seed=0, overrides=()):
     # query and reference inputs of one size: a tile located as a "panorama" must find itself
     config = load_config(
-        "synth-cpu", ["model.bev.enabled=false", "data.query_size=[64,64]", *overrides]
+        "synth-cpu", ["model.backbone=convnext_atto", "model.bev.enabled=false",
+                      "data.query_size=[64,64]", *overrides]
     )
     torch.manual_seed(seed)
     model = build_model(

@@ -17,7 +17,7 @@ REF, QUERY = (64, 64), (64, 256)
 
 @pytest.fixture(scope="module")
 def config() -> dict:
-    return load_config("synth-cpu")
+    return load_config("synth-cpu", ["model.backbone=convnext_atto"])
 
 
 def _model(config: dict, **changes):

@@ -19,7 +19,8 @@ from ssageo.model import load_model
 from ssageo.train import train
 
 # Tiny but real: 2 epochs of 3 steps of 4 pairs, a checkpoint every 2 steps (so mid-epoch).
-TINY = ["data.workers=0", "train.batch_size=4", "train.epochs=2", "train.max_steps_per_epoch=3",
+TINY = ["model.backbone=convnext_atto",
+        "data.workers=0", "train.batch_size=4", "train.epochs=2", "train.max_steps_per_epoch=3",
         "train.checkpoint_every=2"]
 
 

@@ -11,7 +11,8 @@ from ssageo.model import load_model
 from ssageo.train import NonFiniteLossError, check_run_dir, train
 
 # An absurd learning rate blows the weights up after the first update: a real non-finite loss.
-EXPLODE = ["data.workers=0", "train.batch_size=4", "train.epochs=1", "train.max_steps_per_epoch=4",
+EXPLODE = ["model.backbone=convnext_atto",
+           "data.workers=0", "train.batch_size=4", "train.epochs=1", "train.max_steps_per_epoch=4",
            "train.warmup_epochs=0", "train.lr=1e30", "train.clip_grad_norm=null"]
 
 

@@ -11,7 +11,8 @@ import pytest
 from ssageo.config import load_config
 from ssageo.train import train
 
-ARGS = ["data.workers=0", "train.batch_size=8", "train.epochs=1", "train.max_steps_per_epoch=2",
+ARGS = ["model.backbone=convnext_atto",
+        "data.workers=0", "train.batch_size=8", "train.epochs=1", "train.max_steps_per_epoch=2",
         "train.checkpoint_every=1"]
 
 

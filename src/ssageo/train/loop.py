@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ssageo.config import ConfigError, load_config, save_config
 from ssageo.data.datasets import PairDataset
 from ssageo.io import DataError, atomic_write_text
-from ssageo.train.distributed import all_true, barrier, setup_distributed
+from ssageo.train.distributed import all_true, barrier, cpu_threads, setup_distributed
 from ssageo.train.sampler import HardNegativeSampler, similarity_neighbours
 from ssageo.train.state import find_checkpoint, load_checkpoint, save_checkpoint, seed_everything
 
@@ -204,6 +204,10 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
     dist_info = setup_distributed(t["device"])
     main, device = dist_info.is_main, dist_info.device
     log = (lambda msg: tqdm.write(f"[train] {msg}")) if main else (lambda msg: None)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(t.get("threads", "auto"), int(d["workers"]),
+                                          dist_info.world_size))
+        log(f"CPU: {torch.get_num_threads()} torch thread(s), {d['workers']} loader worker(s)")
     seed_everything(t["seed"])
 
     manifest = load_manifest(d["root"], dataset=d["dataset"], split="train",
