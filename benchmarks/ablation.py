@@ -1,0 +1,270 @@
+"""The SSA ablation on the synthetic benchmark: does the BEV auxiliary loss improve retrieval,
+and how does that depend on the quality of the prior labels?
+
+Fixed benchmark: CVUSA layout, world seed 0, ``--places`` places (80 % train / 20 % val),
+64x64 satellite tiles, 256x64 panoramas, one world per split (same-area, cross-area). The
+worlds are fixed; the seeds vary model initialisation, batch sampling and augmentation.
+
+Arms (equal compute: every run trains the same ``--epochs`` x ``--steps`` steps of 16 pairs):
+
+- ``none``      InfoNCE only (``model.bev.enabled=false``);
+- ``oracle``    SSA with the true prior labels, lambda 1;
+- ``vfm``       SSA with oracle labels corrupted like a VFM (``ssageo.demo.VFM_LIKE``), lambda 1;
+- ``vfm-l0.1``  the same priors, lambda 0.1;
+- ``heavy``     (only with ``--arms``) SSA with heavily corrupted labels, lambda 1.
+
+Each prior variant lives in its own world folder (hard links to the images, its own labels)
+and its mIoU against the truth is recorded. The val split is the reported split, so nothing is
+selected on it: the ``checkpoints/last`` weights are evaluated. Finished runs (``eval.json``)
+are reused; a half-finished run is resumed with ``--resume``, otherwise redone.
+
+    python benchmarks/ablation.py --out /tmp/ablation --jobs 2
+    python benchmarks/ablation.py --out /tmp/abl-smoke --places 100 --epochs 1 --steps 3 --seeds 0
+
+Writes ``OUT/results.json``, ``OUT/ablation.md`` and ``OUT/r1_vs_miou.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import ssageo  # noqa: F401  (before timm)
+from ssageo.demo import VFM_LIKE
+from ssageo.io import atomic_write, atomic_write_text
+
+SPLITS = ("same-area", "cross-area")
+HEAVY = {"erode": 2, "drop": 0.4, "false_positives": 0.8}
+# arm -> (prior variant or None, BEV loss weight or None for no BEV head)
+ARMS = {"none": (None, None), "oracle": ("oracle", 1.0), "vfm": ("vfm", 1.0),
+        "vfm-l0.1": ("vfm", 0.1), "heavy": ("heavy", 1.0)}
+DEFAULT_ARMS = ("none", "oracle", "vfm", "vfm-l0.1")
+CORRUPTIONS = {"oracle": {}, "vfm": VFM_LIKE, "heavy": HEAVY}
+METRICS = ("R@1", "R@5", "R@10", "R@1%", "median_error_m")
+WORLD_SEED = 0
+
+
+def make_worlds(out: Path, places: int, variants: set[str], console: Console) -> dict:
+    """Generate each split's world once and a hard-linked copy per prior variant with its own
+    labels; returns ``{split: {"base": path, variant: {"root", "miou"}}}`` (cached on disk)."""
+    from ssageo.priors.oracle import Corruption, OracleBackend
+    from ssageo.priors.run import list_tiles, run_priors
+    from ssageo.synth import generate
+
+    state_file = out / "worlds.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if state and state.get("places") != places:
+        raise FileExistsError(f"{out}: worlds were made with {state.get('places')} places; "
+                              "use another --out for other sizes")
+    state["places"] = places
+    for split in SPLITS:
+        entry = state.setdefault(split, {})
+        base = out / "worlds" / split / "base"
+        if "base" not in entry:
+            console.print(f"generating the {split} world ({places} places)", highlight=False)
+            generate(base, layout="cvusa", places=places, seed=WORLD_SEED, sat_size=64,
+                     pano_size=(256, 64), split=split, overwrite=True)
+            entry["base"] = str(base)
+            atomic_write_text(state_file, json.dumps(state, indent=1))
+        for variant in sorted(variants - set(entry)):
+            root = out / "worlds" / split / variant
+            if root.exists():
+                shutil.rmtree(root)  # a copy whose labels were never recorded
+            # hard links: the images are shared; run_priors replaces labels by rename
+            shutil.copytree(base, root, copy_function=os.link,
+                            ignore=shutil.ignore_patterns(".*"))
+            backend = OracleBackend(root, Corruption(**CORRUPTIONS[variant]), seed=WORLD_SEED)
+            result = run_priors(list_tiles(root), backend, force=True, progress=False)
+            if not result.ok:
+                raise RuntimeError(f"{root}: prior labels failed, e.g. {result.failed[0]}")
+            entry[variant] = {"root": str(root), "miou": result.statistics["miou"],
+                              "corruption": CORRUPTIONS[variant]}
+            console.print(f"{split} {variant} priors: mIoU {entry[variant]['miou']:.3f}",
+                          highlight=False)
+            atomic_write_text(state_file, json.dumps(state, indent=1))
+    return state
+
+
+def run_overrides(root: str, arm: str, seed: int, epochs: int, steps: int) -> list[str]:
+    """The synth-cpu overrides of one run: one torch thread and no loader worker, so that two
+    runs share the 2 cores; validation only at the end (the loop always validates then)."""
+    _, weight = ARMS[arm]
+    out = [f"data.root={root}", f"train.seed={seed}", f"train.epochs={epochs}",
+           f"train.max_steps_per_epoch={steps}", "data.workers=0", "train.threads=1",
+           f"eval.every={epochs + 1}", f"model.bev.enabled={str(weight is not None).lower()}"]
+    return out + ([f"loss.ssa_weight={weight}"] if weight is not None else [])
+
+
+def worker(run: Path) -> None:
+    """Train (or resume) the run described by ``run/job.json``, then evaluate its last weights
+    (``ssageo.demo._evaluate`` writes ``eval.json``); the training wall time goes to
+    ``timing.json`` (summed over sessions of a resumed run)."""
+    from ssageo.config import load_config
+    from ssageo.demo import _evaluate
+    from ssageo.train import train
+
+    job = json.loads((run / "job.json").read_text())
+    timing_file = run / "timing.json"
+    if not (run / "summary.json").is_file():
+        before = json.loads(timing_file.read_text())["train_wall_s"] if timing_file.is_file() \
+            else 0.0
+        start = time.perf_counter()
+        if job["resume"]:
+            train(None, run, resume=True)
+        else:
+            train(load_config("synth-cpu", job["overrides"]), run)
+        wall = before + time.perf_counter() - start
+        atomic_write_text(timing_file, json.dumps({"train_wall_s": round(wall, 1)}))
+    _evaluate(run, Console(stderr=True))
+
+
+def launch(run: Path, overrides: list[str], resume: bool) -> dict:
+    """Run one training + evaluation in a subprocess (its log in ``run/log.txt``)."""
+    evaluated = run / "eval.json"
+    if not evaluated.is_file():
+        half = (run / "checkpoints" / "last").is_dir() and not (run / "summary.json").is_file()
+        if run.exists() and not (resume and half) and not (run / "summary.json").is_file():
+            shutil.rmtree(run)  # a half-finished run is redone unless --resume
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / "job.json", json.dumps(
+            {"overrides": overrides, "resume": resume and half}, indent=1))
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        with open(run / "log.txt", "a") as log:  # a log, not a result: appended as it goes
+            done = subprocess.run([sys.executable, __file__, "--worker", str(run)], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            raise RuntimeError(f"{run}: run failed (exit {done.returncode}), see {run}/log.txt")
+    metrics = json.loads(evaluated.read_text())
+    metrics.update(json.loads((run / "timing.json").read_text()))
+    return metrics
+
+
+def aggregate(runs: list[dict], arms: list[str], worlds: dict) -> list[dict]:
+    """Mean and sample standard deviation (ddof 1) over seeds per arm and split."""
+    rows = []
+    for split in SPLITS:
+        for arm in arms:
+            group = [r for r in runs if r["arm"] == arm and r["split"] == split]
+            variant = ARMS[arm][0]
+            row = {"arm": arm, "split": split, "seeds": len(group),
+                   "miou": worlds[split][variant]["miou"] if variant else None}
+            for key in (*METRICS, "train_wall_s"):
+                values = np.array([r["metrics"][key] for r in group], dtype=float)
+                row[key] = {"mean": float(values.mean()),
+                            "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    """The ablation table: arm x split, mean +- std over seeds."""
+    lines = [header, "", "| split | arm | prior mIoU | seeds | R@1 | R@5 | R@10 | R@1% | "
+             "median error (m) | train wall (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{r[k]['mean']:.2f} ± {r[k]['std']:.2f}" for k in METRICS[:4]]
+        cells.append(f"{r['median_error_m']['mean']:.0f} ± {r['median_error_m']['std']:.0f}")
+        miou = "-" if r["miou"] is None else f"{r['miou']:.3f}"
+        lines.append(f"| {r['split']} | {r['arm']} | {miou} | {r['seeds']} | "
+                     + " | ".join(cells) + f" | {r['train_wall_s']['mean']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """R@1 (mean +- std) against prior mIoU per split; no-SSA as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for split, colour in zip(SPLITS, ("tab:blue", "tab:orange"), strict=True):
+        for r in (r for r in rows if r["split"] == split):
+            mean, std = r["R@1"]["mean"], r["R@1"]["std"]
+            if r["miou"] is None:
+                ax.axhline(mean, color=colour, linestyle="--", label=f"{split}: no SSA")
+                ax.axhspan(mean - std, mean + std, color=colour, alpha=0.12)
+                continue
+            lam01 = r["arm"].endswith("l0.1")
+            ax.errorbar(r["miou"] + (0.01 if lam01 else 0.0), mean, yerr=std, color=colour,
+                        marker="s" if lam01 else "o", capsize=3, linestyle="none",
+                        label=f"{split}: SSA λ={'0.1' if lam01 else '1'}")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), fontsize=8)
+    ax.set_xlabel("prior mIoU against the truth")
+    ax.set_ylabel("val R@1 (%)")
+    ax.set_title("SSA ablation, synthetic CVUSA-layout worlds")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/ablation"))
+    parser.add_argument("--places", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=50, help="steps (of 16 pairs) per epoch")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
+    parser.add_argument("--jobs", type=int, default=2, help="trainings run at the same time")
+    parser.add_argument("--resume", action="store_true", help="resume half-finished runs")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker)
+    console = Console()
+    started = time.perf_counter()
+    variants = {ARMS[a][0] for a in args.arms} - {None}
+    worlds = make_worlds(args.out, args.places, variants, console)
+    jobs = [(split, arm, seed) for seed in args.seeds for split in SPLITS for arm in args.arms]
+    name = f"e{args.epochs}x{args.steps}"
+
+    def one(job: tuple[str, str, int]) -> dict:
+        split, arm, seed = job
+        variant = ARMS[arm][0]
+        root = worlds[split][variant]["root"] if variant else worlds[split]["base"]
+        run = args.out / "runs" / name / split / arm / f"seed{seed}"
+        metrics = launch(run, run_overrides(root, arm, seed, args.epochs, args.steps),
+                         args.resume)
+        bar.advance(task)
+        console.print(f"{split:10s} {arm:9s} seed {seed}: R@1 {metrics['R@1']:.2f} "
+                      f"R@5 {metrics['R@5']:.2f} ({metrics['train_wall_s']:.0f} s)",
+                      highlight=False)
+        return {"split": split, "arm": arm, "seed": seed, "run": str(run), "metrics": metrics}
+
+    columns = (TextColumn("runs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("runs", total=len(jobs))
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            runs = list(pool.map(one, jobs))
+    rows = aggregate(runs, args.arms, worlds)
+    settings = {"places": args.places, "epochs": args.epochs, "steps_per_epoch": args.steps,
+                "batch_size": 16, "seeds": args.seeds, "arms": args.arms, "jobs": args.jobs,
+                "world_seed": WORLD_SEED, "wall_s": round(time.perf_counter() - started, 1),
+                "load_average": os.getloadavg()}
+    atomic_write_text(args.out / "results.json", json.dumps(
+        {"settings": settings, "worlds": worlds, "runs": runs, "aggregate": rows}, indent=1))
+    header = (f"{args.places} places (80 % train / 20 % val), {args.epochs} x {args.steps} "
+              f"steps of 16 pairs, seeds {args.seeds}; mean ± std (ddof 1) over seeds")
+    table = markdown(rows, header)
+    atomic_write_text(args.out / "ablation.md", table)
+    plot(rows, args.out / "r1_vs_miou.png")
+    console.print(table, highlight=False)
+    console.print(f"wrote {args.out}/results.json, ablation.md, r1_vs_miou.png "
+                  f"({settings['wall_s']:.0f} s)", highlight=False)
+
+
+if __name__ == "__main__":
+    main()
