@@ -7,7 +7,7 @@ Stages, each reused when a rerun finds it finished in the same output folder:
                   (``ssageo.priors``), with their mIoU against the truth;
 3. ``runs/ssa``   SSA training (InfoNCE + BEV loss) and ``runs/baseline`` (InfoNCE only), same
                   seed, same number of steps;
-4. evaluation     both best checkpoints on the held-out ``val`` split (``eval.json`` per run);
+4. evaluation     both final checkpoints on the held-out ``val`` split (``eval.json`` per run);
 5. ``report.html`` the visual report of the SSA run compared with the baseline.
 
 Sizes and epochs come from the budget: the per-step cost of both models is measured on this
@@ -54,8 +54,10 @@ def _step_seconds(config: dict, steps: int = 3) -> float:
     """Median wall time of one optimisation step of ``config``'s model on random inputs."""
     from ssageo.model import build_model
     from ssageo.model.losses import ssa_loss
+    from ssageo.train.distributed import cpu_threads
 
     d, t = config["data"], config["train"]
+    torch.set_num_threads(cpu_threads(t["threads"], int(d["workers"])))  # as training will
     torch.manual_seed(0)
     model = build_model(config["model"], d["reference_size"], d["query_size"]).train()
     if t["channels_last"]:
@@ -78,19 +80,20 @@ def _step_seconds(config: dict, steps: int = 3) -> float:
 
 def plan_budget(budget_minutes: float, seed: int, root: Path) -> Plan:
     """Choose world size and epochs so that the whole demo fits ``budget_minutes``."""
-    if budget_minutes < 3:
-        raise ConfigError(f"--budget-minutes {budget_minutes}: the demo needs at least 3 minutes")
-    places = int(min(4000, max(200, 40 * budget_minutes)))
+    if budget_minutes < 1:
+        raise ConfigError(f"--budget-minutes {budget_minutes}: the demo needs at least 1 minute")
+    places = int(min(4000, max(200, 100 * budget_minutes)))
     cost = {name: _step_seconds(load_config("synth-cpu", _overrides(root, seed, bev)))
             for name, bev in (("ssa", True), ("baseline", False))}
     base = load_config("synth-cpu")
     batch = base["train"]["batch_size"]
     train_places = int(places * 0.8)
     steps_per_epoch = train_places // batch
-    # Everything but the optimisation steps (world, priors, data loading, validation,
-    # similarity neighbours, report) measured at about 45 % of the training time on 2 cores.
+    # Measured with a 10-minute budget (benchmarks/RESULTS.md, bench_demo): world, priors,
+    # evaluation and report took about 60 s + 30 ms per place; validation, similarity
+    # neighbours and data loading add about 15 % to the optimisation steps.
     seconds = budget_minutes * 60 - 60 - places * 0.03
-    per_epoch = steps_per_epoch * (cost["ssa"] + cost["baseline"]) * 1.45
+    per_epoch = steps_per_epoch * (cost["ssa"] + cost["baseline"]) * 1.15
     epochs = max(1, math.floor(seconds / per_epoch))
     return Plan(places=places, epochs=epochs, eval_every=max(1, math.ceil(epochs / 3)),
                 similarity_every=max(1, math.ceil(epochs / 3)), seconds_per_step=cost)
@@ -187,7 +190,7 @@ def run_demo(out: Path, budget_minutes: float = 10.0, seed: int = 0,
 
 
 def _evaluate(run: Path, console: Console) -> dict:
-    """Held-out metrics of a run's best checkpoint (cached in ``eval.json``) + training time."""
+    """Held-out metrics of a run's final checkpoint (cached in ``eval.json``) + training time."""
     from ssageo.data import load_manifest
     from ssageo.evaluate.embed import evaluate_model
     from ssageo.model import load_model
@@ -196,7 +199,8 @@ def _evaluate(run: Path, console: Console) -> dict:
     if cached.is_file():
         return json.loads(cached.read_text())
     summary = json.loads((run / "summary.json").read_text())
-    checkpoint = summary.get("best_checkpoint") or summary["last_checkpoint"]
+    # The final weights: the val split is the one reported, so nothing is selected on it.
+    checkpoint = summary["last_checkpoint"]
     model, config = load_model(checkpoint)
     manifest = load_manifest(config["data"]["root"], split="val")
     console.print(f"evaluating {checkpoint} on the val split", highlight=False)

@@ -393,12 +393,11 @@ class BEVHead(nn.Module):
     """Trunk features of the panorama (B,C,H,W) -> BEV logits (B,K,8N,8N) on the tile's grid.
 
     ``lean`` selects the memory-lean projection and decoder (benchmarks/RESULTS.md); it does
-    not change the maths. ``recompute_decoder`` is accepted and ignored: the lean decoder
-    always recomputes (the option existed before; configurations may still pass it).
+    not change the maths.
     """
 
     def __init__(self, channels: int, depth_bins: int, grid_size: int, classes: int,
-                 lean: bool = True, recompute_decoder: bool = False) -> None:
+                 lean: bool = True) -> None:
         super().__init__()
         self.grid_size = grid_size
         self.projection = PolarProjection(channels, depth_bins, lean=lean)

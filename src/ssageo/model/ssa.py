@@ -53,7 +53,6 @@ class SSAModel(nn.Module):
             self.bev = BEVHead(
                 self.encoder("query").trunk_channels, int(bev["depth_bins"]),
                 int(bev["grid_size"]), int(bev["classes"]), lean=bool(bev.get("lean", True)),
-                recompute_decoder=bool(bev.get("recompute_decoder", False)),
             )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
 

@@ -1,0 +1,51 @@
+"""``ssageo demo`` end to end as a user runs it: a real process, the smallest budget, then a rerun
+that reuses every finished stage, and a rerun with other settings that is refused."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _demo(out, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, COLUMNS="200")  # rich: one table row per line
+    return subprocess.run([sys.executable, "-m", "ssageo", "demo", "--out", str(out), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_prints_the_table_and_reuses_stages_on_rerun(tmp_path):
+    out = tmp_path / "demo"
+    first = _demo(out, "--budget-minutes", "1", "--seed", "3")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    state = json.loads((out / "demo.json").read_text())
+    assert state["done"] == ["world", "priors", "ssa", "baseline"]
+    assert 0.3 < state["prior_miou"] < 0.95  # corrupted oracle: imperfect, far from empty
+
+    # The table shows the numbers of this run's own evaluation files.
+    for label, run in (("SSA", "ssa"), ("no-SSA baseline", "baseline")):
+        evaluated = json.loads((out / "runs" / run / "eval.json").read_text())
+        assert evaluated == state["results"][label]
+        row = next(line for line in first.stdout.splitlines()
+                   if line.strip("│┃ ").startswith(label + " "))
+        assert f"{evaluated['R@1']:.2f}" in row and f"{evaluated['R@5']:.2f}" in row
+        assert str(evaluated["steps"]) in row
+        assert evaluated["steps"] > 0
+    report = out / "report.html"
+    assert report.is_file() and str(report) in first.stdout.replace("\n", "")
+    html = report.read_text()
+    assert "<th>ssa</th>" in html and "<th>baseline</th>" in html  # the two runs side by side
+
+    second = _demo(out, "--budget-minutes", "1", "--seed", "3")
+    assert second.returncode == 0, second.stderr[-3000:]
+    for stage in ("synthetic world", "oracle priors", "training: SSA", "training: no-SSA"):
+        line = next(line for line in second.stdout.splitlines() if stage in line)
+        assert "(reused)" in line
+    assert "epoch 1/" not in second.stdout + second.stderr  # nothing was trained again
+    assert json.loads((out / "demo.json").read_text())["results"] == state["results"]
+
+    other = _demo(out, "--budget-minutes", "1", "--seed", "4")
+    assert other.returncode == 2
+    assert "seed 3" in other.stderr and str(out) in other.stderr.replace("\n", "")
