@@ -80,3 +80,16 @@ def test_dataloader_batches(manifest):
     assert batch["query"].shape == (4, 3, *cfg["query_size"])
     assert batch["prior"].shape == (4, *cfg["reference_size"])
     assert np.array_equal(batch["index"].numpy(), np.arange(4))
+
+
+def test_seeded_augmentation_depends_only_on_seed_epoch_and_index(manifest):
+    cfg = _cfg(flip=0.5, rotate=0.75, photometric=True)
+    a, b = (PairDataset(manifest, cfg, train=True, seed=7) for _ in range(2))
+    for _ in range(3):
+        b[5]  # draws made before must not matter
+    same = [torch.equal(a[i]["query"], b[i]["query"]) for i in range(8)]
+    assert all(same)
+    b.epoch = 1  # another epoch: other flips/rotations/noise for most samples
+    assert sum(not torch.equal(a[i]["query"], b[i]["query"]) for i in range(8)) >= 6
+    other = PairDataset(manifest, cfg, train=True, seed=8)
+    assert sum(not torch.equal(a[i]["reference"], other[i]["reference"]) for i in range(8)) >= 6

@@ -46,11 +46,17 @@ class PairDataset(Dataset):
     probabilities, ``photometric`` bool), used when ``train`` is True. A sample is
     ``{"query": (3, Hq, Wq) float32, "reference": (3, Hr, Wr) float32, "index": int}`` plus
     ``"prior": (Hp, Wp) int64`` 0/1 class map when every reference has a prior label.
+
+    Augmentation randomness: with ``seed``, sample ``index`` of epoch ``self.epoch`` (set it
+    before each epoch) is augmented by a generator of ``(seed, epoch, index)`` alone, the same in
+    any worker and after a resume; without it, by torch's per-worker seed and a draw counter.
     """
 
     def __init__(self, manifest: Manifest, data_cfg: dict, train: bool,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 seed: int | None = None):
         self.manifest = manifest
+        self.seed, self.epoch = seed, 0
         self.train = train
         self.mean, self.std = tuple(mean), tuple(std)
         self.query_size = _size(data_cfg, "query_size")
@@ -77,6 +83,8 @@ class PairDataset(Dataset):
         return self.manifest.num_queries
 
     def _rng(self, index: int) -> np.random.Generator:
+        if self.seed is not None:
+            return np.random.default_rng([self.seed, self.epoch, index])
         self._draws += 1
         return np.random.default_rng([torch.initial_seed() % 2**63, index, self._draws])
 

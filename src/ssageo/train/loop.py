@@ -74,21 +74,6 @@ def check_run_dir(out: Path, resume: bool, need_bytes: int) -> None:
         )
 
 
-class SeededPairs(PairDataset):
-    """Training pairs whose augmentation depends only on ``(seed, epoch, index)``.
-
-    Each place is drawn at most once per epoch, so this gives every sample its own stream,
-    independent of worker count and of where in the epoch a resumed run starts.
-    """
-
-    def __init__(self, *args, seed: int, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.seed, self.epoch = seed, 0
-
-    def _rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, index])
-
-
 class MetricsLog:
     """``metrics.jsonl`` kept consistent with the last checkpoint: records are buffered and the
     file is rewritten atomically at each checkpoint, so a crash never leaves records of steps
@@ -243,7 +228,9 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
     metrics = MetricsLog(out / METRICS_FILE, progress["step"] if resume else None, main)
     net = DistributedDataParallel(model) if dist_info.world_size > 1 else model
     norm = model.data_config()
-    dataset = SeededPairs(manifest, d, True, norm["mean"], norm["std"], seed=t["seed"])
+    # Augmentation depends only on (seed, epoch, index): each place is drawn at most once per
+    # epoch, so this is independent of worker count and of where a resumed run starts.
+    dataset = PairDataset(manifest, d, True, norm["mean"], norm["std"], seed=t["seed"])
     steps_per_epoch = min(len(np.unique(manifest.positive)) // t["batch_size"],
                           t["max_steps_per_epoch"] or math.inf)
     total_steps = t["epochs"] * steps_per_epoch
