@@ -37,6 +37,10 @@ def test_demo_runs_every_stage_prints_the_table_and_reuses_stages_on_rerun(tmp_p
     assert report.is_file() and str(report) in first.stdout.replace("\n", "")
     html = report.read_text()
     assert "<th>ssa</th>" in html and "<th>baseline</th>" in html  # the two runs side by side
+    for run in ("ssa", "baseline"):  # the report shows the final weights the table reports
+        evaluated = json.loads((out / "runs" / run / "eval.json").read_text())
+        assert f"{evaluated['R@1']:.2f}" in html
+        assert f"runs/{run}/checkpoints/last" in html
 
     second = _demo(out, "--budget-minutes", "1", "--seed", "3")
     assert second.returncode == 0, second.stderr[-3000:]

@@ -179,6 +179,7 @@ def run_demo(out: Path, budget_minutes: float = 10.0, seed: int = 0,
     from ssageo.report import build_report
 
     report = build_report(runs["SSA"], out=out / "report.html", compare=runs["no-SSA baseline"],
+                          checkpoint="last",
                           progress=lambda msg: console.print(f"report: {msg}", highlight=False))
     state["wall_seconds_this_session"] = round(time.perf_counter() - started, 1)
     state["results"] = results

@@ -24,6 +24,9 @@ def report(
     ),
     places: int = typer.Option(100, "--places", min=2, help="Held-out places to embed."),
     examples: int = typer.Option(6, "--examples", min=1, help="Rows per example figure."),
+    checkpoint: str = typer.Option(
+        "best", "--checkpoint", help="best (best validation epoch, else last) or last."
+    ),
 ) -> None:
     """Write a self-contained HTML report of a training run (opens offline in any browser)."""
     from ssageo.report import build_report
@@ -31,7 +34,7 @@ def report(
     console = Console(stderr=True)
     with console.status("building the report") as status:
         path = build_report(run_dir, out=out, compare=compare, data_root=data,
-                            max_examples=examples, max_places=places,
+                            max_examples=examples, max_places=places, checkpoint=checkpoint,
                             progress=lambda message: status.update(f"report: {message}"))
     Console().print(f"report written: [bold]{path}[/bold]")
 

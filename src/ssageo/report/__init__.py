@@ -150,13 +150,15 @@ def _meta(run: Run, found: Retrieval, log: RunLog, summary: dict) -> list[tuple[
 
 def build_report(run_dir: str | Path, out: str | Path | None = None,
                  compare: str | Path | None = None, data_root: str | Path | None = None,
-                 max_examples: int = 6, max_places: int = 100, progress=None) -> Path:
+                 max_examples: int = 6, max_places: int = 100, progress=None,
+                 checkpoint: str = "best") -> Path:
     """Write the HTML report of a training run; returns its path.
 
     ``out`` defaults to ``RUN_DIR/report.html``; ``compare`` adds another run's curves,
     metrics and errors beside this one's; ``data_root`` overrides the runs' ``data.root``.
     At most ``max_places`` held-out places are embedded and ``max_examples`` rows drawn per
-    figure. ``progress(message)``, when given, is called before each stage.
+    figure. ``progress(message)``, when given, is called before each stage. ``checkpoint``
+    "best" shows each run's best validation checkpoint (else its last), "last" its final one.
     """
     say = progress or (lambda message: None)
     started = time.perf_counter()
@@ -168,7 +170,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None,
     logs = {label: read_run_log(d) for label, d in zip(labels, dirs, strict=True)}
     summaries = {label: read_summary(d) for label, d in zip(labels, dirs, strict=True)}
     say("loading checkpoints")
-    runs = {label: load_run(d) for label, d in zip(labels, dirs, strict=True)}
+    runs = {label: load_run(d, checkpoint) for label, d in zip(labels, dirs, strict=True)}
     say("embedding held-out places")
     found = {}
     for label, run in runs.items():
@@ -178,7 +180,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None,
 
     metrics = {}
     for label in labels:
-        values = dict(final_metrics(logs[label], summaries[label]))
+        values = dict(final_metrics(logs[label], summaries[label], checkpoint))
         seconds = summaries[label].get("train_seconds_this_session")
         if seconds is not None:
             values["train_time_s"] = seconds
@@ -188,8 +190,10 @@ def build_report(run_dir: str | Path, out: str | Path | None = None,
             html.definition_list(_meta(runs[lb], found[lb], logs[lb], summaries[lb]))
             for lb in labels)),
         html.Section("Metrics", html.metrics_table(metrics),
-                     "Held-out evaluation recorded by training (the best validation epoch, "
-                     "else the last evaluation); recalls in %."),
+                     "Held-out evaluation recorded by training ("
+                     + ("the best validation epoch, else the last evaluation"
+                        if checkpoint == "best" else "the last evaluation")
+                     + "); recalls in %."),
     ]
     say("drawing training curves")
     sections.append(html.Section("Training curves", html.image(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssageo.config import get, load_config
+from ssageo.config import ConfigError, get, load_config
 from ssageo.io import DataError
 
 CHECKPOINTS = ("best", "last")  # the best validation checkpoint when there is one
@@ -32,14 +32,18 @@ class Run:
     checkpoint: Path
 
 
-def load_run(run_dir: Path) -> Run:
-    """Read ``RUN_DIR/config.yaml`` and load ``checkpoints/best`` (or ``last``) in eval mode."""
+def load_run(run_dir: Path, checkpoint: str = "best") -> Run:
+    """Read ``RUN_DIR/config.yaml`` and load a checkpoint in eval mode: ``checkpoint="best"``
+    takes ``checkpoints/best`` (else ``last``), ``"last"`` takes ``checkpoints/last``."""
     from ssageo.model import load_model
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise DataError(f"{run_dir / 'config.yaml'}: not found (is {run_dir} a training run?)")
-    for name in CHECKPOINTS:
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, "
+                          f"got {checkpoint!r}")
+    for name in CHECKPOINTS[CHECKPOINTS.index(checkpoint):]:
         folder = run_dir / "checkpoints" / name
         if (folder / "model.safetensors").is_file():
             model, _ = load_model(folder)

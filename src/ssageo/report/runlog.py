@@ -126,11 +126,12 @@ def epoch_rows(log: RunLog) -> list[dict[str, Any]]:
     return [rows[e] for e in sorted(rows)]
 
 
-def final_metrics(log: RunLog, summary: dict) -> dict[str, float]:
+def final_metrics(log: RunLog, summary: dict, checkpoint: str = "best") -> dict[str, float]:
     """The run's headline metrics: those of the evaluation at ``summary["best_epoch"]`` (the
-    epoch of ``checkpoints/best``), else of the last evaluation, with its ``epoch``; ``{}``
-    without evaluations."""
-    best = [r for r in log.evals if r.get("epoch") == summary.get("best_epoch")]
+    epoch of ``checkpoints/best``; with ``checkpoint="last"``, or without one, of the last
+    evaluation), with its ``epoch``; ``{}`` without evaluations."""
+    best = [r for r in log.evals
+            if checkpoint == "best" and r.get("epoch") == summary.get("best_epoch")]
     chosen = best[-1] if best else (log.evals[-1] if log.evals else {})
     keys = (*EVAL_KEYS, "epoch")
     return {k: chosen[k] for k in keys if isinstance(chosen.get(k), (int, float))}
