@@ -108,10 +108,10 @@ def run_overrides(root: str, arm: str, seed: int, epochs: int, steps: int) -> li
 
 def worker(run: Path) -> None:
     """Train (or resume) the run described by ``run/job.json``, then evaluate its last weights
-    (``ssageo.demo._evaluate`` writes ``eval.json``); the training wall time goes to
+    (``ssageo.demo.evaluate_run`` writes ``eval.json``); the training wall time goes to
     ``timing.json`` (summed over sessions of a resumed run)."""
     from ssageo.config import load_config
-    from ssageo.demo import _evaluate
+    from ssageo.demo import evaluate_run
     from ssageo.train import train
 
     job = json.loads((run / "job.json").read_text())
@@ -126,7 +126,7 @@ def worker(run: Path) -> None:
             train(load_config("synth-cpu", job["overrides"]), run)
         wall = before + time.perf_counter() - start
         atomic_write_text(timing_file, json.dumps({"train_wall_s": round(wall, 1)}))
-    _evaluate(run, Console(stderr=True))
+    evaluate_run(run, Console(stderr=True))
 
 
 def launch(run: Path, overrides: list[str], resume: bool) -> dict:

@@ -174,7 +174,7 @@ def run_demo(out: Path, budget_minutes: float = 10.0, seed: int = 0,
             train(None if resume else config, run, resume=resume)
             finish(run.name)
 
-    results = {label: _evaluate(run, console) for label, run in runs.items()}
+    results = {label: evaluate_run(run, console) for label, run in runs.items()}
     console.rule("[bold]report")
     from ssageo.report import build_report
 
@@ -191,7 +191,7 @@ def run_demo(out: Path, budget_minutes: float = 10.0, seed: int = 0,
     return state
 
 
-def _evaluate(run: Path, console: Console) -> dict:
+def evaluate_run(run: Path, console: Console) -> dict:
     """Held-out metrics of a run's final checkpoint (cached in ``eval.json``) + training time."""
     from ssageo.data import load_manifest
     from ssageo.evaluate.embed import evaluate_model
