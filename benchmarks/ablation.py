@@ -212,7 +212,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("/tmp/ablation"))
+    parser.add_argument("--out", type=Path, required=True,
+                        help="study folder (reused: finished runs are kept)")
     parser.add_argument("--places", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--steps", type=int, default=50, help="steps (of 16 pairs) per epoch")

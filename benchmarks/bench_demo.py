@@ -4,7 +4,7 @@ Runs the demo as a user does (``python -m ssageo demo``, a real process) into a 
 times it, and prints the wall time, its ratio to the budget (target <= 1.10) and the final
 table read back from ``OUT/demo.json``, as a Markdown block for ``benchmarks/RESULTS.md``.
 
-    python benchmarks/bench_demo.py [--budget-minutes 10] [--seed 0] [--out /tmp/bench-demo]
+    python benchmarks/bench_demo.py [--budget-minutes 10] [--seed 0] [--out DIR]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +28,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/bench-demo"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="demo folder, emptied first [default: a new temporary folder]")
     args = parser.parse_args()
+    args.out = args.out or Path(tempfile.mkdtemp(prefix="bench-demo-")) / "demo"
     if args.out.exists():
         shutil.rmtree(args.out)  # a fresh run: reused stages would not be timed
     load_before = os.getloadavg()

@@ -30,6 +30,10 @@ def naive_polar_projection(
     return (logits.softmax(dim=3) * features.unsqueeze(2)).sum(dim=3)
 
 
+_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
+    torch.ops.mkldnn, "_linear_pointwise")
+
+
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` (2-d); float32 CPU products go through oneDNN where PyTorch has it.
 
@@ -41,10 +45,6 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             and _HAS_ONEDNN_LINEAR):
         return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
     return torch.mm(a, b)
-
-
-_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
-    torch.ops.mkldnn, "_linear_pointwise")
 
 
 class _LeanPolar(torch.autograd.Function):

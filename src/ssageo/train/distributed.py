@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ssageo.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -62,8 +64,6 @@ def cpu_threads(setting: int | str, workers: int, world_size: int = 1) -> int:
         except (TypeError, ValueError):
             threads = 0
         if threads < 1:
-            from ssageo.config import ConfigError
-
             raise ConfigError(f"train.threads must be 'auto' or a positive number, got {setting!r}")
         return threads
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
