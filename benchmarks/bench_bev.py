@@ -11,6 +11,10 @@ Time: one subprocess builds every variant (same weights) and runs them interleav
 warm-up round then ``--repeats`` rounds, so machine load hits all variants alike; it prints
 the median forward+backward time. "lean, BLAS matmuls" is the lean head with the projection's
 products on torch.mm instead of oneDNN, to show what the kernel choice contributes.
+"lean + malloc_trim" is an experiment, not the package's code: the lean head with glibc's
+``malloc_trim(0)`` called at its stage boundaries (before each full-resolution decoder part,
+before the full-resolution lean layers' backward steps and before the projection's backward
+pass), to measure what handing the heap's freed blocks back to the system costs in time.
 
     python benchmarks/bench_bev.py                       # the paper's configuration
     python benchmarks/bench_bev.py --threads 1
@@ -21,6 +25,8 @@ products on torch.mm instead of oneDNN, to show what the kernel choice contribut
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import resource
@@ -30,8 +36,9 @@ import sys
 import time
 
 PINNED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-MEMORY_VARIANTS = ["straightforward", "lean"]
-TIME_VARIANTS = ["straightforward", "lean", "lean, BLAS matmuls"]
+TRIM = "lean + malloc_trim"
+MEMORY_VARIANTS = ["straightforward", "lean", TRIM]
+TIME_VARIANTS = ["straightforward", "lean", "lean, BLAS matmuls", TRIM]
 
 
 def _rss_mb() -> float:
@@ -73,6 +80,40 @@ def _build(args: argparse.Namespace, variant: str):
     return head, features
 
 
+@contextlib.contextmanager
+def _trimming(enabled: bool):
+    """The lean head with ``malloc_trim(0)`` at its stage boundaries (the TRIM experiment)."""
+    from ssageo.model import bev, decoder
+
+    if not enabled:
+        yield
+        return
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+
+    def before(original, full_resolution_only):
+        def run(first, *args):  # first: the module, or the autograd context; args[0]: input
+            pixels = args[0].shape[0] * args[0].shape[-2] * args[0].shape[-1]
+            if not full_resolution_only or pixels >= 1 << 17:
+                trim(0)
+            return original(first, *args)
+        return run
+
+    patches = [  # class, function, static, only at full resolution (>= 2^17 pixels)
+        (decoder.BEVDecoder, "_lean_top", False, False),
+        (bev._LeanPolar, "backward", True, False),
+        (decoder._NormReLUConv, "backward", True, True),
+    ]
+    originals = [(cls, name, cls.__dict__[name]) for cls, name, _, _ in patches]
+    try:
+        for cls, name, static, full_resolution_only in patches:
+            wrapped = before(getattr(cls, name), full_resolution_only)
+            setattr(cls, name, staticmethod(wrapped) if static else wrapped)
+        yield
+    finally:
+        for cls, name, original in originals:
+            setattr(cls, name, original)
+
+
 def _pass(head, features, variant: str) -> float:
     """Forward + backward; returns seconds."""
     from ssageo.model import bev
@@ -82,10 +123,11 @@ def _pass(head, features, variant: str) -> float:
     onednn = bev._HAS_ONEDNN_LINEAR
     bev._HAS_ONEDNN_LINEAR = onednn and variant != "lean, BLAS matmuls"
     try:
-        start = time.perf_counter()
-        logits = head(features)
-        logits.float().mean().backward()
-        seconds = time.perf_counter() - start
+        with _trimming(variant == TRIM):
+            start = time.perf_counter()
+            logits = head(features)
+            logits.float().mean().backward()
+            seconds = time.perf_counter() - start
     finally:
         bev._HAS_ONEDNN_LINEAR = onednn
     del logits
@@ -119,9 +161,10 @@ def _run_child(args: argparse.Namespace, extra: list[str], env: dict | None = No
         if k not in ("child_memory", "child_time", "projection_only")]
     if args.projection_only:
         cmd.append("--projection-only")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if done.returncode:
+        sys.exit(f"bench_bev: the child {' '.join(extra)} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -159,9 +202,10 @@ def main() -> None:
     for label, env in (("glibc default malloc", None), ("mmap threshold 1 MiB", PINNED)):
         growth = {v: _run_child(args, ["--child-memory", v], env)["growth_mb"]
                   for v in MEMORY_VARIANTS}
-        print(f"  {label:>21}: straightforward {growth['straightforward']:6.0f}  "
-              f"lean {growth['lean']:6.0f}  "
-              f"ratio {growth['lean'] / growth['straightforward']:.3f}")
+        base = growth["straightforward"]
+        print(f"  {label:>21}: straightforward {base:6.0f}  "
+              + "  ".join(f"{v} {growth[v]:6.0f} (ratio {growth[v] / base:.3f})"
+                          for v in MEMORY_VARIANTS[1:]))
     times = _run_child(args, ["--child-time"])
     base = statistics.median(times["straightforward"])
     print(f"time, median of {args.repeats} interleaved rounds after a warm-up round:")

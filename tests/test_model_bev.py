@@ -10,12 +10,12 @@ import torch
 
 from ssageo.model import bev
 from ssageo.model.bev import (
-    BEVDecoder,
     BEVHead,
     PolarProjection,
     naive_polar_projection,
     polar_to_cartesian,
 )
+from ssageo.model.decoder import BEVDecoder, DoubleConv, UpStage
 
 
 @pytest.mark.parametrize("chunk_elements", [1, 700, 1 << 22])  # 1 channel .. all at once
@@ -103,10 +103,10 @@ def test_lean_decoder_matches_the_plain_one_in_float32():
 
 def test_lean_decoder_functions_pass_gradcheck_in_float64():
     torch.manual_seed(0)
-    stage = bev.UpStage(8).double()
+    stage = UpStage(8).double()
     x = torch.randn(1, 8, 3, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(stage.lean, (x,))
-    refine = bev.DoubleConv(4, 4).double()
+    refine = DoubleConv(4, 4).double()
     classifier = torch.nn.Conv2d(4, 2, 1).double()
     c1 = torch.randn(1, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: refine.lean(t, classifier), (c1,))
