@@ -2,6 +2,7 @@
 
     python benchmarks/bench_data.py                      # 200 places, 256 px tiles, 512x128 panos
     python benchmarks/bench_data.py --root WORLD         # an existing `ssageo synth` CVUSA world
+    python benchmarks/bench_data.py --photometric        # with the real-data presets' colour ops
 
 A CVUSA-layout world is generated at the `ssageo synth` default image sizes (256x256 tiles,
 512x128 panoramas), then each configuration loads the whole training split (repeated to
@@ -96,7 +97,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=5, help="timed training steps")
+    ap.add_argument("--photometric", action="store_true",
+                    help="add the photometric augmentations (on in the real-data presets, off in "
+                         "synth-cpu)")
     args = ap.parse_args()
+    overrides = ["data.augment.photometric=true"] if args.photometric else []
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root
@@ -109,9 +114,11 @@ def main() -> None:
             print(f"generated {args.places} places (256 px tiles, 512x128 panoramas) in "
                   f"{time.perf_counter() - t0:.1f} s")
         manifest = load_manifest(root, split="train")
-        cfg = load_config()["data"]
+        full = load_config("synth-cpu", overrides)
+        cfg = full["data"]
         print(f"train split: {manifest.num_queries} pairs -> query {cfg['query_size']}, "
               f"reference {cfg['reference_size']}, prior {'yes' if manifest.has_priors else 'no'}"
+              f", photometric {'on' if cfg['augment']['photometric'] else 'off'}"
               f"; {args.samples} samples, batch {args.batch}, torch threads 1")
         runs = [
             ("decode only (baseline), main process", _DecodeOnly(manifest), 0),
@@ -125,7 +132,6 @@ def main() -> None:
             base = base or r
             print(f"{name:40s} {r:8.1f} samples/s   x{r / base:.2f}")
         batch = next(iter(DataLoader(runs[-1][1], batch_size=args.batch)))
-        full = load_config()
         torch.set_num_threads(2)
         consumed = train_step_rate(full, batch, args.steps)
         print(f"{'training step (synth-cpu model, 2 threads)':40s} {consumed:8.1f} pairs/s     "
