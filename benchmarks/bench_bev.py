@@ -29,39 +29,18 @@ import contextlib
 import ctypes
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
+import peak_rss
+from peak_rss import MB
+
 PINNED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 TRIM = "lean + malloc_trim"
 MEMORY_VARIANTS = ["straightforward", "lean", TRIM]
 TIME_VARIANTS = ["straightforward", "lean", "lean, BLAS matmuls", TRIM]
-
-
-def _rss_mb() -> float:
-    """Current resident set size of this process (MB), from /proc."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _peak_mb() -> float:
-    """Peak RSS (MB) since the last _reset_peak (since start where that is not possible)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-    except OSError:
-        pass  # then the peak counts from the start of the process
 
 
 def _build(args: argparse.Namespace, variant: str):
@@ -136,11 +115,10 @@ def _pass(head, features, variant: str) -> float:
 
 def child_memory(args: argparse.Namespace) -> dict:
     head, features = _build(args, args.child_memory)
-    _reset_peak()
-    base = _rss_mb()
+    base = peak_rss.reset_peak()
     for _ in range(2):
         _pass(head, features, args.child_memory)
-    return {"base_mb": base, "growth_mb": _peak_mb() - base}
+    return {"base_mb": base / MB, "growth_mb": (peak_rss.peak() - base) / MB}
 
 
 def child_time(args: argparse.Namespace) -> dict:

@@ -18,25 +18,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import peak_rss
 import torch
+from peak_rss import MB
 
 from ssageo.evaluate.metrics import rank_queries, retrieval_metrics
 from ssageo.io import atomic_write_text
-
-MB = 1024**2
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak() -> int:
-    """Reset the peak RSS to the current RSS; returns the current RSS in bytes."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status("VmRSS:")
 
 
 def unit_rows_(x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
@@ -107,19 +94,19 @@ def main() -> None:
     )
 
     bare_matmul(query[: args.block_size], reference, args.block_size)  # warm-up
-    rss = reset_peak()
+    rss = peak_rss.reset_peak()
     with Timer() as mm:
         bare_matmul(query, reference, args.block_size)
-    mm_peak = (_status("VmHWM:") - rss) / MB
+    mm_peak = (peak_rss.peak() - rss) / MB
     print(
         f"bare blockwise matmul:   wall {mm.wall:7.1f} s ({flops / mm.wall / 1e9:6.1f} GFLOP/s)"
         f", CPU {mm.cpu:7.1f} s, peak +{mm_peak:,.0f} MB"
     )
 
-    rss = reset_peak()
+    rss = peak_rss.reset_peak()
     with Timer() as run:
         metrics = retrieval_metrics(query, reference, positive, block_size=args.block_size)
-    peak = (_status("VmHWM:") - rss) / MB
+    peak = (peak_rss.peak() - rss) / MB
     print(
         f"exact retrieval_metrics: wall {run.wall:7.1f} s ({flops / run.wall / 1e9:6.1f} GFLOP/s)"
         f", CPU {run.cpu:7.1f} s, peak +{peak:,.0f} MB beyond the descriptors (target <= 2048)"
