@@ -17,13 +17,13 @@ app.add_typer(index_app, name="index")
 
 DATASET_HELP = "auto | cvusa | cvact | vigor"
 SPLIT_HELP = "train | val | test (default: test for VIGOR, val otherwise)"
-DEVICE_HELP = "auto | cpu | cuda[:N] (auto: a GPU when torch sees one)"
+DEVICE_HELP = "auto | cpu | cuda[:N] | mps (auto: a GPU when torch sees one)"
 
 
 def _device(name: str) -> str:
-    from ssageo.priors.langsam import resolve_device
+    from ssageo.device import resolve_device
 
-    return resolve_device(name)
+    return resolve_device(name, "--device")
 
 
 def _manifest(data: Path, dataset: str, split: str | None, vigor_mode: str):
@@ -80,8 +80,10 @@ def evaluate(
     block_size: int = typer.Option(
         4096, min=1, help="Queries scored per block (memory: 4 x this x R B)"
     ),
-    batch_size: int | None = typer.Option(None, help="Images per batch (default eval.batch_size)"),
-    workers: int | None = typer.Option(None, help="Loader processes (default data.workers)"),
+    batch_size: int | None = typer.Option(
+        None, min=1, help="Images per batch (default eval.batch_size)"),
+    workers: int | None = typer.Option(
+        None, min=0, help="Loader processes (default data.workers)"),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics here."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
@@ -89,6 +91,7 @@ def evaluate(
     from ssageo.evaluate.descriptors import load_descriptors
     from ssageo.evaluate.embed import manifest_metrics
 
+    device = _device(device)  # a bad --device fails before any loading
     if descriptors is not None:
         if checkpoint is not None or data is not None:
             raise typer.BadParameter("give either --descriptors or --checkpoint with --data")
@@ -116,8 +119,10 @@ def embed(
     dataset: str = typer.Option("auto", help=DATASET_HELP),
     split: str | None = typer.Option(None, help=SPLIT_HELP),
     vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
-    batch_size: int | None = typer.Option(None, help="Images per batch (default eval.batch_size)"),
-    workers: int | None = typer.Option(None, help="Loader processes (default data.workers)"),
+    batch_size: int | None = typer.Option(
+        None, min=1, help="Images per batch (default eval.batch_size)"),
+    workers: int | None = typer.Option(
+        None, min=0, help="Loader processes (default data.workers)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Save query and reference descriptors with their ground truth to a .npz file."""
@@ -143,8 +148,8 @@ def index_build(
     dataset: str = typer.Option("auto", help=DATASET_HELP),
     split: str | None = typer.Option(None, help=SPLIT_HELP),
     vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
-    batch_size: int = typer.Option(64, help="Tiles per batch."),
-    workers: int = typer.Option(0, help="Loader processes."),
+    batch_size: int = typer.Option(64, min=1, help="Tiles per batch."),
+    workers: int = typer.Option(0, min=0, help="Loader processes."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Embed every satellite tile with its coordinates into one geo index file."""
@@ -153,6 +158,7 @@ def index_build(
 
     if (data is None) == (tiles is None):
         raise typer.BadParameter("give exactly one of --data ROOT or --tiles TILES.csv")
+    device = _device(device)
     if tiles is not None:
         paths, coords = read_tiles_csv(tiles)
         source = str(tiles.resolve())

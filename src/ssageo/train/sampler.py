@@ -18,6 +18,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from ssageo.config import ConfigError
+
 # After this many consecutive places that cannot join the current batch (their tile is already
 # in it), the rest of the epoch cannot form a full batch and the plan ends.
 _MAX_DEFERRED = 1024
@@ -51,7 +53,7 @@ class HardNegativeSampler(torch.utils.data.Sampler):
                 f"number of processes ({world_size})"
             )
         if len(np.unique(keys)) < batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"only {len(np.unique(keys))} distinct training places, fewer than "
                 f"train.batch_size={batch_size}"
             )
