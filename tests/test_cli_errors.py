@@ -124,6 +124,17 @@ def test_a_read_only_output_is_one_line_naming_the_path(mount, capsys):
     assert_one_line(code, err, str(read_only / "world"), "read-only file system")
 
 
+def test_priors_on_read_only_labels_stop_at_the_first_write(synth_world, mount, tmp_path,
+                                                            capsys):
+    world = tmp_path / "world"
+    shutil.copytree(synth_world("cvusa"), world)
+    shutil.rmtree(world / "sat_BEV_label")
+    (world / "sat_BEV_label").symlink_to(mount("size=64k,ro"))
+    code, out, err = run_main(["priors", world, "--backend", "oracle", "--no-progress"], capsys)
+    assert_one_line(code, err, str(world / "sat_BEV_label"), "Read-only file system")
+    assert "mIoU" not in out
+
+
 def test_a_full_disk_is_one_line(mount, capsys):
     full = mount("size=16k")
     with pytest.raises(OSError):  # fill it up
