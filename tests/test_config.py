@@ -96,6 +96,20 @@ def test_a_misspelt_key_in_a_yaml_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"mine.yaml: unknown config key 'train.bacth_size' "
                                           r"\(did you mean 'train.batch_size'\?\)"):
         load_config(f)
+    f.write_text("_base_: synth-cpu\ntrain:\n")
+    with pytest.raises(ConfigError, match="'train' is a section of settings, not None"):
+        load_config(f)
+    with pytest.raises(ConfigError, match=r"^train: is a section of settings.*train.out"):
+        load_config("synth-cpu", ["train=5"])
+    bev = load_config("synth-cpu", ["model.bev={enabled: false}"])["model"]["bev"]
+    assert bev["enabled"] is False and bev["grid_size"] == 8  # the other keys are kept
+    with pytest.raises(ConfigError, match="unknown config key 'model.bev.grid'"):
+        load_config("synth-cpu", ["model.bev={grid: 4}"])
+    classes = {"building": "artificial buildings", "tree": "trees"}  # the user's own names
+    cfg = load_config("priors-langsam", [f"priors.classes={classes}"])
+    assert cfg["priors"]["classes"] == classes
+    f.write_text(f"_base_: priors-langsam\npriors:\n  classes: {classes}\n")
+    assert load_config(f)["priors"]["classes"] == classes
     f.write_text("_base_: synth-cpu\ntrain:\n  batch_size: 0\n")
     with pytest.raises(ConfigError, match="train.batch_size: must be at least 1"):
         load_config(f)

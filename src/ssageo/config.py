@@ -58,12 +58,13 @@ def _read_yaml(source: str | Path) -> tuple[dict, str]:
     return data, origin
 
 
-def merge(base: dict, update: dict) -> dict:
-    """Recursively merge ``update`` into a copy of ``base``."""
+def merge(base: dict, update: dict, prefix: str = "") -> dict:
+    """Recursively merge ``update`` into a copy of ``base`` (``FREE_MAPPINGS`` are replaced)."""
     out = copy.deepcopy(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+        if (isinstance(value, dict) and isinstance(out.get(key), dict)
+                and f"{prefix}{key}" not in FREE_MAPPINGS):
+            out[key] = merge(out[key], value, f"{prefix}{key}.")
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -86,6 +87,10 @@ def _resolve(source: str | Path, seen: set[str]) -> dict:
     return merge(resolved, data)
 
 
+# Mappings whose keys are the user's own names (class -> fusion rule): replaced as a whole.
+FREE_MAPPINGS = ("priors.classes",)
+
+
 def _check_known(data: dict, base: dict, origin: str, prefix: str) -> None:
     """Every key of ``data`` must exist in its ``_base_`` (a new top-level section may be added:
     ``priors`` is one). A misspelt key in a YAML file would otherwise be ignored."""
@@ -98,7 +103,10 @@ def _check_known(data: dict, base: dict, origin: str, prefix: str) -> None:
                 f"{origin}: unknown config key '{prefix}{key}'"
                 + (f" (did you mean '{prefix}{hint[0]}'?)" if hint else "")
             )
-        if isinstance(value, dict) and isinstance(base[key], dict):
+        if isinstance(base[key], dict) and f"{prefix}{key}" not in FREE_MAPPINGS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{origin}: '{prefix}{key}' is a section of settings, "
+                                  f"not {value!r}")
             _check_known(value, base[key], origin, f"{prefix}{key}.")
 
 
@@ -129,6 +137,14 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
                     + (f" (did you mean '{hint[0]}'?)" if hint else "")
                 )
             if depth == len(parts) - 1:
+                if isinstance(node[part], dict) and key.strip() not in FREE_MAPPINGS:
+                    # a section: its keys are updated, the others kept
+                    if not isinstance(value, dict):
+                        raise ConfigError(
+                            f"{key}: is a section of settings; set one of its keys ("
+                            f"{', '.join(f'{key}.{k}' for k in list(node[part])[:3])}, ...)")
+                    _check_known(value, node[part], f"override {item!r}", f"{key}.")
+                    value = merge(node[part], value, f"{key.strip()}.")
                 node[part] = value
             else:
                 node = node[part]

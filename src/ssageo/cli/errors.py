@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import traceback
+from pathlib import Path
 
 from ssageo.config import ConfigError
 from ssageo.io import DataError
@@ -32,6 +33,9 @@ _ERRNO_TEXT = {
     errno.EMFILE: "too many open files",
     errno.EIO: "input/output error (a failing disk or network drive?)",
 }
+
+# errors about where a file is created rather than about the file itself
+_FOLDER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 # (module, class name, what the line says before the library's own message). Looked up in
 # sys.modules only: an error class from a module that was never imported cannot be the cause.
@@ -70,10 +74,16 @@ def _first_line(exc: BaseException) -> str:
 def describe_os_error(exc: OSError) -> str:
     """``PATH: what is wrong`` for an OSError (the message alone where it names no path)."""
     reason = _ERRNO_TEXT.get(exc.errno) or (exc.strerror or "").lower()
-    if exc.filename is not None and reason:
-        target = f" -> {exc.filename2}" if exc.filename2 is not None else ""
-        return f"{exc.filename}{target}: {reason}"
-    return reason if exc.errno is not None and reason else _first_line(exc)
+    if exc.filename is None or not reason:
+        return reason if exc.errno is not None and reason else _first_line(exc)
+    if exc.filename2 is not None:  # a rename: its target is the path the user gave
+        return f"{exc.filename2}: {reason}"
+    if not isinstance(exc.filename, str | bytes | os.PathLike):  # e.g. a file descriptor
+        return f"{exc.filename}: {reason}"
+    path = Path(os.fsdecode(exc.filename))
+    if path.name.startswith(".") and not path.exists() and exc.errno in _FOLDER_ERRNOS:
+        path = path.parent  # a temporary name (atomic writes) the folder refused
+    return f"{path}: {reason}"
 
 
 def describe(exc: BaseException) -> str | None:
