@@ -65,6 +65,7 @@ START_CASES = [
     (["index", "build", "--checkpoint", "{tmp}", "--out", "{tmp}/i.npz", "--data", "{tmp}",
       "--workers", "-2"], "--workers", "0"),
     (["locate", "{tmp}/p.jpg", "--index", "{tmp}/i.npz", "--device", "tpu"], "--device", "tpu"),
+    (["priors", "{tmp}", "--backend", "oracle", "--threads", "0"], "--threads", "1"),
     (["demo", "--out", "{tmp}/demo", "--budget-minutes", "nan"], "--budget-minutes", "finite"),
     (["demo", "--out", "{tmp}/demo", "--budget-minutes", "inf"], "--budget-minutes", "finite"),
 ]
@@ -89,6 +90,20 @@ def test_a_device_this_machine_lacks_is_refused_before_training(tmp_path, capsys
     code, _, err = run_main(["eval", "--descriptors", tmp_path / "d.npz", "--device", "cuda:99"],
                             capsys)
     assert_one_line(code, err, "--device=cuda:99")
+
+
+@pytest.mark.parametrize(("args", "key"), [
+    (["--device", "tpu"], "--device"),
+    (["--set", "priors.device=tpu"], "priors.device"),
+    (["--set", "priors.box_threshold=2"], "priors.box_threshold"),
+    (["--set", "priors.prompts=[]"], "priors.prompts"),
+])
+def test_langsam_settings_are_refused_before_any_model_loads(args, key, synth_world, capsys):
+    world = synth_world("cvusa")
+    code, _, err = run_main(["priors", world, "--backend", "langsam", *args, "--no-progress"],
+                            capsys)
+    assert_one_line(code, err, key)
+    assert not (world / "priors-run.json").exists()
 
 
 def test_a_batch_larger_than_the_training_places_is_refused(synth_world, tmp_path, capsys):

@@ -72,9 +72,9 @@ def priors(
     segmenter: Path = typer.Option(
         None, help="langsam: local SAM directory (facebook/sam-vit-huge)."),
     device: str = typer.Option(None, help="langsam: auto | cpu | cuda | cuda:N."),
-    batch_size: int = typer.Option(None, help="langsam: tiles per model call."),
+    batch_size: int = typer.Option(None, min=1, help="langsam: tiles per model call."),
     threads: int = typer.Option(
-        None, help="langsam on CPU: torch threads (1 is fastest on a busy shared machine)."),
+        None, min=1, help="langsam on CPU: torch threads (1 is fastest on a busy shared machine)."),
     masks: Path = typer.Option(None, help="files: folder of existing masks to import."),
     keep_values: bool = typer.Option(
         False, help="files: import class-index masks unchanged instead of binarising to 0/255."),
