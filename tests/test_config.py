@@ -38,7 +38,8 @@ def test_missing_file_and_unknown_preset():
 # The reference values each preset must carry (docs/FIDELITY.md gives the source lines): SSA's
 # model_training/train_cvusa.py, train_cvact.py, train_vigor_DP.py; Sample4Geo's train_*.py.
 _SSA = {"train.epochs": 100, "train.batch_size": 32, "train.lr": 1e-4, "train.warmup_epochs": 1,
-        "train.weight_decay": 0.01, "train.clip_grad_norm": 100.0, "train.amp": "fp16",
+        "train.weight_decay": 0.01, "train.clip_grad_norm": 100.0, "train.clip_grad_value": None,
+        "train.amp": "fp16",
         "train.sampling.neighbour_select": 32, "train.sampling.neighbour_range": 64,
         "train.sampling.similarity": True, "train.sampling.similarity_start": 4,
         "train.sampling.similarity_every": 4, "eval.every": 4, "model.bev.enabled": True,
@@ -49,6 +50,7 @@ _SSA = {"train.epochs": 100, "train.batch_size": 32, "train.lr": 1e-4, "train.wa
 _S4G = {**_SSA, "train.epochs": 40, "train.batch_size": 128, "train.lr": 1e-3,
         "train.sampling.neighbour_select": 64, "train.sampling.neighbour_range": 128,
         "train.sampling.first": "gps", "model.bev.enabled": False,
+        "train.clip_grad_norm": None, "train.clip_grad_value": 100.0,
         "loss.logit_scale_multiplier": 1.0, "data.augment.hole_size_from": "view"}
 _CVUSA = {"data.dataset": "cvusa", "data.query_size": [140, 768]}
 _VIGOR = {"data.dataset": "vigor", "data.query_size": [384, 768]}

@@ -57,6 +57,15 @@ def test_scaled_backward_unscales_before_clipping_and_steps_like_fp32():
     assert on.get_scale() == 2.0**10 and on.state_dict()["_growth_tracker"] == 1
 
 
+def test_value_clipping_as_sample4geo_clamps_each_gradient_element():
+    model, opt, scaler, x = _setup(2.0**10)
+    loss = (model(x) ** 2).sum() * 10
+    norm = precision.backward(loss, model.parameters(), opt, scaler, None, clip_value=0.01)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert grads.abs().max() == pytest.approx(0.01)  # clamped, after the unscale
+    assert float(norm) > float(grads.norm()) + 0.01  # the reported norm is the unclipped one
+
+
 def test_an_overflow_skips_the_update_and_halves_the_scale():
     model, opt, scaler, x = _setup(2.0**127)
     before = [p.detach().clone() for p in model.parameters()]

@@ -110,7 +110,7 @@ class MetricsLog:
             self.board.flush()
 
 
-_FLOATS = ("lr", "weight_decay", "warmup_epochs", "clip_grad_norm")
+_FLOATS = ("lr", "weight_decay", "warmup_epochs", "clip_grad_norm", "clip_grad_value")
 _INTS = ("seed", "epochs", "batch_size", "checkpoint_every", "max_nonfinite_skips",
          "max_steps_per_epoch")
 
@@ -121,7 +121,8 @@ def _numbers(t: dict) -> dict:
     out = dict(t)
     for keys, kind in ((_FLOATS, float), (_INTS, int)):
         for key in keys:
-            if out.get(key) is None and key in ("clip_grad_norm", "max_steps_per_epoch"):
+            if out.get(key) is None and key in ("clip_grad_norm", "clip_grad_value",
+                                                "max_steps_per_epoch"):
                 continue
             try:
                 out[key] = kind(out[key])
@@ -255,7 +256,7 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
                 losses = ssa_loss(outputs, prior, config["loss"])
             optimizer.zero_grad(set_to_none=True)
             grad_norm = precision.backward(losses["loss"], model.parameters(), optimizer, scaler,
-                                           t["clip_grad_norm"])
+                                           t["clip_grad_norm"], t.get("clip_grad_value"))
             values = _mean_over_ranks(losses, device)
             # Under fp16 an overflowed gradient is routine: the scaler skips that update and
             # lowers its scale, as in the reference. Only a non-finite loss is a fault then.

@@ -51,13 +51,18 @@ def make_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.Gr
 
 def backward(loss: torch.Tensor, params: Iterable[torch.Tensor],
              optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-             clip: float | None) -> torch.Tensor:
+             clip: float | None, clip_value: float | None = None) -> torch.Tensor:
     """Backpropagate ``loss`` (scaled), unscale the gradients, clip their global norm to
-    ``clip`` (None: no clipping). Returns the unscaled total gradient norm (inf/nan when a
-    float16 gradient overflowed)."""
+    ``clip`` and each element to +-``clip_value`` (None: no such clipping; SSA clips the norm,
+    Sample4Geo the values). Returns the unscaled total gradient norm before clipping (inf/nan
+    when a float16 gradient overflowed)."""
+    params = list(params)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)  # clip (and report) the true gradients, not the scaled ones
-    return torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))
+    if clip_value is not None:
+        torch.nn.utils.clip_grad_value_(params, clip_value)
+    return norm
 
 
 def step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, apply: bool) -> None:
