@@ -182,6 +182,11 @@ def test_pair_dataset_sizes_holes_from_the_satellite_or_each_view(synth_world, h
         assert _describe(ds._views[view]) == _reference_pipeline(ratio, size, holes)
     sample = ds[0]
     assert sample["query"].shape == (3, 70, 384) and sample["reference"].shape == (3, 192, 192)
+    from ssageo.config import ConfigError
+
+    cfg["data"]["augment"]["hole_size_from"] = "sky"
+    with pytest.raises(ConfigError, match="hole_size_from must be 'reference' or 'view'"):
+        PairDataset(load_manifest(synth_world("cvusa")), cfg["data"], train=True)
 
 
 def _image(h=97, w=203):

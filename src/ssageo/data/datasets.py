@@ -43,8 +43,7 @@ class PairDataset(Dataset):
 
     ``data_cfg`` is the config's ``data`` section: ``query_size``, ``reference_size`` (H, W),
     optional ``prior_size`` (default: the reference size) and ``augment`` (``flip``, ``rotate``
-    probabilities, ``photometric`` bool, ``hole_size_from``), used when ``train`` is True. A
-    sample is
+    probabilities, ``photometric`` bool), used when ``train`` is True. A sample is
     ``{"query": (3, Hq, Wq) float32, "reference": (3, Hr, Wr) float32, "index": int}`` plus
     ``"prior": (Hp, Wp) int64`` 0/1 class map when every reference has a prior label.
 
