@@ -143,3 +143,34 @@ def test_training_with_8_class_priors_runs_and_a_2_class_head_refuses_them(world
     with pytest.raises(DataError, match=r"sat_BEV_label/.*\.png: holds value\(s\) .* but "
                                         r"model\.bev\.classes is 2"):
         train(_config(worlds[8], 2, *short), tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_vigor_8_class_maps_import_from_one_folder_per_city_and_train(synth_world, tmp_path):
+    """The documented route for VIGOR's 8-class labels: `.npy` class maps in
+    `<City>/map_repro/` imported unchanged (--keep-values, one --masks per city), then training
+    with model.bev.classes=8."""
+    from typer.testing import CliRunner
+
+    from ssageo.cli import app
+
+    root = tmp_path / "vigor"
+    shutil.copytree(synth_world("vigor"), root)
+    tiles = list_tiles(root)
+    cities = sorted({t.rel.split("/")[0] for t in tiles})
+    for tile in tiles:
+        folder = root / tile.rel.split("/")[0] / "map_repro"
+        folder.mkdir(exist_ok=True)
+        np.save(folder / f"{tile.path.stem}.npy",
+                _eight_class_map(read_image(tile.truth_path, mode="L")).astype(np.int64))
+    masks = [arg for city in cities for arg in ("--masks", root / city / "map_repro")]
+    result = CliRunner().invoke(app, ["priors", str(root), "--backend", "files", "--keep-values",
+                                      "--force", "--no-progress", *map(str, masks)])
+    assert result.exit_code == 0, result.output
+    assert f"tiles done {len(tiles)}, skipped (already there) 0, failed 0" in result.output
+    for tile in tiles[:4]:
+        expected = _eight_class_map(read_image(tile.truth_path, mode="L"))
+        np.testing.assert_array_equal(read_image(tile.prior_path, mode="L"), expected)
+    short = ["train.epochs=1", "train.max_steps_per_epoch=1", "train.batch_size=4",
+             "train.sampling.similarity=false", "eval.every=10"]
+    assert train(_config(root, 8, *short), tmp_path / "run")["steps"] == 1
