@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from typer.testing import CliRunner
 
+from ssageo.cli import app
 from ssageo.config import ConfigError, load_config
 from ssageo.data import PairDataset, load_manifest
 from ssageo.data.transforms import label_to_classes
@@ -140,6 +142,10 @@ def test_training_with_8_class_priors_runs_and_a_2_class_head_refuses_them(world
              "train.sampling.similarity=false", "eval.every=10"]
     summary = train(_config(worlds[8], 8, *short), tmp_path / "eight")
     assert summary["steps"] == 2
+    # the run's report shows its 8-class priors (read with the run's class count)
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "eight")])
+    assert result.exit_code == 0, result.output
+    assert "BEV prediction vs. the prior label" in (tmp_path / "eight" / "report.html").read_text()
     with pytest.raises(DataError, match=r"sat_BEV_label/.*\.png: holds value\(s\) .* but "
                                         r"model\.bev\.classes is 2"):
         train(_config(worlds[8], 2, *short), tmp_path / "two")
@@ -150,10 +156,6 @@ def test_vigor_8_class_maps_import_from_one_folder_per_city_and_train(synth_worl
     """The documented route for VIGOR's 8-class labels: `.npy` class maps in
     `<City>/map_repro/` imported unchanged (--keep-values, one --masks per city), then training
     with model.bev.classes=8."""
-    from typer.testing import CliRunner
-
-    from ssageo.cli import app
-
     root = tmp_path / "vigor"
     shutil.copytree(synth_world("vigor"), root)
     tiles = list_tiles(root)
