@@ -45,7 +45,8 @@ class PairDataset(Dataset):
     optional ``prior_size`` (default: the reference size) and ``augment`` (``flip``, ``rotate``
     probabilities, ``photometric`` bool), used when ``train`` is True. A sample is
     ``{"query": (3, Hq, Wq) float32, "reference": (3, Hr, Wr) float32, "index": int}`` plus
-    ``"prior": (Hp, Wp) int64`` 0/1 class map when every reference has a prior label.
+    ``"prior": (Hp, Wp) int64`` class map when every reference has a prior label: ``classes``
+    is ``model.bev.classes``, which decides how a stored label is read (``label_to_classes``).
 
     Augmentation randomness: with ``seed``, sample ``index`` of epoch ``self.epoch`` (set it
     before each epoch) is augmented by a generator of ``(seed, epoch, index)`` alone, the same in
@@ -54,7 +55,10 @@ class PairDataset(Dataset):
 
     def __init__(self, manifest: Manifest, data_cfg: dict, train: bool,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 seed: int | None = None):
+                 seed: int | None = None, classes: int = 2):
+        if isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes <= 256:
+            raise ConfigError(f"model.bev.classes must be an integer 2..256, got {classes!r}")
+        self.classes = classes
         self.manifest = manifest
         self.seed, self.epoch = seed, 0
         self.train = train
@@ -126,7 +130,8 @@ class PairDataset(Dataset):
         sample = {"query": to_tensor(query, self.mean, self.std),
                   "reference": to_tensor(tile, self.mean, self.std), "index": index}
         if prior is not None:
-            sample["prior"] = torch.from_numpy(label_to_classes(prior))
+            sample["prior"] = torch.from_numpy(
+                label_to_classes(prior, self.classes, str(m.prior_paths[ref])))
         return sample
 
 

@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 import torch
 
+from ssageo.io import DataError
+
 if TYPE_CHECKING:
     import albumentations
 
@@ -113,9 +115,27 @@ def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
 
 
-def label_to_classes(label: np.ndarray) -> np.ndarray:
-    """A 0/255 prior label (PNG, or JPEG with compression noise) -> 0/1 int64 class map."""
-    return (label > 127).astype(np.int64)
+def label_to_classes(label: np.ndarray, classes: int = 2,
+                     source: str = "prior label") -> np.ndarray:
+    """A stored prior label -> int64 class map for a ``classes``-way BEV head
+    (``model.bev.classes``).
+
+    A label whose values are all below ``classes`` is a class-index map, kept as it is. Otherwise
+    it must be a binary label (object 255 -> class 1): with two classes, one reaching above 127,
+    where any value above 127 is object (JPEG labels carry compression noise); with more
+    classes, exactly 0/255. Anything else, e.g. an 8-class map given to a 2-class head, raises
+    DataError naming ``source``.
+    """
+    top = int(label.max()) if label.size else 0
+    if top < classes:
+        return label.astype(np.int64)
+    binary = top > 127 if classes == 2 else bool(np.isin(label, (0, 255)).all())
+    if binary:
+        return (label > 127).astype(np.int64)
+    values = np.unique(label)
+    found = ", ".join(str(v) for v in values[values >= classes][:5])
+    raise DataError(f"{source}: holds value(s) {found}, but model.bev.classes is {classes}: a "
+                    f"label must hold class indices 0..{classes - 1} or be a binary 0/255 label")
 
 
 def to_tensor(image: np.ndarray, mean, std) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""The ``files`` backend: import a folder of existing masks (e.g. the SSA release's priors).
+"""The ``files`` backend: import folders of existing masks (e.g. the SSA release's priors).
 
 Masks are matched to tiles by file stem (``0000001.jpg`` -> tile ``bingmap/19/0000001.jpg``),
-searched recursively under the folder (dot-files ignored: they are unfinished atomic writes).
+searched recursively under the folder(s) (dot-files ignored: they are unfinished atomic
+writes); several folders act as one (VIGOR's ``map_repro`` labels sit in one folder per city).
 Images (.png/.jpg/.jpeg) and per-tile numpy arrays (.npy, as the SSA release ships for VIGOR)
 are accepted. Before anything is written the whole folder is checked: names that match no tile,
 stems that occur twice, and masks whose size differs from their tile's are all listed, with
@@ -84,7 +85,8 @@ def scan_masks(folder: Path) -> list[Path]:
 
 
 class FilesBackend:
-    """Copies masks from ``folder`` into the prior layout, after checking names and sizes.
+    """Copies masks from ``folder`` (one or several) into the prior layout, after checking names
+    and sizes.
 
     Raises DataError at construction, listing paths, when a mask name matches no tile, two masks
     share a stem, or a mask's size differs from its tile's. Tiles without a mask fail at
@@ -92,13 +94,16 @@ class FilesBackend:
     """
 
     def __init__(
-        self, folder: Path, tiles: Sequence[Tile], keep_values: bool = False, batch_size: int = 32
+        self, folder: Path | Sequence[Path], tiles: Sequence[Tile], keep_values: bool = False,
+        batch_size: int = 32,
     ) -> None:
-        self.folder = Path(folder)
+        folders = [Path(folder)] if isinstance(folder, (str, Path)) else [Path(f) for f in folder]
+        self.folders = folders
+        self.where = ", ".join(map(str, folders))  # names the folder(s) in errors
         self.keep_values = keep_values
         self.batch_size = batch_size
         by_stem = {Path(t.rel).stem: t for t in tiles}
-        masks = scan_masks(self.folder)
+        masks = [path for f in folders for path in scan_masks(f)]
         self.masks: dict[str, Path] = {}
         unknown, duplicates = [], []
         for path in masks:
@@ -110,12 +115,12 @@ class FilesBackend:
                 self.masks[path.stem] = path
         if unknown:
             raise DataError(
-                f"{self.folder}: {len(unknown)} mask file(s) match no satellite tile of the "
+                f"{self.where}: {len(unknown)} mask file(s) match no satellite tile of the "
                 f"dataset by name:{_listing(unknown)}"
             )
         if duplicates:
             raise DataError(
-                f"{self.folder}: {len(duplicates)} mask file(s) share a tile name:"
+                f"{self.where}: {len(duplicates)} mask file(s) share a tile name:"
                 f"{_listing(duplicates)}"
             )
         wrong = []
@@ -126,7 +131,7 @@ class FilesBackend:
                 wrong.append(f"{path}: {got[1]}x{got[0]}, tile {tile.path} is {want[1]}x{want[0]}")
         if wrong:
             raise DataError(
-                f"{self.folder}: {len(wrong)} mask(s) differ in size (W x H) from their tile:"
+                f"{self.where}: {len(wrong)} mask(s) differ in size (W x H) from their tile:"
                 f"{_listing(wrong)}"
             )
 
@@ -135,7 +140,7 @@ class FilesBackend:
         for tile in tiles:
             path = self.masks.get(Path(tile.rel).stem)
             if path is None:
-                raise DataError(f"{tile.path}: no mask {Path(tile.rel).stem}.* in {self.folder}")
+                raise DataError(f"{tile.path}: no mask {Path(tile.rel).stem}.* in {self.where}")
             labels.append(to_label(read_mask(path), self.keep_values, str(path)))
         return labels
 

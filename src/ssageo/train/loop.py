@@ -213,7 +213,8 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
     norm = model.data_config()
     # Augmentation depends only on (seed, epoch, index): each place is drawn at most once per
     # epoch, so this is independent of worker count and of where a resumed run starts.
-    dataset = PairDataset(manifest, d, True, norm["mean"], norm["std"], seed=t["seed"])
+    dataset = PairDataset(manifest, d, True, norm["mean"], norm["std"], seed=t["seed"],
+                          classes=config["model"]["bev"]["classes"])
     steps_per_epoch = min(len(np.unique(manifest.positive)) // t["batch_size"],
                           t["max_steps_per_epoch"] or math.inf)
     total_steps = t["epochs"] * steps_per_epoch
