@@ -62,6 +62,17 @@ def write_image(path: Path, image: np.ndarray, quality: int = 95) -> None:
     atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format=fmt, **kwargs))
 
 
+def read_image(path: Path, mode: str = "RGB") -> np.ndarray:
+    """Decode an image to a uint8 array (``mode`` "RGB" -> HxWx3, "L" -> HxW).
+
+    16-bit and float images are scaled to 8 bits (see :func:`_to_eight_bit`). Raises DataError
+    naming the file when it is missing, empty, too large or not a decodable image.
+    """
+    with open_image(path) as img:
+        # np.array makes it writable, so torch.from_numpy never warns
+        return np.array(_to_eight_bit(img, Path(path)).convert(mode))
+
+
 def _to_eight_bit(img, path: Path):
     """``img`` with 16-bit, 32-bit integer or float samples scaled to an 8-bit "L" image.
 
@@ -121,14 +132,3 @@ def open_image(path: Path) -> Iterator[Image.Image]:
                         f"decompression bomb ({exc})") from None
     except _DECODE_ERRORS as exc:
         raise DataError(f"{path}: cannot decode image ({exc})") from None
-
-
-def read_image(path: Path, mode: str = "RGB") -> np.ndarray:
-    """Decode an image to a uint8 array (``mode`` "RGB" -> HxWx3, "L" -> HxW).
-
-    16-bit and float images are scaled to 8 bits (see :func:`_to_eight_bit`). Raises DataError
-    naming the file when it is missing, empty, too large or not a decodable image.
-    """
-    with open_image(path) as img:
-        # np.array makes it writable, so torch.from_numpy never warns
-        return np.array(_to_eight_bit(img, Path(path)).convert(mode))
