@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -69,11 +70,8 @@ def test_unknown_option_values_are_refused(synth_world, option, value, message):
 
 @pytest.fixture
 def copy_of(synth_world, tmp_path):
-    def make(layout):
-        root = tmp_path / layout
-        shutil.copytree(synth_world(layout), root)
-        return root
-    return make
+    """``copy_of(layout)``: a private, editable copy of a synthetic world."""
+    return lambda layout: Path(shutil.copytree(synth_world(layout), tmp_path / layout))
 
 
 def test_cvact_without_its_separate_test_download_is_usable_for_what_loads(copy_of):

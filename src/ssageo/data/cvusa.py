@@ -51,15 +51,15 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 def read_pairs(path: Path, root: Path) -> list[tuple[Path, Path]]:
     """(satellite, panorama) paths of every line of a split csv, validated.
 
-    A first line whose first two columns are not image paths (e.g. ``sat,pano,annotation``) is
-    a header and skipped.
+    A first line of 2-3 columns none of which looks like a path (no folder, no image suffix,
+    e.g. ``sat,pano,annotation``) is a header and skipped.
     """
     pairs = []
     for n, line in read_lines(path, "CVUSA split file"):
         cols = [c.strip() for c in line.split(",")]
         where = f"{path}:{n}"
         if not pairs and len(cols) in (2, 3) and not any(
-                c.lower().endswith(IMAGE_SUFFIXES) for c in cols[:2]):
+                "/" in c or "\\" in c or c.lower().endswith(IMAGE_SUFFIXES) for c in cols):
             continue  # a header row, as a spreadsheet or pandas writes one
         if len(cols) not in (2, 3) or not all(cols[:2]):
             raise DataError(f"{where}: malformed line, expected 'satellite,panorama[,annotation]' "
