@@ -143,3 +143,16 @@ def test_piped_output_keeps_each_path_on_one_line(copy_of):
         piped = subprocess.run(f"{sys.executable} -m ssageo data check {root} | grep {path.name}",
                                shell=True, capture_output=True, text=True, check=False)
         assert f"{path}: missing" in piped.stdout, piped.stdout + piped.stderr
+
+
+def test_vigor_cross_area_without_the_test_cities_is_usable_for_training(copy_of):
+    root = copy_of("vigor")
+    for city in ("Chicago", "SanFrancisco"):  # each city is a download of its own
+        shutil.rmtree(root / "splits" / city)
+        shutil.rmtree(root / city)
+    result = runner.invoke(app, ["data", "check", str(root), "--vigor-mode", "cross-area",
+                                 "--json"])
+    report = json.loads(result.stdout)
+    assert result.exit_code == 0 and report["unavailable_splits"] == ["test"]
+    assert "none of the cross-area test cities (Chicago, SanFrancisco)" in \
+        report["splits"]["test"]["unavailable"]

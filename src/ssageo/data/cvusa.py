@@ -12,13 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssageo.data.manifest import (
-    Manifest,
-    SplitUnavailable,
-    file_problem,
-    find_prior,
-    resolve_entry,
-)
+from ssageo.data.manifest import Manifest, file_problem, find_prior, resolve_entry
 from ssageo.data.textfile import read_lines
 from ssageo.io import DataError
 
@@ -33,7 +27,7 @@ def split_file(root: Path, split: str) -> Path:
                         "(CVUSA's standard test set)")
     path = root / SPLIT_FILES[split]
     if not path.is_file():
-        raise SplitUnavailable(f"{path}: CVUSA split file is missing")
+        raise DataError(f"{path}: CVUSA split file is missing")
     return path
 
 

@@ -104,8 +104,8 @@ def resolve_entry(root: Path, rel: str, where: str) -> Path:
 
 
 class SplitUnavailable(DataError):
-    """A split whose files are absent as a whole (e.g. CVACT's separately downloaded
-    ``ANU_data_test``), as opposed to present but broken."""
+    """A split whose files are absent as a whole because they are a separate download (CVACT's
+    ``ANU_data_test``, VIGOR's cities), as opposed to present but broken."""
 
 
 def file_problem(path: Path) -> str | None:
