@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssageo.io import DataError, read_image
+from ssageo.io import DataError, open_image
 from ssageo.priors.run import Tile
 
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
@@ -31,33 +31,61 @@ def _listing(paths: Sequence[str]) -> str:
     return f"\n  {shown}{more}"
 
 
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of a .npy mask from its header, refusing what :func:`read_mask` cannot use:
+    not 2-D (or (H, W, 1)), not bool/integer/float (object arrays would need pickle), or
+    fewer bytes than the header promises (a truncated file)."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(f, max_header_size=1 << 16)
+            start = f.tell()
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read numpy array ({exc})") from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise DataError(f"{path}: mask has dtype {dtype}; expected bool, integer or float "
+                        "(object arrays are never loaded)")
+    if not (len(shape) == 2 or (len(shape) == 3 and shape[2] == 1)):
+        raise DataError(f"{path}: expected a 2-D mask (H, W), got shape {shape}")
+    need = start + int(np.prod(shape)) * dtype.itemsize
+    size = path.stat().st_size
+    if size < need:
+        raise DataError(f"{path}: truncated numpy file ({size} bytes, its header needs {need})")
+    return shape, dtype
+
+
 def _image_size(path: Path) -> tuple[int, int]:
     """(H, W) of an image or array file, reading only its header."""
     if path.suffix.lower() == ".npy":
-        shape = np.load(path, mmap_mode="r").shape
+        shape, _ = _npy_header(path)
         return int(shape[0]), int(shape[1])
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return img.height, img.width
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc})") from None
+    with open_image(path) as img:
+        return img.height, img.width
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """A mask file as an (H, W) array (images as grayscale; .npy must be 2-D)."""
+    """A mask file as an (H, W) array of its values: .npy as stored (checked by
+    :func:`_npy_header`), images as grayscale; 16-bit, 32-bit and float images keep their
+    values (not scaled to 8 bits, so a 0/1 or class-index mask stays one). Raises DataError
+    naming the file for an unreadable mask or one with NaN/inf values."""
     path = Path(path)
-    if path.suffix.lower() != ".npy":
-        return read_image(path, mode="L")
-    try:
-        array = np.load(path)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read numpy array ({exc})") from None
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim != 2:
-        raise DataError(f"{path}: expected a 2-D mask, got shape {array.shape}")
+    if path.suffix.lower() == ".npy":
+        _npy_header(path)
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: cannot read numpy array ({exc})") from None
+        if array.ndim == 3:
+            array = array[..., 0]
+    else:
+        with open_image(path) as img:
+            wide = img.mode.startswith("I;16") or img.mode in ("I", "F")
+            array = np.array(img if wide else img.convert("L"))
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise DataError(f"{path}: mask has {bad} NaN/inf value(s); a mask must be finite")
     return array
 
 
@@ -68,7 +96,9 @@ def to_label(mask: np.ndarray, keep_values: bool = False, source: str = "mask") 
         if mask.min() < 0 or mask.max() > 255:
             raise DataError(f"{source}: values {mask.min()}..{mask.max()} do not fit a uint8 label")
         return mask.astype(np.uint8)
-    foreground = mask > 0 if mask.max() <= 1 else mask >= 128
+    # Half of the value range: 16-bit masks (values above 255) are cut at 32768, not 128.
+    half = 32768 if mask.max() > 255 else 128
+    foreground = mask > 0 if mask.max() <= 1 else mask >= half
     return np.where(foreground, 255, 0).astype(np.uint8)
 
 
