@@ -144,6 +144,7 @@ def test_hub_weights_arrive_through_build_model_offline(hub_home, tmp_path):
         from ssageo.model import build_model
 
         for name, extra in (("shared", []), ("separate", ["model.shared_encoder=false"]),
+                            ("hf-hub", ["model.backbone=hf-hub:timm/{TAG}"]),
                             ("none", ["model.pretrained=none"])):
             cfg = load_config("cvusa", {SMALL!r} + extra)
             d = cfg["data"]
@@ -167,7 +168,8 @@ def test_hub_weights_arrive_through_build_model_offline(hub_home, tmp_path):
                 out.setdefault(encoder, {})[rest.removeprefix("backbone.")] = value
         return out
 
-    for name, expected in (("shared", ["shared"]), ("separate", ["query", "reference"])):
+    for name, expected in (("shared", ["shared"]), ("separate", ["query", "reference"]),
+                           ("hf-hub", ["shared"])):
         loaded = encoders(load_file(str(tmp_path / f"{name}.safetensors")))
         assert sorted(loaded) == expected
         for encoder in loaded.values():

@@ -7,6 +7,10 @@ Everything up to and including that module is the trunk; the rest of the feature
 timm's own ``forward_head(pre_logits=True)`` (global pooling and, for ConvNeXt, the final norm)
 is the retrieval head. ``tests/test_model.py`` checks for each supported family that
 trunk + head reproduces timm's ``forward_features``.
+
+Weights: ``Encoder`` builds the architecture only and never makes a network request (a
+``hf-hub:`` model's config.json comes from the hub cache). ``hub_weights`` is the one place that
+may use the network: timm's own ``pretrained=True`` path for ``model.pretrained: timm``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import timm.data
 import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.utils import LocalEntryNotFoundError
 from timm.models import get_pretrained_cfg, parse_model_name
 from torch import nn
 
