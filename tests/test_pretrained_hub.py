@@ -236,3 +236,19 @@ def test_model_info_never_makes_a_network_request(case, hub_home, tmp_path):
             "it is downloaded only with model.pretrained=timm; fetch it once (`hf download "
             "timm/convnext_femto.d1_in1k config.json`) or name a timm model (e.g. "
             "convnext_base.fb_in22k_ft_in1k_384)"]
+
+
+@pytest.mark.slow
+def test_resume_takes_the_checkpoint_and_needs_no_hub_weights(synth_world, hub_home, tmp_path):
+    """A run started from hub weights resumes on a machine without them (offline, empty
+    cache): its weights come from checkpoints/last, and --resume takes no overrides."""
+    out = tmp_path / "run"
+    tiny = [f"model.backbone={TAG}", "model.pretrained=timm", "data.workers=0",
+            "train.batch_size=4", "train.epochs=1", "train.max_steps_per_epoch=1"]
+    first = run(["-m", "ssageo", "train", "--data", str(synth_world("cvusa")), "--out", str(out),
+                 *tiny], tmp_path, hub_home, offline=True)
+    assert first.returncode == 0, first.stderr
+    again = run(["-m", "ssageo", "train", "--resume", str(out)], tmp_path,
+                tmp_path / "empty-home", offline=True)
+    assert again.returncode == 0, again.stderr
+    assert network_attempts(tmp_path) == ""
