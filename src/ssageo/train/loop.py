@@ -177,7 +177,9 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
 
     manifest = load_manifest(d["root"], dataset=d["dataset"], split="train",
                              vigor_mode=d["vigor_mode"])
-    model = build_model(config["model"], d["reference_size"], d["query_size"],
+    # A resumed run's weights come from its checkpoint: model.pretrained is not read (or fetched).
+    model = build_model(dict(config["model"], pretrained=None) if resume else config["model"],
+                        d["reference_size"], d["query_size"],
                         config["loss"]["logit_scale_init"]).to(device)
     need = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) + 64 * 2**20
     if main:
