@@ -129,16 +129,19 @@ def check_output(path: Path, kind: str, is_kind: Callable[[Path], bool], force: 
 
     A folder, something that is not a regular file, or a file that ``is_kind`` does not
     recognise as a ``kind`` (e.g. a model's weights where an index goes) is always refused; an
-    existing ``kind`` file is replaced only with ``force``. Raises OutputError (one line).
+    existing ``kind`` file is replaced only with ``force``; a folder that cannot be written is
+    refused now rather than after the work. Raises OutputError (one line).
     """
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; {option} takes the name of the {kind} file")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(f"{path}: cannot write: {parent} is not a folder")
-            break
+    parent = next(p for p in (*path.parents, Path(".")) if p.exists())
+    if not parent.is_dir():
+        raise OutputError(f"{path}: cannot write: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):  # refuse now, not after hours of work
+        read_only = os.statvfs(parent).f_flag & os.ST_RDONLY
+        reason = "read-only file system" if read_only else "permission denied"
+        raise OutputError(f"{path}: cannot write: {reason} ({parent})")
     if not path.exists() and not path.is_symlink():
         return path
     if not path.is_file():

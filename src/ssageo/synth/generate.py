@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ssageo.config import ConfigError
-from ssageo.io import atomic_write_text, read_image, write_image
+from ssageo.io import atomic_write_text, read_image, write_error, write_image
 from ssageo.synth.layouts import VIGOR_CITIES, Job, Plan, plan_cvact, plan_cvusa, plan_vigor
 from ssageo.synth.places import world_for_places
 from ssageo.synth.render import (
@@ -148,7 +148,10 @@ def _prepare(out: Path, params: dict, overwrite: bool) -> None:
                 f"{out}: exists and is not empty; pass --overwrite to replace what `ssageo synth` "
                 "wrote there (a folder made by `ssageo synth` with the same parameters is resumed "
                 "instead)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(out, exc) from None
 
 
 def _write_record(out: Path, rels: list[str]) -> None:
