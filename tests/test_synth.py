@@ -188,6 +188,7 @@ def _run_cli(*args):
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_overwrite_never_deletes_what_synth_did_not_write(tmp_path):
     """The catalogue's data loss: --overwrite on a user's dataset folder without world.json."""
     user = tmp_path / "dataset"
