@@ -173,7 +173,7 @@ def test_synth_on_a_full_disk_stops_with_one_line_and_only_whole_images(tmp_path
 
 @needs_namespaces
 @pytest.mark.slow
-def test_synth_and_priors_into_a_read_only_folder(synth_world, tmp_path):
+def test_synth_and_priors_into_a_read_only_folder_or_a_full_disk(synth_world, tmp_path):
     folder = tmp_path / "read-only"
     result, _ = run_faulty("read_only", folder, ssageo("synth", folder / "w", "--places", "8"))
     _one_line_error(result, folder / "w", "read-only file system")
@@ -182,6 +182,11 @@ def test_synth_and_priors_into_a_read_only_folder(synth_world, tmp_path):
         "priors", world, "--backend", "oracle", "--force", "--no-progress"))
     _one_line_error(result, world / "sat_BEV_label", "read-only file system")
     assert "failed" not in result.stdout  # stopped at the first tile, not one failure per tile
+    labels = world / "sat_BEV_label"  # now a full disk where the labels go
+    result, left = run_faulty("full", labels, ssageo(
+        "priors", world, "--backend", "oracle", "--force", "--no-progress"), fill=True)
+    _one_line_error(result, labels, "no space left on device")
+    assert "failed" not in result.stdout and left == {}
 
 
 def test_a_short_write_never_renames_a_truncated_image_into_place(tmp_path):
