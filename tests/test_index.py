@@ -178,6 +178,13 @@ def test_bad_inputs_give_one_line_errors_naming_the_path(world, tmp_path):
     csv.write_text("a.png,47.0,8.0\nb.png,north,8.0\n")
     with pytest.raises(DataError, match="tiles.csv:2: lat/lon are not numbers"):
         read_tiles_csv(csv)
+    # a UTF-8 BOM (as spreadsheet programs write) is simply read; binary data is named by line
+    csv.write_bytes("\ufeffpath,lat,lon\na.png,47.0,8.0\n".encode())
+    paths, coords = read_tiles_csv(csv)
+    assert [p.name for p in paths] == ["a.png"] and coords.tolist() == [[47.0, 8.0]]
+    csv.write_bytes(b"a.png,47.0,8.0\n\x00\x01\x02,1,2\n")
+    with pytest.raises(DataError, match="tiles.csv:2"):
+        read_tiles_csv(csv)
 
 
 def test_embed_paths_refuses_unreadable_images(world, tmp_path):

@@ -18,7 +18,6 @@ descriptors always live in the index's descriptor space.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ import torch
 from ssageo import __version__
 from ssageo.config import config_hash
 from ssageo.data.datasets import ImageDataset
+from ssageo.data.textfile import read_csv_rows
 from ssageo.data.transforms import resize, to_tensor
 from ssageo.evaluate.embed import DEFAULT_BATCH_SIZE, embed_paths
 from ssageo.io import DataError, atomic_write
@@ -133,25 +133,22 @@ def read_tiles_csv(path: str | Path) -> tuple[list[Path], np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path}: tiles CSV not found")
     paths, coords = [], []
-    with path.open(newline="", encoding="utf-8") as f:
-        for line, row in enumerate(csv.reader(f), start=1):
-            if not row or (
-                line == 1 and [c.strip().lower() for c in row] == ["path", "lat", "lon"]
-            ):
-                continue
-            if len(row) != 3:
-                raise DataError(f"{path}:{line}: expected 3 columns path,lat,lon, got {len(row)}")
-            try:
-                lat, lon = float(row[1]), float(row[2])
-            except ValueError:
-                raise DataError(
-                    f"{path}:{line}: lat/lon are not numbers: {row[1]!r}, {row[2]!r}"
-                ) from None
-            if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-                raise DataError(f"{path}:{line}: lat/lon out of range: {lat}, {lon}")
-            tile = Path(row[0].strip())
-            paths.append(tile if tile.is_absolute() else path.parent / tile)
-            coords.append((lat, lon))
+    for line, row in read_csv_rows(path, "tiles CSV"):
+        if line == 1 and [c.strip().lower() for c in row] == ["path", "lat", "lon"]:
+            continue
+        if len(row) != 3:
+            raise DataError(f"{path}:{line}: expected 3 columns path,lat,lon, got {len(row)}")
+        try:
+            lat, lon = float(row[1]), float(row[2])
+        except ValueError:
+            raise DataError(
+                f"{path}:{line}: lat/lon are not numbers: {row[1]!r}, {row[2]!r}"
+            ) from None
+        if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+            raise DataError(f"{path}:{line}: lat/lon out of range: {lat}, {lon}")
+        tile = Path(row[0].strip())
+        paths.append(tile if tile.is_absolute() else path.parent / tile)
+        coords.append((lat, lon))
     if not paths:
         raise DataError(f"{path}: no tiles listed")
     return paths, np.asarray(coords, dtype=np.float64)
