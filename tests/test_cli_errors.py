@@ -51,7 +51,7 @@ START_CASES = [
     (["train", "data.reference_size=big"], "data.reference_size", "two positive"),
     (["train", "eval.every=0"], "eval.every", "at least 1"),
     (["train", "train.checkpoint_every=0"], "train.checkpoint_every", "at least 1"),
-    (["train", "train.amp=yes please"], "train.amp", "true or false"),
+    (["train", "train.sampling.similarity=maybe"], "train.sampling.similarity", "true or false"),
     (["train", "train.bacth_size=4"], "train.bacth_size", "did you mean 'batch_size'"),
     (["train", "train.device=tpu"], "train.device", "cuda:N"),
     (["train", "train.lr=!!python/object/apply:os.system ['touch {tmp}/pwned']"],
@@ -147,7 +147,7 @@ def test_priors_on_read_only_labels_stop_at_the_first_write(synth_world, mount, 
     shutil.rmtree(world / "sat_BEV_label")
     (world / "sat_BEV_label").symlink_to(mount("size=64k,ro"))
     code, out, err = run_main(["priors", world, "--backend", "oracle", "--no-progress"], capsys)
-    assert_one_line(code, err, str(world / "sat_BEV_label"), "Read-only file system")
+    assert_one_line(code, err, str(world / "sat_BEV_label"), "read-only file system")
     assert "mIoU" not in out
 
 
@@ -162,7 +162,7 @@ def test_metrics_json_into_a_directory_or_a_read_only_folder(mount, tmp_path, ca
     (tmp_path / "folder").mkdir()
     code, _, err = run_main(["eval", "--descriptors", descriptors, "--json", tmp_path / "folder"],
                             capsys)
-    assert_one_line(code, err, str(tmp_path / "folder"), "directory")
+    assert_one_line(code, err, str(tmp_path / "folder"))
     read_only = mount("size=64k,ro")
     code, _, err = run_main(["eval", "--descriptors", descriptors, "--json",
                              read_only / "m.json"], capsys)

@@ -154,6 +154,35 @@ def test_cvact_mat_file_is_readable_and_consistent(tmp_path):
             assert (out / folder / "sat_BEV_label" / f"{pid}_satView_polish.png").is_file()
 
 
+# The split structs of ACT_data.mat, fields in file order. Second fields: the names that
+# name-based readers (OriCNN, ours) use, at the position Sample4Geo's loaders read. First
+# fields: not verified against the real file, whose copies here are stored without content.
+REAL_ACT_SPLIT_FIELDS = {"trainSet": ("trainNum", "trainInd"), "valSet": ("valNum", "valInd"),
+                         "valSetAll": ("valNum", "valInd")}
+
+
+def test_cvact_mat_reads_the_way_sample4geo_reads_the_real_file(synth_world):
+    from scipy.io import loadmat
+
+    from ssageo.data.cvact import read_mat
+
+    root = synth_world("cvact")
+    anu = loadmat(root / "ACT_data.mat")
+    ids = anu["panoIds"]
+    for struct, fields in REAL_ACT_SPLIT_FIELDS.items():
+        assert anu[struct].dtype.names == fields
+        # Sample4Geo: `ids[anuData['trainSet'][0][0][1] - 1]` (a (n, 1) index column)
+        positional = anu[struct][0][0][1]
+        assert positional.shape[1] == 1 and positional.dtype == np.int32
+        assert int(anu[struct][0][0][0].item()) == len(positional)
+        picked = [str(s) for s in ids[positional - 1].ravel()]
+        split = {"trainSet": "train", "valSet": "val", "valSetAll": "test"}[struct]
+        by_name, _, index = read_mat(root, split)  # ours: by field name
+        assert picked == [by_name[i] for i in index]
+    total = sum(len(anu[s][0][0][1]) for s in REAL_ACT_SPLIT_FIELDS)
+    assert total == len(ids) == 40
+
+
 def test_existing_folder_is_refused_resumed_or_overwritten(tmp_path):
     out = tmp_path / "w"
     generate(out, places=8, seed=0, **SMALL)
@@ -171,10 +200,59 @@ def test_existing_folder_is_refused_resumed_or_overwritten(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
         generate(tmp_path / "other", places=8, **SMALL)
-    generate(tmp_path / "other", places=8, overwrite=True, **SMALL)
+    with pytest.raises(FileExistsError, match="notes.txt: --overwrite refused"):
+        generate(tmp_path / "other", places=8, overwrite=True, **SMALL)
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
-    generate(out, places=8, seed=1, overwrite=True, **SMALL)
+    # --overwrite leaves exactly what a fresh run writes: nothing of the old run remains
+    generate(out, places=9, seed=1, preview=True, overwrite=True, **SMALL)
     assert _tree(out) != reference
+    generate(tmp_path / "fresh", places=9, seed=1, preview=True, **SMALL)
+    assert _tree(out) == _tree(tmp_path / "fresh")
+    generate(out, places=8, seed=0, overwrite=True, **SMALL)  # preview.png (recorded) goes too
+    assert _tree(out) == reference
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "ssageo", *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_overwrite_never_deletes_what_synth_did_not_write(tmp_path):
+    """The catalogue's data loss: --overwrite on a user's dataset folder without world.json."""
+    user = tmp_path / "dataset"
+    files = ("bingmap/19/0000001.jpg", "streetview/panos/0000001.jpg", "splits/train-19zl.csv",
+             "Chicago/panorama/a.jpg", "world.json")
+    for rel in files:
+        (user / rel).parent.mkdir(parents=True, exist_ok=True)
+        (user / rel).write_text(f"the user's {rel}")
+    before = _tree(user)
+    small = ["--places", "8", "--sat-size", "64", "--pano-size", "256x64"]
+    result = _run_cli("synth", user, "--overwrite", *small)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "--overwrite refused" in result.stderr
+    assert f"{user / 'world.json'} and 4 other files" in result.stderr  # names what it keeps
+    assert _tree(user) == before
+    # A synth folder the user added a file to, or linked a folder of theirs into: refused too.
+    world = tmp_path / "world"
+    generate(world, places=8, seed=0, **SMALL)
+    made = _tree(world)
+    (world / "bingmap" / "19" / "mine.jpg").write_text("mine")
+    result = _run_cli("synth", world, "--overwrite", "--seed", "1", *small)
+    assert result.returncode == 2
+    assert "bingmap/19/mine.jpg: --overwrite refused, not written" in result.stderr
+    (world / "bingmap" / "19" / "mine.jpg").unlink()
+    (world / "linked").symlink_to(user, target_is_directory=True)
+    result = _run_cli("synth", world, "--overwrite", "--seed", "1", *small)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "linked: is a symbolic link" in result.stderr and "Traceback" not in result.stderr
+    assert _tree(user) == before and _tree(world) == made
+    # What an interrupted write leaves (a temporary dot-file of a recorded file) is synth's own.
+    (world / "linked").unlink()
+    (world / "bingmap" / "19" / ".0000001.jpg.k2j4_x9a.jpg").write_bytes(b"partial")
+    result = _run_cli("synth", world, "--overwrite", "--seed", "1", *small)
+    assert result.returncode == 0, result.stderr
+    assert not list(world.rglob(".*.jpg")) and _tree(world) != made
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -15,19 +15,13 @@ import traceback
 from pathlib import Path
 
 from ssageo.config import ConfigError
-from ssageo.io import DataError
+from ssageo.io import _WRITE_REASONS, DataError
 
-# errno -> what the line says (lower case, as the rest of our messages)
+# errno -> what the line says: the write reasons of ssageo.io, and those of reading
 _ERRNO_TEXT = {
-    errno.ENOSPC: "no space left on device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
-    errno.EISDIR: "is a directory, not a file",
-    errno.ENOTDIR: "a part of this path is not a directory",
-    errno.ENOENT: "no such file or directory",
+    **_WRITE_REASONS,
     errno.EEXIST: "already exists",
+    errno.ENOENT: "no such file or directory",
     errno.ENAMETOOLONG: "file name too long",
     errno.ELOOP: "too many levels of symbolic links",
     errno.EMFILE: "too many open files",

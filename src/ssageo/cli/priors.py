@@ -75,7 +75,8 @@ def priors(
     batch_size: int = typer.Option(None, min=1, help="langsam: tiles per model call."),
     threads: int = typer.Option(
         None, min=1, help="langsam on CPU: torch threads (1 is fastest on a busy shared machine)."),
-    masks: Path = typer.Option(None, help="files: folder of existing masks to import."),
+    masks: list[Path] = typer.Option(
+        None, help="files: folder of existing masks to import (repeatable, e.g. one per city)."),
     keep_values: bool = typer.Option(
         False, help="files: import class-index masks unchanged instead of binarising to 0/255."),
     truth_classes: list[str] = typer.Option(
@@ -112,9 +113,9 @@ def priors(
                       "false_positives": false_positives, "blob_radius": blob_radius,
                       "seed": seed}
     else:
-        if masks is None:
+        if not masks:
             raise ConfigError("--backend files needs --masks FOLDER (the masks to import)")
-        parameters = {"masks": _where(masks), "keep_values": keep_values}
+        parameters = {"masks": [_where(m) for m in masks], "keep_values": keep_values}
     record = LabelRecord.open(root, {"backend": backend.value, **parameters}, force)
     if backend is Backend.langsam:
         from ssageo.priors.langsam import LangSamBackend

@@ -4,6 +4,7 @@ the learnable temperature; ``build_model`` from the config's ``model`` section; 
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
 from pathlib import Path
@@ -15,7 +16,14 @@ from torch import nn
 from ssageo.config import ConfigError, load_config, save_config
 from ssageo.io import DataError, atomic_write
 from ssageo.model.bev import BEVHead
-from ssageo.model.encoder import Encoder
+from ssageo.model.encoder import (
+    HUB_WEIGHTS,
+    Encoder,
+    hub_cache_dir,
+    hub_cached,
+    hub_repo,
+    hub_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,27 +107,71 @@ class SSAModel(nn.Module):
 
 def build_model(model_cfg: dict, reference_size: tuple[int, int],
                 query_size: tuple[int, int], logit_scale_init: float = 1 / 0.07) -> SSAModel:
-    """The model described by a config's ``model`` section, with ``model.pretrained`` loaded."""
+    """The model described by a config's ``model`` section, with ``model.pretrained`` loaded.
+
+    ``model.pretrained``: ``timm`` (timm's weights for the ``model.backbone`` tag from the
+    Hugging Face hub or its cache; WeightsUnavailable when neither has them), a local file
+    (timm state dict or Sample4Geo checkpoint), or none/null (random initialisation).
+    """
     for key in ("backbone",):
         if not model_cfg.get(key):
             raise ConfigError(f"model.{key} is missing")
+    source = pretrained_source(model_cfg.get("pretrained"))
+    if source == HUB_WEIGHTS:
+        # Checked on the meta device (instant, no memory): a backbone we cannot use fails
+        # before a download; unavailable weights fail before the real model is built.
+        with torch.device("meta"):
+            SSAModel(model_cfg, reference_size, query_size, logit_scale_init)
+        state = hub_weights(model_cfg["backbone"])
     model = SSAModel(model_cfg, reference_size, query_size, logit_scale_init)
-    if model_cfg.get("pretrained"):
-        load_pretrained(model, model_cfg["pretrained"])
+    if source == HUB_WEIGHTS:
+        for encoder in model.encoders.values():
+            encoder.backbone.load_state_dict(state)
+        log.info("%s: timm's weights from the hub (cache %s)", model_cfg["backbone"],
+                 hub_cache_dir())
+    elif source is not None:
+        load_pretrained(model, source)
     return model
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors or torch (.pth/.pt/.bin) file; DataError if unreadable."""
+def pretrained_source(value: object) -> str | Path | None:
+    """``model.pretrained`` as HUB_WEIGHTS ('timm'), a local file Path, or None (random)."""
+    if value is None or value is False or (isinstance(value, str)
+                                           and value.strip().lower() in ("", "none", "null")):
+        return None
+    if isinstance(value, str):
+        return HUB_WEIGHTS if value.strip() == HUB_WEIGHTS else Path(value)
+    raise ConfigError(f"model.pretrained must be '{HUB_WEIGHTS}' (timm's hub weights for "
+                      f"model.backbone), a weights file path or none, not {value!r}")
+
+
+def describe_weights(model_cfg: dict) -> str:
+    """Where ``build_model`` takes the weights from, said without reading or fetching them."""
+    source = pretrained_source(model_cfg.get("pretrained"))
+    if source is None:
+        return "random initialisation (model.pretrained: none)"
+    if source != HUB_WEIGHTS:
+        return f"local file {source}" + ("" if Path(source).is_file() else " (not found)")
+    name = model_cfg["backbone"]
+    cache = hub_cache_dir()
+    where = (f"in the cache folder {cache}" if hub_cached(name) else
+             f"not in the cache folder {cache} yet: downloaded when training builds the model")
+    return f"timm's from the Hugging Face hub, {hub_repo(name)} ({where})"
+
+
+def _read_state_dict(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors or torch (.pth/.pt/.bin) file (or of ``data``, its bytes
+    already read); DataError if unreadable."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise DataError(f"{path}: weights file not found")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load, load_file
 
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            return load(data) if data is not None else load_file(str(path))
+        source = io.BytesIO(data) if data is not None else path
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # every loader raises its own type; all mean "not weights"
         raise DataError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
     for key in ("state_dict", "model"):  # common checkpoint wrappers
@@ -201,13 +253,13 @@ def save_model(directory: str | Path, model: SSAModel, config: dict) -> Path:
     return directory
 
 
-def load_weights(model: SSAModel, path: str | Path) -> None:
-    """Load a ``save_model`` weights file into ``model`` strictly.
+def load_weights(model: SSAModel, path: str | Path, data: bytes | None = None) -> None:
+    """Load a ``save_model`` weights file (or ``data``, its bytes) into ``model`` strictly.
 
     Raises DataError naming missing/unexpected keys and mismatched shapes when the file was
     saved by a model of a different configuration.
     """
-    state = _read_state_dict(Path(path))
+    state = _read_state_dict(Path(path), data)
     own = model.state_dict()
     problems = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                 for k, v in state.items() if k in own and v.shape != own[k].shape]
@@ -224,11 +276,13 @@ def load_weights(model: SSAModel, path: str | Path) -> None:
     model.load_state_dict(state)
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu"
-               ) -> tuple[SSAModel, dict]:
+def load_model(path: str | Path, map_location: str | torch.device = "cpu",
+               data: bytes | None = None) -> tuple[SSAModel, dict]:
     """Rebuild a model saved by ``save_model`` (its directory or weights file) -> (model, config).
 
     The model is built from the saved config (without re-reading ``model.pretrained``).
+    ``data``: the weights file's bytes, when the caller has read them (to hash exactly the
+    weights it loads while the file may be replaced).
     """
     path = Path(path)
     directory = path if path.is_dir() else path.parent
@@ -241,5 +295,5 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"
     scale_init = (config.get("loss") or {}).get("logit_scale_init", 1 / 0.07)
     model = SSAModel(model_cfg, reference_size, query_size, scale_init)
     model.model_cfg = copy.deepcopy(config["model"])
-    load_weights(model, weights)
+    load_weights(model, weights, data)
     return model.to(map_location), config

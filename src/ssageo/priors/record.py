@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ssageo.config import ConfigError
-from ssageo.io import DataError, atomic_write_text
+from ssageo.io import DataError, atomic_write_text, write_error
 
 RECORD_FILE = "priors-run.json"
 DONE_FILE = "priors-run.done"
@@ -80,15 +80,10 @@ class LabelRecord:
 
     def start(self, force: bool) -> None:
         """Write the record (the run's first write); a ``force`` run starts a new done list."""
-        try:
-            if force:
-                atomic_write_text(self.done_path, "")
-            atomic_write_text(self.path, json.dumps(
-                {"parameters": self.parameters, "redo": self.redo}, indent=1, sort_keys=True)
-                + "\n")
-        except OSError as exc:
-            raise DataError(f"{self.path}: cannot write the record of the prior labels "
-                            f"({exc.strerror or exc})") from None
+        if force:
+            atomic_write_text(self.done_path, "")
+        atomic_write_text(self.path, json.dumps(
+            {"parameters": self.parameters, "redo": self.redo}, indent=1, sort_keys=True) + "\n")
 
     def is_current(self, rel: str) -> bool:
         """False for a tile whose existing label an unfinished ``--force`` run has not redone."""
@@ -97,8 +92,11 @@ class LabelRecord:
     def mark(self, rels: Iterable[str]) -> None:
         """Note tiles rewritten by a ``--force`` run (after their labels are in place)."""
         if self.redo:
-            with self.done_path.open("a", encoding="utf-8") as handle:
-                handle.write("".join(f"{rel}\n" for rel in rels))
+            try:
+                with self.done_path.open("a", encoding="utf-8") as handle:
+                    handle.write("".join(f"{rel}\n" for rel in rels))
+            except OSError as exc:
+                raise write_error(self.done_path, exc) from None
 
     def finish(self) -> None:
         """Every tile of the dataset is redone: the record is an ordinary one again."""

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ssageo.data.paths import prior_label_path, truth_label_path
-from ssageo.io import DataError, write_image
+from ssageo.io import DataError, OutputError, write_image
 from ssageo.priors.record import LabelRecord
 
 
@@ -71,10 +71,6 @@ class PriorSummary:
     @property
     def ok(self) -> bool:
         return not self.failed
-
-
-class LabelWriteError(DataError):
-    """A label could not be written: the run stops (every later tile would fail alike)."""
 
 
 def tiles_from_paths(root: Path, paths: Sequence[Path | str]) -> list[Tile]:
@@ -144,8 +140,8 @@ def run_priors(
 
     Tiles whose label already exists are skipped unless ``force``. When a batch fails, its tiles
     are retried one by one so that only the tiles that really fail are reported (by path, on
-    ``console`` as they happen, and in the summary); the run goes on with the next tiles.
-    A label that cannot be written (read-only or full disk) stops the run with a DataError.
+    ``console`` as they happen, and in the summary); the run goes on with the next tiles. An
+    OutputError (disk full, read-only folder) stops it: every next tile would fail the same way.
 
     ``record`` (from ``LabelRecord.open``) is written first and tracks an unfinished ``--force``
     run; ``whole_dataset``: ``tiles`` are every tile, so a run without failures completes it.
@@ -164,11 +160,7 @@ def run_priors(
 
     def write(tile: Tile, label: np.ndarray) -> None:
         _check_label(tile, label)
-        try:
-            write_image(tile.prior_path, label)
-        except OSError as exc:  # the next tiles would fail alike: stop, naming the path
-            raise LabelWriteError(f"{tile.prior_path}: cannot write the label "
-                            f"({exc.strerror or exc}: {exc.filename})") from None
+        write_image(tile.prior_path, label)  # an OutputError when it cannot: stops the run
         if record is not None:
             record.mark([tile.rel])
         fractions.append(float(np.count_nonzero(label)) / label.size)
@@ -195,7 +187,7 @@ def run_priors(
             for tile, label in pairs:
                 try:
                     write(tile, label)
-                except LabelWriteError:
+                except OutputError:  # disk full or read-only: every next tile would fail too
                     raise
                 except Exception as exc:  # noqa: BLE001 - reported by path, run goes on
                     fail(tile, exc)

@@ -29,8 +29,9 @@ from tqdm import tqdm
 from ssageo.config import ConfigError, load_config, save_config
 from ssageo.data.datasets import PairDataset
 from ssageo.io import DataError, atomic_write_text
+from ssageo.train import precision
 from ssageo.train.distributed import all_true, barrier, cpu_threads, setup_distributed
-from ssageo.train.sampler import HardNegativeSampler, similarity_neighbours
+from ssageo.train.sampler import HardNegativeSampler, epoch_neighbours, first_source
 from ssageo.train.state import find_checkpoint, load_checkpoint, save_checkpoint, seed_everything
 
 METRICS_FILE = "metrics.jsonl"
@@ -109,31 +110,7 @@ class MetricsLog:
             self.board.flush()
 
 
-def _neighbours(sampler, model, manifest, config: dict, epoch: int, log) -> None:
-    """Give the sampler the neighbour lists this epoch uses (METHOD.md section 5)."""
-    from ssageo.data.neighbours import gps_neighbours
-    from ssageo.evaluate.embed import embed_manifest
-
-    s = config["train"]["sampling"]
-    sim_due = (
-        s["similarity"] and epoch >= s["similarity_start"]
-        and (epoch - s["similarity_start"]) % s["similarity_every"] == 0
-    )
-    if sim_due:
-        query, reference = embed_manifest(model, manifest, config)
-        sampler.set_neighbours(
-            similarity_neighbours(query, reference, manifest.positive, s["neighbour_range"]),
-            f"similarity@epoch{epoch}",
-        )
-        log(f"epoch {epoch + 1}: similarity neighbours recomputed with the current model")
-    elif sampler.neighbours is None and s["gps"]:
-        coords = manifest.query_coords if manifest.query_coords is not None else manifest.utm
-        if coords is not None:
-            sampler.set_neighbours(gps_neighbours(manifest, k=s["gps_k"]), "gps")
-            log(f"epoch {epoch + 1}: GPS neighbour lists")
-
-
-_FLOATS = ("lr", "weight_decay", "warmup_epochs", "clip_grad_norm")
+_FLOATS = ("lr", "weight_decay", "warmup_epochs", "clip_grad_norm", "clip_grad_value")
 _INTS = ("seed", "epochs", "batch_size", "checkpoint_every", "max_nonfinite_skips",
          "max_steps_per_epoch")
 
@@ -144,12 +121,15 @@ def _numbers(t: dict) -> dict:
     out = dict(t)
     for keys, kind in ((_FLOATS, float), (_INTS, int)):
         for key in keys:
-            if out.get(key) is None and key in ("clip_grad_norm", "max_steps_per_epoch"):
+            if out.get(key) is None and key in ("clip_grad_norm", "clip_grad_value",
+                                                "max_steps_per_epoch"):
                 continue
             try:
                 out[key] = kind(out[key])
             except (TypeError, ValueError):
                 raise ConfigError(f"train.{key} must be a number, got {out[key]!r}") from None
+    precision.amp_mode(out["amp"])  # the named choices too, before any work
+    first_source(out["sampling"])
     return out
 
 
@@ -197,7 +177,9 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
 
     manifest = load_manifest(d["root"], dataset=d["dataset"], split="train",
                              vigor_mode=d["vigor_mode"])
-    model = build_model(config["model"], d["reference_size"], d["query_size"],
+    # A resumed run's weights come from its checkpoint: model.pretrained is not read (or fetched).
+    model = build_model(dict(config["model"], pretrained=None) if resume else config["model"],
+                        d["reference_size"], d["query_size"],
                         config["loss"]["logit_scale_init"]).to(device)
     need = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) + 64 * 2**20
     if main:
@@ -218,10 +200,13 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
         manifest.positive, t["batch_size"], s["neighbour_select"], s["neighbour_range"],
         t["seed"], dist_info.world_size, dist_info.rank, t["max_steps_per_epoch"],
     )
+    amp_dtype = precision.autocast_dtype(t["amp"], device)
+    scaler = precision.make_scaler(amp_dtype, device)
     progress = {"epoch": 0, "batch": 0, "step": 0, "best_r1": None, "best_epoch": None,
                 "nonfinite_skips": 0}
     if resume:
-        sampler_state, progress = load_checkpoint(out / "checkpoints" / "last", model, optimizer)
+        sampler_state, progress = load_checkpoint(out / "checkpoints" / "last", model, optimizer,
+                                                  scaler)
         sampler.load_state_dict(sampler_state)
         log(f"resumed at epoch {progress['epoch'] + 1}, batch {progress['batch']}, "
             f"step {progress['step']}")
@@ -230,17 +215,17 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
     norm = model.data_config()
     # Augmentation depends only on (seed, epoch, index): each place is drawn at most once per
     # epoch, so this is independent of worker count and of where a resumed run starts.
-    dataset = PairDataset(manifest, d, True, norm["mean"], norm["std"], seed=t["seed"])
+    dataset = PairDataset(manifest, d, True, norm["mean"], norm["std"], seed=t["seed"],
+                          classes=config["model"]["bev"]["classes"])
     steps_per_epoch = min(len(np.unique(manifest.positive)) // t["batch_size"],
                           t["max_steps_per_epoch"] or math.inf)
     total_steps = t["epochs"] * steps_per_epoch
     warmup_steps = max(1, round(t["warmup_epochs"] * steps_per_epoch))
-    amp = bool(t["amp"]) and device.type == "cuda"
 
     def checkpoint(folder: str, sync: bool = True) -> None:
         if main:
             save_checkpoint(out / "checkpoints" / folder, model, config, optimizer,
-                            sampler.state_dict(progress["batch"]), progress)
+                            sampler.state_dict(progress["batch"]), progress, scaler)
             metrics.flush()
         if sync:
             barrier()
@@ -248,7 +233,7 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
     started = time.perf_counter()
     for epoch in range(progress["epoch"], t["epochs"]):
         if progress["batch"] == 0:
-            _neighbours(sampler, model, manifest, config, epoch, log)
+            epoch_neighbours(sampler, model, manifest, config, epoch, log)
             sampler.set_epoch(epoch)
         dataset.epoch = epoch
         loader = torch.utils.data.DataLoader(
@@ -268,31 +253,33 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
             query = batch["query"].to(device, non_blocking=True, memory_format=fmt)
             reference = batch["reference"].to(device, non_blocking=True, memory_format=fmt)
             prior = batch["prior"].to(device) if "prior" in batch else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
+                                enabled=amp_dtype is not None):
                 outputs = net(query, reference)
                 losses = ssa_loss(outputs, prior, config["loss"])
             optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), t["clip_grad_norm"] or float("inf")
-            )
+            grad_norm = precision.backward(losses["loss"], model.parameters(), optimizer, scaler,
+                                           t["clip_grad_norm"], t.get("clip_grad_value"))
             values = _mean_over_ranks(losses, device)
+            # Under fp16 an overflowed gradient is routine: the scaler skips that update and
+            # lowers its scale, as in the reference. Only a non-finite loss is a fault then.
             finite = all_true(
                 all(math.isfinite(v) for v in values.values())
-                and bool(torch.isfinite(grad_norm)), device,
+                and (scaler.is_enabled() or bool(torch.isfinite(grad_norm))), device,
             )
             progress["step"] += 1
             progress["batch"] += 1
-            if finite:
-                optimizer.step()
-            else:
+            if not finite:
                 _non_finite(progress, values, epoch, t, metrics, log, checkpoint)
+            precision.step(optimizer, scaler, finite)
             now = time.perf_counter()
             record = {
                 "kind": "step", "step": progress["step"], "epoch": epoch + 1, **values,
                 "lr": lr, "logit_scale": float(outputs["logit_scale"].detach().exp()),
                 "grad_norm": float(grad_norm), "pairs_per_s": t["batch_size"] / (now - tick),
             }
+            if scaler.is_enabled():
+                record["grad_scale"] = scaler.get_scale()
             tick = now
             metrics.add(record)
             bar.set_postfix(loss=f"{values['loss']:.3f}", bev=f"{values['bev']:.3f}",
