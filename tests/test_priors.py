@@ -1,5 +1,8 @@
 """Fusion rules, oracle corruption and the shared driver of `ssageo priors`."""
 
+import json
+import shutil
+
 import cv2
 import numpy as np
 import pytest
@@ -182,3 +185,73 @@ def test_invalid_corruption_is_refused():
         Corruption(drop=1.5)
     with pytest.raises(ConfigError, match="erode"):
         Corruption(erode=-1)
+
+
+# --- The record of how the labels were made (ROOT/priors-run.json) -------------------------
+
+
+def _unlabelled_world(synth_world, where):
+    """A private copy of the CVUSA-layout synth world without its shipped prior labels."""
+    shutil.copytree(synth_world("cvusa"), where)
+    shutil.rmtree(where / "sat_BEV_label")
+    return where
+
+
+def _priors(capsys, *args):
+    """`ssageo priors` through the real entry point: (exit status, stdout, stderr)."""
+    from ssageo.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["priors", *map(str, args), "--backend", "oracle", "--no-progress"])
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def _labels(root):
+    from ssageo.io import read_image
+    from ssageo.priors import list_tiles
+
+    return {t.rel: read_image(t.prior_path, mode="L") for t in list_tiles(root)}
+
+
+def test_a_rerun_with_other_parameters_is_refused_naming_them(synth_world, tmp_path, capsys):
+    world = _unlabelled_world(synth_world, tmp_path / "world")
+    assert _priors(capsys, world)[0] == 0
+    record = json.loads((world / "priors-run.json").read_text())
+    assert record["parameters"]["backend"] == "oracle" and record["parameters"]["erode"] == 0
+    code, out, err = _priors(capsys, world, "--erode", "1", "--seed", "4")
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert "priors-run.json" in err and "erode (0 -> 1)" in err and "seed (0 -> 4)" in err
+    assert "tiles done" not in out
+    code, out, _ = _priors(capsys, world)  # the same parameters: a rerun resumes (all done)
+    assert code == 0 and "tiles done 0, skipped (already there) 40" in out
+    code, out, _ = _priors(capsys, world, "--erode", "1", "--force")
+    assert code == 0 and "tiles done 40" in out
+    assert json.loads((world / "priors-run.json").read_text())["parameters"]["erode"] == 1
+
+
+def test_an_unfinished_force_run_is_resumed_without_mixing_labels(synth_world, tmp_path, capsys):
+    world = _unlabelled_world(synth_world, tmp_path / "world")
+    assert _priors(capsys, world)[0] == 0  # labels of the uncorrupted truth
+    # A --force run with other parameters that stopped after the train split's tiles: on disk
+    # exactly what an interrupted one leaves (val tiles still hold the old labels).
+    corrupt = ["--erode", "2", "--drop", "0.3"]
+    assert _priors(capsys, world, *corrupt, "--force", "--split", "train")[0] == 0
+    assert json.loads((world / "priors-run.json").read_text())["redo"] is True
+    code, out, _ = _priors(capsys, world, *corrupt)  # rerun without --force
+    assert code == 0 and "tiles done 8, skipped (already there) 32" in out  # the val tiles
+    assert json.loads((world / "priors-run.json").read_text())["redo"] is False
+    assert not (world / "priors-run.done").exists()
+    clean = _unlabelled_world(synth_world, tmp_path / "clean")
+    assert _priors(capsys, clean, *corrupt)[0] == 0
+    resumed, expected = _labels(world), _labels(clean)
+    assert all((resumed[rel] == expected[rel]).all() for rel in expected)
+
+
+def test_a_label_that_cannot_be_written_stops_the_run(synth_world, tmp_path, capsys):
+    world = _unlabelled_world(synth_world, tmp_path / "world")
+    (world / "sat_BEV_label").write_text("a file where the labels' folder belongs")
+    code, out, err = _priors(capsys, world)
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert f"{world / 'sat_BEV_label'}" in err and "cannot write" in err
+    assert "mIoU" not in out and "tiles done" not in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -16,6 +17,10 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Seed of the world and of both trainings."),
 ) -> None:
     """Synthetic world -> oracle priors -> SSA and no-SSA training -> evaluation -> report."""
+    from ssageo.config import ConfigError
     from ssageo.demo import run_demo
 
+    if not math.isfinite(budget_minutes):  # nan passes every comparison further on
+        raise ConfigError(f"--budget-minutes: must be a finite number of minutes, "
+                          f"got {budget_minutes}")
     run_demo(out, budget_minutes=budget_minutes, seed=seed)

@@ -17,13 +17,13 @@ app.add_typer(index_app, name="index")
 
 DATASET_HELP = "auto | cvusa | cvact | vigor"
 SPLIT_HELP = "train | val | test (default: test for VIGOR, val otherwise)"
-DEVICE_HELP = "auto | cpu | cuda[:N] (auto: a GPU when torch sees one)"
+DEVICE_HELP = "auto | cpu | cuda[:N] | mps (auto: a GPU when torch sees one)"
 
 
 def _device(name: str) -> str:
-    from ssageo.priors.langsam import resolve_device
+    from ssageo.device import resolve_device
 
-    return resolve_device(name)
+    return resolve_device(name, "--device")
 
 
 def _manifest(data: Path, dataset: str, split: str | None, vigor_mode: str):
@@ -94,8 +94,10 @@ def evaluate(
     block_size: int = typer.Option(
         4096, min=1, help="Queries scored per block (memory: 4 x this x R B)"
     ),
-    batch_size: int | None = typer.Option(None, help="Images per batch (default eval.batch_size)"),
-    workers: int | None = typer.Option(None, help="Loader processes (default data.workers)"),
+    batch_size: int | None = typer.Option(
+        None, min=1, help="Images per batch (default eval.batch_size)"),
+    workers: int | None = typer.Option(
+        None, min=0, help="Loader processes (default data.workers)"),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics here."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -104,6 +106,7 @@ def evaluate(
     from ssageo.evaluate.descriptors import load_descriptors
     from ssageo.evaluate.embed import manifest_metrics
 
+    device = _device(device)  # a bad --device fails before any loading
     if json_out is not None:  # before any work: a refused output must not cost an evaluation
         check_output(json_out, "an `ssageo eval` metrics file", _is_metrics_json, force, "--json")
 
@@ -134,8 +137,10 @@ def embed(
     dataset: str = typer.Option("auto", help=DATASET_HELP),
     split: str | None = typer.Option(None, help=SPLIT_HELP),
     vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
-    batch_size: int | None = typer.Option(None, help="Images per batch (default eval.batch_size)"),
-    workers: int | None = typer.Option(None, help="Loader processes (default data.workers)"),
+    batch_size: int | None = typer.Option(
+        None, min=1, help="Images per batch (default eval.batch_size)"),
+    workers: int | None = typer.Option(
+        None, min=0, help="Loader processes (default data.workers)"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
@@ -166,8 +171,8 @@ def index_build(
         None, "--split", help="With --data: only these splits' tiles (repeatable); default all."
     ),
     vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
-    batch_size: int = typer.Option(64, help="Tiles per batch."),
-    workers: int = typer.Option(0, help="Loader processes."),
+    batch_size: int = typer.Option(64, min=1, help="Tiles per batch."),
+    workers: int = typer.Option(0, min=0, help="Loader processes."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
@@ -176,6 +181,7 @@ def index_build(
 
     if (data is None) == (tiles is None):
         raise typer.BadParameter("give exactly one of --data ROOT or --tiles TILES.csv")
+    device = _device(device)
     check_output(out, "an ssageo index", is_index_file, force)
     if tiles is not None:
         paths, coords = read_tiles_csv(tiles)

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from ssageo.cli import app
 from ssageo.config import ConfigError, load_config
+from ssageo.priors.record import LabelRecord
 from ssageo.priors.run import PriorSummary, list_tiles, run_priors
 
 
@@ -19,9 +20,10 @@ class Backend(str, Enum):
     files = "files"
 
 
-def _langsam(config: str, overrides: list[str], detector: Path | None, segmenter: Path | None,
-             device: str | None, batch_size: int | None):
-    from ssageo.priors.langsam import LangSamBackend
+def _langsam_section(config: str, overrides: list[str], detector: Path | None,
+                     segmenter: Path | None, device: str | None, batch_size: int | None) -> dict:
+    """The ``priors`` section with the command's options applied and its device checked."""
+    from ssageo.device import resolve_device
 
     section = dict(load_config(config, overrides).get("priors") or {})
     if not section:
@@ -30,7 +32,13 @@ def _langsam(config: str, overrides: list[str], detector: Path | None, segmenter
                        ("batch_size", batch_size)):
         if value is not None:
             section[key] = str(value) if isinstance(value, Path) else value
-    return LangSamBackend.from_config(section)
+    section["device"] = resolve_device(section.get("device", "auto"),
+                                       "--device" if device is not None else "priors.device")
+    return section
+
+
+def _where(path: str | Path | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
 
 
 def _print_summary(console: Console, summary: PriorSummary) -> None:
@@ -64,9 +72,9 @@ def priors(
     segmenter: Path = typer.Option(
         None, help="langsam: local SAM directory (facebook/sam-vit-huge)."),
     device: str = typer.Option(None, help="langsam: auto | cpu | cuda | cuda:N."),
-    batch_size: int = typer.Option(None, help="langsam: tiles per model call."),
+    batch_size: int = typer.Option(None, min=1, help="langsam: tiles per model call."),
     threads: int = typer.Option(
-        None, help="langsam on CPU: torch threads (1 is fastest on a busy shared machine)."),
+        None, min=1, help="langsam on CPU: torch threads (1 is fastest on a busy shared machine)."),
     masks: list[Path] = typer.Option(
         None, help="files: folder of existing masks to import (repeatable, e.g. one per city)."),
     keep_values: bool = typer.Option(
@@ -84,33 +92,53 @@ def priors(
 ) -> None:
     """Write a prior label for every satellite tile of a dataset, where the readers look for it.
 
-    A rerun skips tiles already done; the exit status is 1 when any tile failed.
+    A rerun skips tiles already done, and is refused when the labels there were made with other
+    parameters (recorded in ROOT/priors-run.json) unless --force; the exit status is 1 when any
+    tile failed.
     """
     console = Console()
     tiles = list_tiles(root, dataset, split or None)
+    # What the labels depend on, recorded beside them: checked before any model is loaded.
     if backend is Backend.langsam:
+        section = _langsam_section(config, overrides or [], detector, segmenter, device,
+                                   batch_size)
+        parameters = {k: section.get(k) for k in (
+            "prompts", "classes", "box_threshold", "text_threshold")}
+        parameters.update(detector=_where(section.get("detector")),
+                          segmenter=_where(section.get("segmenter")))
+    elif backend is Backend.oracle:
+        groups = truth_classes or ["building,tree"]
+        classes = {g: [c.strip() for c in g.split(",") if c.strip()] for g in groups}
+        parameters = {"classes": classes, "erode": erode, "dilate": dilate, "drop": drop,
+                      "false_positives": false_positives, "blob_radius": blob_radius,
+                      "seed": seed}
+    else:
+        if not masks:
+            raise ConfigError("--backend files needs --masks FOLDER (the masks to import)")
+        parameters = {"masks": [_where(m) for m in masks], "keep_values": keep_values}
+    record = LabelRecord.open(root, {"backend": backend.value, **parameters}, force)
+    if backend is Backend.langsam:
+        from ssageo.priors.langsam import LangSamBackend
+
         if threads is not None:
             import torch
 
             torch.set_num_threads(threads)
-        source = _langsam(config, overrides or [], detector, segmenter, device, batch_size)
+        source = LangSamBackend.from_config(section)
     elif backend is Backend.oracle:
         from ssageo.priors.oracle import Corruption, OracleBackend
 
-        groups = truth_classes or ["building,tree"]
-        classes = {g: [c.strip() for c in g.split(",") if c.strip()] for g in groups}
         corruption = Corruption(erode=erode, dilate=dilate, drop=drop,
                                 false_positives=false_positives, blob_radius=blob_radius)
         source = OracleBackend(root, corruption, classes, seed=seed)
     else:
         from ssageo.priors.files import FilesBackend
 
-        if not masks:
-            raise ConfigError("--backend files needs --masks FOLDER (the masks to import)")
         source = FilesBackend(masks, tiles, keep_values=keep_values)
     console.print(f"{len(tiles)} satellite tiles under {root}; backend {backend.value}",
                   highlight=False)
-    summary = run_priors(tiles, source, force=force, progress=progress, console=console)
+    summary = run_priors(tiles, source, force=force, progress=progress, console=console,
+                         record=record, whole_dataset=not split)
     _print_summary(console, summary)
     if not summary.ok:
         raise typer.Exit(1)

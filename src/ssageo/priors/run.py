@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ssageo.data.paths import prior_label_path, truth_label_path
 from ssageo.io import DataError, OutputError, write_image
+from ssageo.priors.record import LabelRecord
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,8 @@ def run_priors(
     force: bool = False,
     progress: bool = True,
     console: Console | None = None,
+    record: LabelRecord | None = None,
+    whole_dataset: bool = False,
 ) -> PriorSummary:
     """Write a prior label for every tile in ``tiles`` with ``backend``; returns the summary.
 
@@ -139,16 +142,27 @@ def run_priors(
     are retried one by one so that only the tiles that really fail are reported (by path, on
     ``console`` as they happen, and in the summary); the run goes on with the next tiles. An
     OutputError (disk full, read-only folder) stops it: every next tile would fail the same way.
+
+    ``record`` (from ``LabelRecord.open``) is written first and tracks an unfinished ``--force``
+    run; ``whole_dataset``: ``tiles`` are every tile, so a run without failures completes it.
     """
     console = console or Console(stderr=True)
     summary = PriorSummary()
-    todo = [t for t in tiles if force or not t.prior_path.is_file()]
+    todo = [t for t in tiles if force or not t.prior_path.is_file()
+            or (record is not None and not record.is_current(t.rel))]
     summary.skipped = len(tiles) - len(todo)
+    if record is not None:
+        record.start(force)
+        if summary.skipped and not record.existed:
+            console.print(f"{summary.skipped} existing label(s) kept although nothing records "
+                          "how they were made (pass --force to redo them)", highlight=False)
     fractions: list[float] = []
 
     def write(tile: Tile, label: np.ndarray) -> None:
         _check_label(tile, label)
-        write_image(tile.prior_path, label)
+        write_image(tile.prior_path, label)  # an OutputError when it cannot: stops the run
+        if record is not None:
+            record.mark([tile.rel])
         fractions.append(float(np.count_nonzero(label)) / label.size)
         summary.done += 1
 
@@ -178,6 +192,8 @@ def run_priors(
                 except Exception as exc:  # noqa: BLE001 - reported by path, run goes on
                     fail(tile, exc)
             bar.advance(task, len(batch))
+    if record is not None and whole_dataset and not summary.failed:
+        record.finish()
     if fractions:
         summary.foreground = float(np.mean(fractions))
     summary.statistics = backend.statistics()

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ssageo.config import ConfigError
+from ssageo.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -33,17 +34,27 @@ class DistInfo:
 def setup_distributed(device: str = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun, and pick this process's device.
 
-    ``device`` is "auto" (CUDA when available, else CPU), "cpu" or "cuda". Returns a DistInfo.
+    ``device`` is ``train.device`` (see ``ssageo.device.resolve_device``); with ``cuda`` each
+    process takes the GPU of its ``LOCAL_RANK``, ``cuda:N`` pins one process to GPU N.
+    Returns a DistInfo.
     """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    name = resolve_device(device, "train.device")
+    use_cuda = name.startswith("cuda")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and name not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device={device}: with several processes use cuda (each takes "
+                          "the GPU of its LOCAL_RANK) or cpu")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        index = int(name.split(":")[1]) if ":" in name else local_rank
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={device}: process {local_rank} has no GPU of its "
+                              f"own ({torch.cuda.device_count()} visible)")
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
-        dev = torch.device("cpu")
+        dev = torch.device(name)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistInfo(rank, world_size, local_rank, dev)

@@ -51,12 +51,12 @@ class HardNegativeSampler(torch.utils.data.Sampler):
         max_batches: int | None = None,
     ) -> None:
         if batch_size % world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size={batch_size} (the global batch) must be divisible by the "
                 f"number of processes ({world_size})"
             )
         if len(np.unique(keys)) < batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"only {len(np.unique(keys))} distinct training places, fewer than "
                 f"train.batch_size={batch_size}"
             )
