@@ -141,7 +141,7 @@ def check_output(path: Path, kind: str, is_kind: Callable[[Path], bool], force: 
     """
     path = Path(path)
     if path.is_dir():
-        raise OutputError(f"{path}: is a folder; {option} takes the name of the {kind} file")
+        raise OutputError(f"{path}: is a folder; {option} takes a file name for {kind}")
     parent = next(p for p in (*path.parents, Path(".")) if p.exists())
     if not parent.is_dir():
         raise OutputError(f"{path}: cannot write: {parent} is not a folder")
