@@ -184,6 +184,8 @@ def main() -> None:
         print(f"  {label:>21}: straightforward {base:6.0f}  "
               + "  ".join(f"{v} {growth[v]:6.0f} (ratio {growth[v] / base:.3f})"
                           for v in MEMORY_VARIANTS[1:]))
+    # with the threshold pinned (the loop's last run), RSS growth follows the live tensor memory
+    print(f"live peak lean/straightforward: {growth['lean'] / growth['straightforward']:.3f}")
     times = _run_child(args, ["--child-time"])
     base = statistics.median(times["straightforward"])
     print(f"time, median of {args.repeats} interleaved rounds after a warm-up round:")

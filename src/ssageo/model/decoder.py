@@ -144,8 +144,10 @@ class BEVDecoder(nn.Module):
                 x, top = stage(x, top)
             return self.classifier(self.refine(x))
         x = checkpoint(self._lean_bottom, x, use_reentrant=False)
-        return torch.cat([checkpoint(self._lean_top, x[i:i + 1], use_reentrant=False)
-                          for i in range(x.shape[0])])
+        # split, not slices: each slice's backward would allocate a zero gradient of the whole
+        # batch; split's backward joins the samples' gradients once
+        return torch.cat([checkpoint(self._lean_top, part, use_reentrant=False)
+                          for part in x.split(1)])
 
     def _lean_bottom(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
