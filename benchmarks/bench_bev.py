@@ -62,7 +62,7 @@ def _build(args: argparse.Namespace, variant: str):
 @contextlib.contextmanager
 def _trimming(enabled: bool):
     """The lean head with ``malloc_trim(0)`` at its stage boundaries (the TRIM experiment)."""
-    from ssageo.model import bev, decoder
+    from ssageo.model import bev, decoder, decoder_lean
 
     if not enabled:
         yield
@@ -80,7 +80,7 @@ def _trimming(enabled: bool):
     patches = [  # class, function, static, only at full resolution (>= 2^17 pixels)
         (decoder.BEVDecoder, "_lean_top", False, False),
         (bev._LeanPolar, "backward", True, False),
-        (decoder._NormReLUConv, "backward", True, True),
+        (decoder_lean._NormReLUConv, "backward", True, True),
     ]
     originals = [(cls, name, cls.__dict__[name]) for cls, name, _, _ in patches]
     try:
