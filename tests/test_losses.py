@@ -55,6 +55,37 @@ def test_dice_is_zero_for_a_perfect_prediction_and_high_for_the_opposite():
     assert dice_loss(-perfect, target).item() > 0.9
 
 
+def _dice_by_loops(logits: torch.Tensor, target: torch.Tensor, eps: float) -> float:
+    """The reference formula written out pixel by pixel, in float64."""
+    b_count, k_count, height, width = logits.shape
+    probs = logits.double().softmax(dim=1)
+    losses = []
+    for b in range(b_count):
+        for k in range(k_count):
+            inter = p_sum = y_sum = 0.0
+            for i in range(height):
+                for j in range(width):
+                    p, y = probs[b, k, i, j].item(), float(target[b, i, j].item() == k)
+                    inter, p_sum, y_sum = inter + p * y, p_sum + p, y_sum + y
+            losses.append(1 - (2 * inter + eps) / (p_sum + y_sum + eps))
+    return sum(losses) / len(losses)
+
+
+def test_dice_is_per_sample_and_class_with_the_reference_smoothing():
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(3, 3, 5, 6, dtype=torch.float64)
+    target = torch.randint(0, 3, (3, 5, 6))
+    target[1] = 0  # classes 1 and 2 absent from sample 1
+    loss = dice_loss(logits, target)
+    assert loss.item() == pytest.approx(_dice_by_loops(logits, target, 1e-6), abs=1e-12)
+    # the former form (sums pooled over the batch, eps 1) gives another value
+    probs = logits.softmax(dim=1)
+    onehot = F.one_hot(target, 3).permute(0, 3, 1, 2).double()
+    pooled = (1 - (2 * (probs * onehot).sum((0, 2, 3)) + 1)
+              / (probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + 1)).mean()
+    assert abs(loss.item() - pooled.item()) > 0.05
+
+
 def test_prior_is_resized_nearest_neighbour_and_bev_term_weighted():
     prior = torch.zeros(1, 4, 4, dtype=torch.long)
     prior[0, 0, 0] = 1

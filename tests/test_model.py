@@ -98,6 +98,8 @@ def test_paper_configuration_shapes_on_the_meta_device():
                    "lean": False}}
     with torch.device("meta"):
         model = build_model(cfg, (384, 384), (384, 768)).train()
+        # depth conv 25,214,976 + the reference decoder (SSA's MLSP) 3,781,954
+        assert sum(p.numel() for p in model.bev.parameters()) == 28_996_930
         query, reference = torch.empty(2, 3, 384, 768), torch.empty(2, 3, 384, 384)
         assert model.encoder("query").trunk(query).shape == (2, 512, 24, 48)
         assert model.encoder("reference").trunk(reference).shape == (2, 512, 24, 24)

@@ -7,7 +7,9 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from ssageo.config import load_config
 from ssageo.model import bev
 from ssageo.model.bev import (
     BEVHead,
@@ -15,7 +17,8 @@ from ssageo.model.bev import (
     naive_polar_projection,
     polar_to_cartesian,
 )
-from ssageo.model.decoder import BEVDecoder, DoubleConv, UpStage
+from ssageo.model.decoder import BEVDecoder, DoubleConv, ResidualBlock, UpStage, decoder_widths
+from ssageo.model.summary import model_info
 
 
 @pytest.mark.parametrize("chunk_elements", [1, 700, 1 << 22])  # 1 channel .. all at once
@@ -80,20 +83,21 @@ def test_whole_head_lean_and_straightforward_agree(batch):
         torch.testing.assert_close(grad, results[1][2][name], rtol=1e-9, atol=1e-9, msg=name)
 
 
-def test_lean_decoder_matches_the_plain_one_in_float32():
+@pytest.mark.parametrize("channels", [32, 40])  # 40: widths 20, 10, 5, 2 (rounded down)
+def test_lean_decoder_matches_the_plain_one_in_float32(channels):
     torch.manual_seed(0)
-    lean = BEVDecoder(32, 2, lean=True, lean_from=0)
+    lean = BEVDecoder(channels, 2, lean=True, lean_from=0)
     plain = copy.deepcopy(lean)
     plain.lean = False
-    features = torch.randn(2, 32, 6, 6)
+    features = torch.randn(2, channels, 6, 6)
     target = torch.randn(2, 2, 48, 48)
     results = []
     for decoder in (lean, plain):
         x = features.clone().requires_grad_()
         logits = decoder(x)
         (logits * target).sum().backward()
-        # InstanceNorm's own weight gradients are ill-conditioned in float32 (the plain
-        # decoder's differ from float64 by up to 1e-2): the float64 test covers them
+        # conv weights only: the residual convs' biases cancel in the InstanceNorm after them
+        # (their gradients are rounding noise in both passes)
         convs = [m.weight.grad for m in decoder.modules() if isinstance(m, torch.nn.Conv2d)]
         results.append([logits, x.grad] + convs)
     for a, b in zip(results[0], results[1], strict=True):
@@ -103,13 +107,97 @@ def test_lean_decoder_matches_the_plain_one_in_float32():
 
 def test_lean_decoder_functions_pass_gradcheck_in_float64():
     torch.manual_seed(0)
-    stage = UpStage(8).double()
-    x = torch.randn(1, 8, 3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(stage.lean, (x,))
+    for stage in (UpStage(8, 3, top_from=0), UpStage(8, 2, top_from=4)):  # first, later stage
+        stage = stage.double()
+        x = torch.randn(1, 8, 3, 4, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(stage.lean, (x,))
+    for block in (ResidualBlock(6, 4), ResidualBlock(4, 4)):
+        block = block.double()
+        x = torch.randn(1, block.body[0].in_channels, 4, 5, dtype=torch.float64,
+                        requires_grad=True)
+        assert torch.autograd.gradcheck(block.lean, (x,))
     refine = DoubleConv(4, 4).double()
     classifier = torch.nn.Conv2d(4, 2, 1).double()
     c1 = torch.randn(1, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: refine.lean(t, classifier), (c1,))
+
+
+def test_decoder_has_the_reference_size_and_widths():
+    # MLSP(backbone_channels=512, classes=2) of the SSA authors' BEV_Layout.py: 3,781,954
+    with torch.device("meta"):
+        decoder = BEVDecoder(512, 2)
+    assert sum(p.numel() for p in decoder.parameters()) == 3_781_954
+    assert [stage.out_channels for stage in decoder.up] == [256, 128, 64]
+    assert (decoder.refine[0].in_channels, decoder.refine[0].out_channels) == (64, 32)
+    assert not any(isinstance(m, torch.nn.InstanceNorm2d) and m.affine
+                   for m in decoder.modules())
+    assert decoder_widths(256) == (128, (64, 32, 16))  # synth-cpu: half of the paper's widths
+    assert decoder_widths(8) == (4, (2, 1, 1))
+
+
+def test_first_residual_block_is_the_sum_of_two_rectified_branches():
+    torch.manual_seed(0)
+    block = ResidualBlock(6, 4)
+    x = torch.randn(2, 6, 5, 5)
+    conv1, conv2, align = block.body[0], block.body[3], block.shortcut[0]
+
+    def norm_relu(t):
+        return F.relu(F.instance_norm(t))
+
+    body = norm_relu(conv2(norm_relu(conv1(x))))
+    torch.testing.assert_close(block(x), norm_relu(align(x)) + body)
+    same = ResidualBlock(4, 4)
+    y = torch.randn(2, 4, 5, 5)
+    expected = y + F.instance_norm(same.body[3](norm_relu(same.body[0](y))))
+    torch.testing.assert_close(same(y), expected)
+
+
+def _stage_outputs(decoder: BEVDecoder, x: torch.Tensor) -> list[torch.Tensor]:
+    outputs = []
+    hooks = [stage.register_forward_hook(lambda m, i, o: outputs.append(o[0]))
+             for stage in decoder.up]
+    decoder(x)
+    for hook in hooks:
+        hook.remove()
+    return outputs
+
+
+def test_top_k_branch_is_a_chain_of_aligned_corner_upsamplings():
+    torch.manual_seed(0)
+    decoder = BEVDecoder(32, 2, lean=False)
+    x = torch.randn(1, 32, 4, 4)
+    before = _stage_outputs(decoder, x)
+    with torch.no_grad():  # the conv branches change; the top-k chain must not see it
+        for stage in decoder.up:
+            stage.conv[0].weight.normal_()
+    after = _stage_outputs(decoder, x)
+    for stage, a, b in zip(decoder.up, before, after, strict=True):
+        torch.testing.assert_close(a[:, stage.k:], b[:, stage.k:], rtol=0, atol=0)
+        assert not torch.allclose(a[:, :stage.k], b[:, :stage.k])
+    # aligned corners: on a 4 -> 8 grid, output column 1 samples input column 3/7
+    # (align_corners=False would sample 0.25)
+    trunk = F.relu(decoder.blocks(x))[0, :, 0]
+    first = before[0][0, decoder.up[0].k:, 0]
+    torch.testing.assert_close(first[:, 1], (trunk[:, 0] * 4 / 7 + trunk[:, 1] * 3 / 7).topk(8)
+                               .values)
+    torch.testing.assert_close(first[:, -1], trunk[:, -1].topk(8).values)
+
+
+def test_lean_and_straightforward_heads_share_their_state_dict():
+    torch.manual_seed(0)
+    lean = _lean_at_any_size(BEVHead(16, depth_bins=4, grid_size=4, classes=2))
+    plain = BEVHead(16, depth_bins=4, grid_size=4, classes=2, lean=False)
+    plain.load_state_dict(lean.state_dict())  # strict: the same keys and shapes
+    x = torch.randn(2, 16, 3, 8)
+    torch.testing.assert_close(lean(x), plain(x))
+    lean.load_state_dict(BEVHead(16, 4, 4, 2, lean=False).state_dict())
+
+
+def test_paper_head_size_as_model_info_prints_it():
+    # depth conv 512 -> 512*96 with its bias (it cancels in the softmax but is kept, as in the
+    # reference) 25,214,976 + the reference decoder 3,781,954
+    info = model_info(load_config("cvusa"))
+    assert info["parts"]["bev"] == 28_996_930
 
 
 def test_projection_bias_cancels_in_the_softmax():

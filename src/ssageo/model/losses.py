@@ -62,17 +62,19 @@ class InfoNCE(nn.Module):
         return (loss_q + loss_r) / 2
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Multi-class Dice on softmax probabilities: mean over classes of
-    ``1 - (2 sum p*y + eps) / (sum p + sum y + eps)``, sums over batch and pixels.
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Multi-class Dice on softmax probabilities, the SSA authors' form (``MultiClassDiceLoss``
+    in ``model_training/sample4geo/loss.py``, fed softmax outputs by their trainer): for every
+    sample b and class k, over the H x W pixels,
+    ``1 - (2 sum p*y + eps) / (sum p + sum y + eps)``, averaged over all (b, k).
 
-    ``logits`` (B,K,H,W); ``target`` (B,H,W) int64 class indices.
+    ``logits`` (B,K,H,W); ``target`` (B,H,W) int64 class indices. Per sample, not pooled over
+    the batch: a class absent from a sample's labels counts there with its own (small) Dice.
     """
     probs = logits.softmax(dim=1)
     onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-    dims = (0, 2, 3)
-    inter = (probs * onehot).sum(dims)
-    total = probs.sum(dims) + onehot.sum(dims)
+    inter = (probs * onehot).sum((2, 3))  # (B,K)
+    total = probs.sum((2, 3)) + onehot.sum((2, 3))
     return (1 - (2 * inter + eps) / (total + eps)).mean()
 
 
