@@ -55,14 +55,15 @@ def read_records(path: Path) -> list[tuple[int, dict]]:
     """
     path = Path(path)
     records = []
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    records.append((number, _record(path, number, line)))
-    except UnicodeDecodeError:
-        raise DataError(f"{path}:{len(records) + 1}: not UTF-8 text (is this a metrics.jsonl "
-                        "file?)") from None
+    # Decoded line by line, so that an error names the line that is not text.
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{number}: not UTF-8 text (is this a metrics.jsonl "
+                            "file?)") from None
+        if line.strip():
+            records.append((number, _record(path, number, line)))
     return records
 
 
