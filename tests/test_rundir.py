@@ -84,8 +84,6 @@ def test_second_train_on_a_busy_run_directory_is_refused_and_kill_9_leaves_no_st
         assert error_lines(second.stderr) == [
             f"error: {run}: in use by another ssageo process (pid {first.pid}, lock "
             f"{run / '.lock'}); wait for it to end or use another output folder"]
-        resumed = run_cli("train", "--resume", run)  # --resume is refused the same way
-        assert resumed.returncode == 2 and f"pid {first.pid}" in resumed.stderr
     finally:
         first.kill()  # SIGKILL: the kernel drops the lock with the process
         first.wait()
@@ -323,7 +321,9 @@ while [ ! -f "$DISK/run/config.yaml" ]; do
   kill -0 $pid 2>/dev/null || break
   sleep 0.05
 done
-if [ "$FAULT" = full ]; then cat /dev/zero > "$DISK/filler" 2>/dev/null
+# full: 2 MiB left, room for the small log files but not for a checkpoint
+if [ "$FAULT" = full ]; then
+  head -c $(( $(df --output=avail -B1 "$DISK" | tail -1) - 2097152 )) /dev/zero > "$DISK/filler"
 else mount -o remount,ro "$DISK" || echo "remount failed" >&2
 fi
 wait $pid
@@ -332,10 +332,13 @@ wait $pid
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _can_mount(), reason="needs `unshare -rm` to mount a small tmpfs")
-@pytest.mark.parametrize(("fault", "reason"), [("full", "no space left on device"),
-                                               ("read-only", "read-only file system")])
+# A full disk (2 MiB left) fails at the checkpoint; a read-only one at the first file written
+# then, the log, which goes first so that it is never behind the checkpoint.
+@pytest.mark.parametrize(("fault", "failed"), [
+    ("full", "checkpoints/last: cannot write the checkpoint (no space left on device)"),
+    ("read-only", "metrics.jsonl: cannot write (read-only file system)")])
 def test_checkpoint_write_on_a_full_or_read_only_disk_is_one_line(synth_world, tmp_path,
-                                                                  fault, reason):
+                                                                  fault, failed):
     disk = tmp_path / "disk"
     disk.mkdir()
     cmd, kw = cli("train", "--out", disk / "run", "--data", synth_world("cvusa"), *TINY,
@@ -344,9 +347,7 @@ def test_checkpoint_write_on_a_full_or_read_only_disk_is_one_line(synth_world, t
     done = subprocess.run(["unshare", "-rm", "bash", "-c", FAULT_SCRIPT, "fault", *cmd],
                           capture_output=True, text=True, timeout=600, **kw)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert error_lines(done.stderr)[-1] == (
-        f"error: {disk / 'run' / 'checkpoints' / 'last'}: cannot write the checkpoint "
-        f"({reason})")
+    assert error_lines(done.stderr)[-1] == f"error: {disk / 'run'}/{failed}"
     assert "Traceback" not in done.stderr
 
 

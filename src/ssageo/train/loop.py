@@ -231,9 +231,11 @@ def _train(config: dict, out: Path, resume: bool, t: dict, dist_info: DistInfo) 
     def checkpoint(folder: str) -> None:
         """Write ``checkpoints/folder`` (main process); every process learns that it worked."""
         def write() -> None:
+            # The log first: a kill between the two leaves records past the checkpoint, which
+            # a resumed run drops; the other order would lose the records up to it.
+            metrics.flush()
             save_checkpoint(out / CHECKPOINTS / folder, model, config, optimizer,
                             sampler.state_dict(progress["batch"]), progress)
-            metrics.flush()
 
         on_main(write, dist_info)
 
