@@ -239,6 +239,8 @@ def _train(config: dict, out: Path, resume: bool, t: dict, dist_info: DistInfo) 
 
         on_main(write, dist_info)
 
+    if start is not None and start.name != "last":
+        checkpoint("last")  # resumed from `best`: it is the last state now (and may stay so)
     started = time.perf_counter()
     for epoch in range(progress["epoch"], t["epochs"]):
         if progress["batch"] == 0:
