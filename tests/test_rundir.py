@@ -5,6 +5,7 @@ read-only, and another working directory. Real processes where the fault is abou
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -314,7 +315,7 @@ def _can_mount():
 # and once the run has started, the disk is filled up or remounted read-only.
 FAULT_SCRIPT = """
 set -u
-mount -t tmpfs -o size=400m tmpfs "$DISK"
+mount -t tmpfs -o size="$SIZE" tmpfs "$DISK"
 "$@" &
 pid=$!
 while [ ! -f "$DISK/run/config.yaml" ]; do
@@ -322,7 +323,8 @@ while [ ! -f "$DISK/run/config.yaml" ]; do
   sleep 0.05
 done
 # full: 2 MiB left, room for the small log files but not for a checkpoint
-if [ "$FAULT" = full ]; then
+if [ "$FAULT" = none ]; then :
+elif [ "$FAULT" = full ]; then
   head -c $(( $(df --output=avail -B1 "$DISK" | tail -1) - 2097152 )) /dev/zero > "$DISK/filler"
 else mount -o remount,ro "$DISK" || echo "remount failed" >&2
 fi
@@ -332,22 +334,26 @@ wait $pid
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _can_mount(), reason="needs `unshare -rm` to mount a small tmpfs")
-# A full disk (2 MiB left) fails at the checkpoint; a read-only one at the first file written
-# then, the log, which goes first so that it is never behind the checkpoint.
-@pytest.mark.parametrize(("fault", "failed"), [
-    ("full", "checkpoints/last: cannot write the checkpoint (no space left on device)"),
-    ("read-only", "metrics.jsonl: cannot write (read-only file system)")])
-def test_checkpoint_write_on_a_full_or_read_only_disk_is_one_line(synth_world, tmp_path,
-                                                                  fault, failed):
+# A disk with room for one checkpoint (45 MiB here) but not for best + last + the swap copy is
+# refused at start. Later, a full disk (2 MiB left) fails at the checkpoint; a read-only one at
+# the first file written then, the log, which goes first so that it is never behind the
+# checkpoint.
+@pytest.mark.parametrize(("fault", "size", "failed"), [
+    ("none", "150m", r"only 150 MiB free on its disk; checkpoints \(best, last and the copy "
+                     r"written while one is replaced\) need about 2\d\d MiB"),
+    ("full", "400m", r"checkpoints/last: cannot write the checkpoint \(no space left on device\)"),
+    ("read-only", "400m", r"metrics.jsonl: cannot write \(read-only file system\)")])
+def test_checkpoint_write_on_a_small_full_or_read_only_disk_is_one_line(synth_world, tmp_path,
+                                                                        fault, size, failed):
     disk = tmp_path / "disk"
     disk.mkdir()
     cmd, kw = cli("train", "--out", disk / "run", "--data", synth_world("cvusa"), *TINY,
                   "train.checkpoint_every=1")
-    kw["env"].update(DISK=str(disk), FAULT=fault)
+    kw["env"].update(DISK=str(disk), FAULT=fault, SIZE=size)
     done = subprocess.run(["unshare", "-rm", "bash", "-c", FAULT_SCRIPT, "fault", *cmd],
                           capture_output=True, text=True, timeout=600, **kw)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert error_lines(done.stderr)[-1] == f"error: {disk / 'run'}/{failed}"
+    assert re.fullmatch(f"error: {disk / 'run'}[:/]( )?{failed}", error_lines(done.stderr)[-1])
     assert "Traceback" not in done.stderr
 
 
