@@ -33,3 +33,51 @@ def test_missing_file_and_unknown_preset():
         load_config("nope/missing.yaml")
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("no-such-preset")
+
+
+# The reference values each preset must carry (docs/FIDELITY.md gives the source lines): SSA's
+# model_training/train_cvusa.py, train_cvact.py, train_vigor_DP.py; Sample4Geo's train_*.py.
+_SSA = {"train.epochs": 100, "train.batch_size": 32, "train.lr": 1e-4, "train.warmup_epochs": 1,
+        "train.weight_decay": 0.01, "train.clip_grad_norm": 100.0, "train.clip_grad_value": None,
+        "train.amp": "fp16",
+        "train.sampling.neighbour_select": 32, "train.sampling.neighbour_range": 64,
+        "train.sampling.similarity": True, "train.sampling.similarity_start": 4,
+        "train.sampling.similarity_every": 4, "eval.every": 4, "model.bev.enabled": True,
+        "loss.logit_scale_multiplier": 1.5, "loss.label_smoothing": 0.1,
+        "data.reference_size": [384, 384], "data.augment.photometric": True,
+        "data.augment.flip": 0.5, "data.augment.rotate": 0.75,
+        "data.augment.hole_size_from": "reference"}
+_S4G = {**_SSA, "train.epochs": 40, "train.batch_size": 128, "train.lr": 1e-3,
+        "train.sampling.neighbour_select": 64, "train.sampling.neighbour_range": 128,
+        "train.sampling.first": "gps", "model.bev.enabled": False,
+        "train.clip_grad_norm": None, "train.clip_grad_value": 100.0,
+        "loss.logit_scale_multiplier": 1.0, "data.augment.hole_size_from": "view"}
+_CVUSA = {"data.dataset": "cvusa", "data.query_size": [140, 768]}
+_VIGOR = {"data.dataset": "vigor", "data.query_size": [384, 768]}
+PRESETS = {
+    "cvusa": {**_SSA, **_CVUSA, "train.sampling.first": "random"},
+    "cvact": {**_SSA, **_CVUSA, "data.dataset": "cvact", "train.sampling.first": "similarity"},
+    "vigor-same": {**_SSA, **_VIGOR, "data.vigor_mode": "same-area",
+                   "train.sampling.neighbour_range": 128, "train.sampling.first": "random"},
+    "vigor-cross": {**_SSA, **_VIGOR, "data.vigor_mode": "cross-area",
+                    "train.sampling.neighbour_range": 128, "train.sampling.first": "random"},
+    "sample4geo-cvusa": {**_S4G, **_CVUSA},
+    "sample4geo-cvact": {**_S4G, **_CVUSA, "data.dataset": "cvact"},
+    "sample4geo-vigor-same": {**_S4G, **_VIGOR, "data.vigor_mode": "same-area"},
+    "sample4geo-vigor-cross": {**_S4G, **_VIGOR, "data.vigor_mode": "cross-area"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_real_presets_carry_the_reference_values(name):
+    from ssageo.config import get
+
+    cfg = load_config(name)
+    got = {key: get(cfg, key, "<missing>") for key in PRESETS[name]}
+    assert got == PRESETS[name]
+    assert cfg["train"]["sampling"]["gps_k"] >= cfg["train"]["sampling"]["neighbour_range"]
+    # every preset names the reference script it follows
+    from importlib import resources
+
+    head = (resources.files("ssageo") / "configs" / f"{name}.yaml").read_text("utf-8")
+    assert "train_" in head.split("_base_")[0]

@@ -16,6 +16,7 @@ from ssageo.data import (
     haversine,
     load_manifest,
 )
+from ssageo.data.textfile import read_csv_rows
 from ssageo.io import DataError
 
 
@@ -175,3 +176,16 @@ def test_gps_neighbours_vigor_skip_same_tile_and_cvact_use_utm(synth_world):
     dist = np.linalg.norm(c.utm[:, None] - c.utm[None], axis=2)
     np.fill_diagonal(dist, np.inf)
     np.testing.assert_allclose(np.take_along_axis(dist, nb, 1), np.sort(dist, 1)[:, :5])
+
+
+@pytest.mark.parametrize("prefix", [b"", b"\xef\xbb\xbf"], ids=["plain", "bom"])
+def test_csv_rows_read_a_bom_like_pandas_and_refuse_binary(tmp_path, prefix):
+    """The shared reader of the text index files (split CSVs, tile CSVs)."""
+    path = tmp_path / "tiles.csv"
+    path.write_bytes(prefix + b'path,lat,lon\r\n\r\n"a b.png",41.5,-87.6\nc.png,1,2\n')
+    rows = read_csv_rows(path, "tiles CSV")
+    assert rows == [(1, ["path", "lat", "lon"]), (3, ["a b.png", "41.5", "-87.6"]),
+                    (4, ["c.png", "1", "2"])]
+    path.write_bytes(prefix + b"c.png,1,2\n" + bytes(range(256)))
+    with pytest.raises(DataError, match=rf"^{path}:2: binary data \(NUL byte\), not a tiles CSV$"):
+        read_csv_rows(path, "tiles CSV")

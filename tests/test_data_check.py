@@ -2,12 +2,15 @@
 
 import json
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from ssageo.cli import app, main
+from ssageo.data.check import check_dataset
 
 runner = CliRunner()
 
@@ -63,3 +66,93 @@ def test_wrong_layout_is_a_one_line_error_with_status_2(synth_world, monkeypatch
 def test_unknown_option_values_are_refused(synth_world, option, value, message):
     result = runner.invoke(app, ["data", "check", str(synth_world("vigor")), option, value])
     assert message in str(result.exception)
+
+
+@pytest.fixture
+def copy_of(synth_world, tmp_path):
+    """``copy_of(layout)``: a private, editable copy of a synthetic world."""
+    return lambda layout: Path(shutil.copytree(synth_world(layout), tmp_path / layout))
+
+
+def test_cvact_without_its_separate_test_download_is_usable_for_what_loads(copy_of):
+    root = copy_of("cvact")
+    shutil.rmtree(root / "ANU_data_test")
+    result = runner.invoke(app, ["data", "check", str(root), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["usable"] and report["unavailable_splits"] == ["test"]
+    assert report["splits"]["train"]["queries"] > 0 and report["splits"]["val"]["queries"] > 0
+    assert "ANU_data_test: folder missing" in report["splits"]["test"]["unavailable"]
+    assert "separate download" in report["splits"]["test"]["unavailable"]
+    table = runner.invoke(app, ["data", "check", str(root)])
+    assert table.exit_code == 0 and "split(s) not available: test" in table.output
+    shutil.rmtree(root / "ANU_data_small")  # nothing loads: not usable, and it says why
+    result = runner.invoke(app, ["data", "check", str(root), "--json"])
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1 and any("ANU_data_small: folder missing" in p
+                                         for p in report["problems"])
+
+
+def _reference(root, n=0):
+    return root / (root / "splits/train-19zl.csv").read_text().splitlines()[n].split(",")[0]
+
+
+def test_truncated_images_are_found_and_trailing_bytes_tolerated(copy_of):
+    root = copy_of("cvusa")
+    cut, padded = _reference(root, 0), _reference(root, 1)
+    cut.write_bytes(cut.read_bytes()[:-200])  # the header is intact, the end is not
+    padded.write_bytes(padded.read_bytes() + b"camera trailer " * 100)  # complete, then extra
+    label = root / "sat_BEV_label/19" / f"{_reference(root, 2).stem}.png"
+    label.write_bytes(label.read_bytes()[:200])  # a PNG cut inside its pixel data
+    report = check_dataset(root)
+    assert not report["usable"] and report["unreadable_images"]["count"] == 2
+    found = report["unreadable_images"]["examples"]
+    assert any(e.startswith(f"{cut}: cannot decode image (image file is truncated") for e in found)
+    assert any(e.startswith(f"{label}: cannot decode image") for e in found)
+
+
+def test_full_decodes_every_image(copy_of):
+    root = copy_of("cvusa")
+    label = root / "sat_BEV_label/19" / f"{_reference(root).stem}.png"
+    data = bytearray(label.read_bytes())
+    data[data.index(b"IDAT") + 20] ^= 0xFF  # damage inside; header and end intact
+    label.write_bytes(bytes(data))
+    assert check_dataset(root)["usable"]  # the default check reads headers and ends only
+    result = runner.invoke(app, ["data", "check", str(root), "--full", "--json"])
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1
+    assert report["unreadable_images"]["examples"][0].startswith(f"{label}: cannot decode")
+
+
+def test_gps_line_when_all_csv_exists_but_no_split_loaded(copy_of):
+    root = copy_of("cvusa")
+    for split in ("train", "val"):
+        (root / f"splits/{split}-19zl.csv").write_text("a.jpg\n")
+    gps = check_dataset(root)["gps"]
+    assert not gps["available"]
+    assert gps["source"] == f"{root / 'split_locations/all.csv'} (present, but no split loaded)"
+
+
+def test_piped_output_keeps_each_path_on_one_line(copy_of):
+    root = copy_of("cvusa")
+    gone = [_reference(root, n) for n in range(3)]
+    for path in gone:
+        path.unlink()
+    assert len(str(gone[0])) > 60  # would wrap in an 80-column table
+    for path in gone:  # what `ssageo data check DIR | grep NAME` does
+        piped = subprocess.run(f"{sys.executable} -m ssageo data check {root} | grep {path.name}",
+                               shell=True, capture_output=True, text=True, check=False)
+        assert f"{path}: missing" in piped.stdout, piped.stdout + piped.stderr
+
+
+def test_vigor_cross_area_without_the_test_cities_is_usable_for_training(copy_of):
+    root = copy_of("vigor")
+    for city in ("Chicago", "SanFrancisco"):  # each city is a download of its own
+        shutil.rmtree(root / "splits" / city)
+        shutil.rmtree(root / city)
+    result = runner.invoke(app, ["data", "check", str(root), "--vigor-mode", "cross-area",
+                                 "--json"])
+    report = json.loads(result.stdout)
+    assert result.exit_code == 0 and report["unavailable_splits"] == ["test"]
+    assert "none of the cross-area test cities (Chicago, SanFrancisco)" in \
+        report["splits"]["test"]["unavailable"]

@@ -1,15 +1,22 @@
 """Bad input: hand-broken copies of synthetic worlds; each error names the file and the fault."""
 
+import re
 import shutil
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy.io import loadmat, savemat
 
 from ssageo.config import load_config
-from ssageo.data import PairDataset, load_manifest
+from ssageo.data import ImageDataset, PairDataset, load_manifest
 from ssageo.data.check import check_dataset
-from ssageo.io import DataError
+from ssageo.io import DataError, read_image
+from ssageo.priors import list_tiles, run_priors
+from ssageo.priors.files import FilesBackend
 
 
 @pytest.fixture
@@ -100,7 +107,7 @@ def test_mat_without_expected_keys(copy_of):
     savemat(root / "ACT_data.mat", {k: v for k, v in mat.items() if k != "trainSet"})
     with pytest.raises(DataError, match=r"ACT_data\.mat: missing key\(s\) trainSet"):
         load_manifest(root)
-    savemat(root / "ACT_data.mat", {**mat, "trainSet": {"trainInd": np.array([[0], [1]])}})
+    savemat(root / "ACT_data.mat", {**mat, "trainSet": {"trainInd": np.array([[2], [99]])}})
     with pytest.raises(DataError, match=r"ACT_data\.mat: trainSet\.trainInd must hold 1-based"):
         load_manifest(root)
 
@@ -128,3 +135,247 @@ def test_vigor_wrong_column_count_and_missing_split(copy_of):
     with pytest.raises(DataError, match=r"same_area_balanced_train\.txt: VIGOR split file is "
                                         "missing"):
         load_manifest(root)
+
+
+# ----------------------------------------------------------- the hostile-input catalogue (#14)
+
+
+def _pair_of_split(root, split, n):
+    """(satellite, panorama) of line n of a CVUSA split csv."""
+    sat, pano = (root / p for p in
+                 (root / f"splits/{split}-19zl.csv").read_text().splitlines()[n - 1].split(",")[:2])
+    return sat, pano
+
+
+def test_zero_based_cvact_indices_are_caught_in_every_split(copy_of):
+    root = copy_of("cvact")
+    mat = {k: v for k, v in loadmat(root / "ACT_data.mat").items() if not k.startswith("__")}
+    holder = next(s for s, f in (("trainSet", "trainInd"), ("valSet", "valInd"),
+                                 ("valSetAll", "valInd")) if 1 in mat[s][f].ravel()[0])
+    for name, fld in (("trainSet", "trainInd"), ("valSet", "valInd"), ("valSetAll", "valInd")):
+        mat[name] = {fld: mat[name][fld].ravel()[0] - 1}  # as a 0-based export would write
+    savemat(root / "ACT_data.mat", mat)
+    for split in ("train", "val", "test"):  # the splits without a 0 are wrong too
+        with pytest.raises(DataError, match=rf"indices look 0-based \({holder}\."):
+            load_manifest(root, split=split, use_cache=False)
+
+
+def test_matlab_v73_file_says_to_resave_as_v7(copy_of):
+    root = copy_of("cvact")
+    # A v7.3 MAT-file is HDF5 behind MATLAB's 128-byte header (version 0x0200).
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(124, b" ")
+    (root / "ACT_data.mat").write_bytes((header + b"\x00\x02IM").ljust(512, b"\x00")
+                                        + b"\x89HDF\r\n\x1a\n" + bytes(64))
+    with pytest.raises(DataError, match=r"ACT_data\.mat: MATLAB v7\.3 \(HDF5\) .* re-save it as "
+                                        r"v7"):
+        load_manifest(root)
+
+
+@pytest.mark.parametrize("layout,rel", [("cvusa", "splits/train-19zl.csv"),
+                                        ("cvusa", "split_locations/all.csv"),
+                                        ("vigor", "splits/Chicago/same_area_balanced_train.txt"),
+                                        ("vigor", "splits/Chicago/satellite_list.txt")])
+def test_a_utf8_bom_is_simply_read(copy_of, layout, rel):
+    root = copy_of(layout)
+    before = load_manifest(root, use_cache=False)
+    (root / rel).write_bytes(b"\xef\xbb\xbf" + (root / rel).read_bytes())
+    after = load_manifest(root, use_cache=False)
+    assert after.query_paths == before.query_paths and not after.missing
+    if layout == "cvusa":
+        np.testing.assert_array_equal(after.query_coords, before.query_coords)
+
+
+@pytest.mark.parametrize("rel", ["splits/train-19zl.csv", "split_locations/all.csv",
+                                 "splits/Chicago/same_area_balanced_train.txt"])
+@pytest.mark.parametrize("damage,message", [
+    (lambda b: b[:40] + b"\x00\x00\x07\x1f" + b[40:], r":1: binary data \(NUL byte\)"),
+    (lambda b: b.replace(b"\n", b"\n\x89\xfe\n", 1), r":2: byte 0x89 at column 1 is not UTF-8"),
+    (lambda b: b"\xff\xfe" + b.decode().encode("utf-16-le"), r": .* is UTF-16 encoded; save it as "
+                                                             "UTF-8"),
+], ids=["nul", "not-utf8", "utf16"])
+def test_binary_split_files_name_file_and_line(copy_of, rel, damage, message):
+    root = copy_of("vigor" if "Chicago" in rel else "cvusa")
+    path = root / rel
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DataError, match=re.escape(str(path)) + message):
+        load_manifest(root, use_cache=False)
+
+
+def test_a_header_row_in_cvusa_csvs_is_skipped(copy_of):
+    root = copy_of("cvusa")
+    before = load_manifest(root, use_cache=False)
+    for rel, header in (("splits/train-19zl.csv", "satellite,streetview,annotation"),
+                        ("split_locations/all.csv", "sat_lat,sat_lon,ground_lat,ground_lon")):
+        (root / rel).write_text(header + "\n" + (root / rel).read_text())
+    after = load_manifest(root, use_cache=False)
+    assert after.query_paths == before.query_paths and not after.missing
+    np.testing.assert_array_equal(after.query_coords, before.query_coords)
+    assert check_dataset(root)["missing_files"]["count"] == 0
+
+
+def test_upper_case_suffix_says_the_case_differs(copy_of):
+    root = copy_of("cvusa")
+    _, pano = _pair_of_split(root, "train", 1)
+    pano.rename(pano.with_suffix(".JPG"))
+    with pytest.warns(UserWarning, match="file name case differs"):
+        m = load_manifest(root, use_cache=False)
+    assert m.missing == [f"{pano}: missing; {pano.stem}.JPG exists - file name case differs"]
+
+
+def test_skipped_pairs_count_pairs_not_files(copy_of):
+    root = copy_of("cvusa")
+    for n, both in ((1, True), (2, False)):
+        sat, pano = _pair_of_split(root, "train", n)
+        pano.unlink()
+        if both:
+            sat.unlink()
+    with pytest.warns(UserWarning, match=r"2 pair\(s\) skipped .*\(3 file problem\(s\)\)"):
+        m = load_manifest(root, use_cache=False)
+    assert m.skipped == 2 and len(m.missing) == 3
+    assert check_dataset(root)["splits"]["train"]["skipped"] == 2
+    for _ in ("written to the cache", "read from it"):
+        with pytest.warns(UserWarning, match=r"2 pair\(s\) skipped"):
+            assert load_manifest(root).skipped == 2
+
+
+def test_cvusa_without_gps_warns_that_training_has_no_gps_negatives(copy_of):
+    root = copy_of("cvusa")
+    (root / "split_locations/all.csv").unlink()
+    with pytest.warns(UserWarning, match=r"all\.csv is missing: .* no GPS hard negatives"):
+        load_manifest(root, split="train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the val split is not trained on: no warning
+        load_manifest(root, split="val")
+
+
+# ----------------------------------------------------------------------- images and masks
+
+
+def _png_bomb(path, width, height):
+    """A valid 1-bit PNG of width x height black pixels: a few kB that decode to ``w*h`` pixels."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I",
+                                                                        zlib.crc32(kind + data))
+    z = zlib.compressobj(9)
+    row = bytes(1 + (width + 7) // 8)
+    data = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height,
+                                                                      1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("side", [10_000, 14_000], ids=["over-limit", "over-twice-limit"])
+def test_decompression_bombs_are_one_line_errors_everywhere(copy_of, tmp_path, side):
+    root = copy_of("cvusa")
+    m = load_manifest(root)
+    bomb = _png_bomb(m.query_paths[0], side, side)  # PIL's limit is ~89 M pixels
+    message = f"{bomb}: image too large to decode safely, refused as a possible decompression bomb"
+    with pytest.raises(DataError, match=re.escape(message)):
+        read_image(bomb)
+    with pytest.raises(DataError, match=re.escape(message)):  # what `ssageo locate` reads with
+        ImageDataset([bomb], (64, 256), (0.5,) * 3, (0.5,) * 3)[0]
+    report = check_dataset(root)
+    assert report["unreadable_images"]["examples"] == [message + report["unreadable_images"][
+        "examples"][0][len(message):]] and not report["usable"]
+    tiles = list_tiles(root)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    _png_bomb(masks / f"{tiles[0].path.stem}.png", side, side)
+    with pytest.raises(DataError, match=re.escape(f"{masks / tiles[0].path.stem}.png: image too "
+                                                  "large")):
+        FilesBackend(masks, tiles)
+
+
+def _save(path, array, mode=None):
+    Image.fromarray(array, mode).save(path)
+    return path
+
+
+RAMP = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+
+
+@pytest.mark.parametrize("name,array", [
+    ("gray16.png", RAMP),                                   # I;16 (little-endian)
+    ("gray16be.tif", RAMP.astype(">u2")),                   # I;16B
+    ("gray32.tif", RAMP.astype(np.int32)),                  # I, 16-bit values in 32 bits
+    ("float.tif", RAMP.astype(np.float32) / 65535),         # F, 0..1
+])
+def test_wide_grayscale_images_are_scaled_to_eight_bits(tmp_path, name, array):
+    path = _save(tmp_path / name, array)
+    expected = np.rint(RAMP / 257).astype(np.uint8)  # 0 -> 0, 65535 -> 255
+    gray = read_image(path, mode="L")
+    assert gray.dtype == np.uint8
+    np.testing.assert_allclose(gray, expected, atol=1)
+    assert gray.min() == 0 and gray.max() == 255 and abs(gray.mean() - 127.5) < 1
+    np.testing.assert_array_equal(read_image(path)[..., 1], gray)
+
+
+@pytest.mark.parametrize("name,array,message", [
+    ("big32.tif", (RAMP.astype(np.int32) * 4), r"32-bit image with values 0\.\.262140"),
+    ("neg32.tif", (RAMP.astype(np.int32) - 5), r"32-bit image with values -5\.\."),
+    ("nan.tif", np.full((8, 8), np.nan, np.float32), "float image with values outside 0..1"),
+    ("wide.tif", np.full((8, 8), 3.0, np.float32), "float image with values outside 0..1"),
+])
+def test_wide_images_without_a_clear_scale_are_refused(tmp_path, name, array, message):
+    path = _save(tmp_path / name, array)
+    with pytest.raises(DataError, match=re.escape(str(path)) + ": " + message):
+        read_image(path)
+
+
+@pytest.fixture()
+def masks_world(copy_of, tmp_path):
+    """A CVUSA world, its tiles, and a mask folder holding a valid .npy mask for each tile."""
+    root = copy_of("cvusa")
+    shutil.rmtree(root / "sat_BEV_label")  # the world ships labels; import new ones
+    tiles = list_tiles(root)
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    for t in tiles:
+        np.save(folder / f"{t.path.stem}.npy", np.zeros((64, 64), np.uint8))
+    return tiles, folder
+
+
+def _truncated(path):
+    np.save(path, np.zeros((64, 64), np.float32))
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize("write,message", [
+    (lambda p: np.save(p, np.zeros(64 * 64, np.uint8)), r"expected a 2-D mask \(H, W\), got shape "
+                                                        r"\(4096,\)"),
+    (_truncated, r"truncated numpy file \(\d+ bytes, its header needs \d+\)"),
+    (lambda p: np.save(p, np.full((64, 64), None, object)), "mask has dtype object"),
+    (lambda p: np.save(p, np.zeros((64, 64), complex)), "mask has dtype complex128"),
+    (lambda p: p.write_bytes(b"\x93NUMPY garbage"), "cannot read numpy array"),
+], ids=["1-d", "truncated", "object", "complex", "garbage"])
+def test_bad_npy_masks_are_refused_before_anything_is_written(masks_world, write, message):
+    tiles, folder = masks_world
+    bad = folder / f"{tiles[5].path.stem}.npy"
+    write(bad)
+    with pytest.raises(DataError, match=re.escape(str(bad)) + ": " + message):
+        FilesBackend(folder, tiles)
+    assert not any(t.prior_path.exists() for t in tiles)
+
+
+def test_a_nan_mask_is_an_error_not_background(masks_world):
+    tiles, folder = masks_world
+    bad = folder / f"{tiles[2].path.stem}.npy"
+    np.save(bad, np.where(np.eye(64) > 0, np.nan, 1.0))
+    backend = FilesBackend(folder, tiles)
+    with pytest.raises(DataError, match=re.escape(f"{bad}: mask has 64 NaN/inf value(s)")):
+        backend.predict([tiles[2]])
+    summary = run_priors(tiles, backend, progress=False)
+    assert summary.done == len(tiles) - 1 and summary.failed[0][0] == str(tiles[2].path)
+    assert not tiles[2].prior_path.exists()
+
+
+def test_a_sixteen_bit_mask_keeps_its_values(masks_world):
+    tiles, folder = masks_world
+    truth = (np.arange(64 * 64).reshape(64, 64) % 7 == 0)
+    path = folder / f"{tiles[0].path.stem}.png"
+    (folder / f"{tiles[0].path.stem}.npy").unlink()
+    for values in (truth.astype(np.uint16), truth.astype(np.uint16) * 65535):  # 0/1 and 0/65535
+        _save(path, values)
+        label = FilesBackend(folder, tiles).predict([tiles[0]])[0]
+        np.testing.assert_array_equal(label, truth * 255)

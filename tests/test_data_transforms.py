@@ -1,4 +1,5 @@
-"""The synchronised geometric augmentation keeps tile, prior and panorama consistent.
+"""The synchronised geometric augmentation keeps tile, prior and panorama consistent; the
+photometric pipeline and the resize are the reference's.
 
 Ground truth comes from the synthetic renderer: an augmented (tile, panorama) pair must equal
 the pair rendered from the correspondingly mirrored/rotated world.
@@ -6,10 +7,19 @@ the pair rendered from the correspondingly mirrored/rotated world.
 
 import dataclasses
 
+import cv2
 import numpy as np
 import pytest
 
-from ssageo.data.transforms import flip_pair, geometric_augment, label_to_classes, rotate_pair
+from ssageo.data.transforms import (
+    flip_pair,
+    geometric_augment,
+    hole_range,
+    label_to_classes,
+    resize,
+    rotate_pair,
+    train_pipeline,
+)
 from ssageo.synth.render import TILE_CELLS, render_panorama, render_satellite
 from ssageo.synth.world import generate_world
 
@@ -106,3 +116,120 @@ def test_wrong_conventions_would_be_caught(world):
 def test_prior_labels_become_binary_classes():
     label = np.array([[0, 3, 130], [255, 252, 120]], np.uint8)  # JPEG noise around 0/255
     assert label_to_classes(label).tolist() == [[0, 0, 1], [1, 1, 0]]
+
+
+def _describe(pipeline):
+    """(name, p, parameters) of each op of a training pipeline, in order."""
+    out = []
+    for t in pipeline.transforms:
+        name = type(t).__name__
+        if name == "OneOf":
+            out.append((name, t.p, [_op(u) for u in t.transforms]))
+        else:
+            out.append(_op(t))
+    return out
+
+
+def _op(t):
+    name = type(t).__name__
+    keys = {"ImageCompression": ("quality_range",), "Resize": ("height", "width", "interpolation"),
+            "ColorJitter": ("brightness", "contrast", "saturation", "hue"),
+            "GridDropout": ("ratio",),
+            "CoarseDropout": ("num_holes_range", "hole_height_range", "hole_width_range")}
+    return (name, t.p, {k: getattr(t, k) for k in keys.get(name, ())})
+
+
+def _reference_pipeline(ratio, size, holes):
+    """SSA's get_transforms_train (model_training/sample4geo/transforms.py), written out."""
+    jitter = {"brightness": (0.85, 1.15), "contrast": (0.85, 1.15), "saturation": (0.85, 1.15),
+              "hue": (-0.15, 0.15)}
+    return [
+        ("ImageCompression", 0.5, {"quality_range": (90, 100)}),
+        ("Resize", 1.0, {"height": size[0], "width": size[1],
+                         "interpolation": cv2.INTER_LINEAR_EXACT}),
+        ("ColorJitter", 0.5, jitter),
+        ("OneOf", 0.3, [("AdvancedBlur", 1.0, {}), ("Sharpen", 1.0, {})]),
+        ("OneOf", 0.3, [("GridDropout", 1.0, {"ratio": ratio}),
+                        ("CoarseDropout", 1.0, {"num_holes_range": (10, 25),
+                                                "hole_height_range": holes,
+                                                "hole_width_range": holes})]),
+    ]
+
+
+def test_training_pipelines_are_the_references_with_holes_scaled_to_the_working_size():
+    assert hole_range(384) == (38, 76)
+    assert hole_range(192) == (19, 38) and hole_range(8) == (1, 1)
+    assert _describe(train_pipeline("query", (140, 768), 384)) == \
+        _reference_pipeline(0.5, (140, 768), (38, 76))
+    assert _describe(train_pipeline("reference", (384, 384), 384)) == \
+        _reference_pipeline(0.4, (384, 384), (38, 76))
+
+
+@pytest.mark.parametrize("hole_size_from, query_holes", [("reference", (19, 38)),
+                                                         ("view", (7, 14))])
+def test_pair_dataset_sizes_holes_from_the_satellite_or_each_view(synth_world, hole_size_from,
+                                                                  query_holes):
+    from ssageo.config import load_config
+    from ssageo.data import PairDataset, load_manifest
+
+    cfg = load_config("synth-cpu", ["data.augment.photometric=true",
+                                    f"data.augment.hole_size_from={hole_size_from}",
+                                    "data.reference_size=[192,192]", "data.query_size=[70,384]"])
+    ds = PairDataset(load_manifest(synth_world("cvusa")), cfg["data"], train=True)
+    for view, size, holes in (("query", (70, 384), query_holes),
+                              ("reference", (192, 192), (19, 38))):
+        ratio = {"query": 0.5, "reference": 0.4}[view]
+        assert _describe(ds._views[view]) == _reference_pipeline(ratio, size, holes)
+    sample = ds[0]
+    assert sample["query"].shape == (3, 70, 384) and sample["reference"].shape == (3, 192, 192)
+    from ssageo.config import ConfigError
+
+    cfg["data"]["augment"]["hole_size_from"] = "sky"
+    with pytest.raises(ConfigError, match="hole_size_from must be 'reference' or 'view'"):
+        PairDataset(load_manifest(synth_world("cvusa")), cfg["data"], train=True)
+
+
+def _image(h=97, w=203):
+    return np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_resizing_is_inter_linear_exact_at_training_and_evaluation(tmp_path):
+    from ssageo.data import ImageDataset
+    from ssageo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+    from ssageo.io import write_image
+
+    img = _image()
+    want = {size: cv2.resize(img, size[::-1], interpolation=cv2.INTER_LINEAR_EXACT)
+            for size in ((40, 90), (150, 300))}  # shrink and enlarge
+    for size, expected in want.items():
+        assert np.array_equal(resize(img, size), expected)
+        others = (cv2.INTER_LINEAR, cv2.INTER_AREA)
+        assert not any(np.array_equal(cv2.resize(img, size[::-1], interpolation=i), expected)
+                       for i in others)  # the comparison can tell them apart
+        # evaluation: ImageDataset (what embed/eval use)
+        path = tmp_path / "x.png"
+        write_image(path, img)
+        got = ImageDataset([path], size)[0]["image"]
+        assert np.array_equal(got.numpy(), to_tensor(expected, IMAGENET_MEAN, IMAGENET_STD).numpy())
+        # training: the photometric pipeline with every noise op off is exactly that resize
+        pipeline = train_pipeline("query", size, 384)
+        for t in pipeline.transforms:
+            t.p = 1.0 if type(t).__name__ == "Resize" else 0.0
+        assert np.array_equal(pipeline(image=img)["image"], expected)
+
+
+def test_jpeg_compression_comes_before_the_resize():
+    import albumentations as A
+
+    img, size = _image(200, 400), (50, 100)
+    pipeline = train_pipeline("reference", size, 384)
+    for t in pipeline.transforms:
+        name = type(t).__name__
+        t.p = 1.0 if name in ("Resize", "ImageCompression") else 0.0
+        if name == "ImageCompression":
+            t.quality_range = (90, 90)
+    jpeg = A.ImageCompression(quality_range=(90, 90), p=1.0)
+    before = cv2.resize(jpeg(image=img)["image"], size[::-1], interpolation=cv2.INTER_LINEAR_EXACT)
+    after = jpeg(image=resize(img, size))["image"]
+    got = pipeline(image=img)["image"]
+    assert np.array_equal(got, before) and not np.array_equal(got, after)

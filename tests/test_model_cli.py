@@ -5,7 +5,7 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from ssageo.cli import app
-from ssageo.config import load_config
+from ssageo.config import ConfigError, load_config
 from ssageo.model import build_model
 from ssageo.model.summary import model_info
 
@@ -38,3 +38,28 @@ def test_cli_prints_the_table_and_refuses_unknown_families():
     assert "256 x 4 x 16" in result.output  # layer3 of a 64 x 256 panorama
     bad = runner.invoke(app, ["model", "info", "model.backbone=vit_tiny_patch16_224"])
     assert bad.exit_code != 0 and "supported families" in str(bad.exception)
+
+
+def test_cli_names_where_the_weights_come_from_without_reading_them(tmp_path):
+    runner = CliRunner()
+    weights = tmp_path / "w.safetensors"
+    for overrides, expected in (
+        ([], "weights: random initialisation (model.pretrained: none)"),
+        ([f"model.pretrained={weights}"], f"weights: local file {weights} (not found)"),
+        (["model.pretrained=true"], "model.pretrained must be 'timm'"),
+        (["model.pretrained=timm", "model.backbone=convnext_atto_rms"],
+         "timm has no weights on the Hugging Face hub for 'convnext_atto_rms'"),
+    ):
+        result = runner.invoke(app, ["model", "info", "model.bev.enabled=false", *overrides])
+        assert result.exit_code == 0, result.output
+        assert expected in " ".join(result.output.split()), result.output
+    weights.write_bytes(b"")
+    result = runner.invoke(app, ["model", "info", f"model.pretrained={weights}"])
+    packed = "".join(result.output.split())  # rich folds long paths
+    assert f"weights:localfile{weights}" in packed and "(notfound)" not in packed
+
+
+def test_a_hub_repo_id_without_the_hf_hub_prefix_is_a_config_error():
+    bad = CliRunner().invoke(app, ["model", "info", "model.backbone=timm/resnet18.a1_in1k"])
+    assert bad.exit_code != 0 and isinstance(bad.exception, ConfigError)
+    assert "Use 'hf-hub:timm/resnet18.a1_in1k'" in str(bad.exception)

@@ -4,8 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from ssageo.config import ConfigError
-from ssageo.priors import compile_classes, encode_label, fuse, parse_rule
+from ssageo.config import ConfigError, load_config
+from ssageo.priors import NAMED_RULES, compile_classes, encode_label, fuse, parse_rule
 from ssageo.priors.oracle import (
     Corruption,
     add_false_positives,
@@ -32,6 +32,42 @@ def test_paper_rule_truth_table():
     expected = (masks["artificial buildings"] & masks["structures"]) | masks["trees"]
     np.testing.assert_array_equal(rule(masks), expected)
     assert rule.names == {"artificial buildings", "structures", "trees"}
+
+
+def _reference_code_files_and_loader(buildings, structures, trees):
+    """What the SSA reference trains on, from 0/255 uint8 prompt masks, done the way its fusion
+    script does it (bitwise and, times 255 in uint8, bitwise or with trees, times 255 in uint8;
+    uint8 products wrap modulo 256) followed by its loaders' integer division by 255."""
+    both = (np.bitwise_and(buildings, structures) * np.uint8(255)).astype(np.uint8)
+    stored = (np.bitwise_or(trees, both) * np.uint8(255)).astype(np.uint8)
+    return stored, stored // 255
+
+
+def test_named_rules_paper_and_reference_code():
+    masks = _all_combinations(["artificial buildings", "structures", "trees"])
+    b, s, t = masks["artificial buildings"], masks["structures"], masks["trees"]
+    rules = dict(compile_classes({"paper": "paper", "code": " Reference-Code "}, PAPER_PROMPTS))
+    np.testing.assert_array_equal(rules["paper"](masks), (b & s) | t)
+    np.testing.assert_array_equal(rules["code"](masks), b & s & ~t)
+    assert rules["paper"].text == PAPER_RULE == NAMED_RULES["paper"]
+    # reference-code is what the reference's files + loader give on crafted 0/255 masks
+    stored, trained = _reference_code_files_and_loader(*(np.where(m, 255, 0).astype(np.uint8)
+                                                         for m in (b, s, t)))
+    np.testing.assert_array_equal(stored == 1, t)  # the file holds trees as 1 ...
+    np.testing.assert_array_equal(stored == 255, b & s & ~t)  # ... the rest of the rule as 255
+    np.testing.assert_array_equal(trained.astype(bool), rules["code"](masks))
+    label = fuse(masks, compile_classes({"object": "reference-code"}, PAPER_PROMPTS))
+    np.testing.assert_array_equal(label // 255, trained)  # our 0/255 file, read their way
+    assert not np.array_equal(rules["paper"](masks), rules["code"](masks))
+
+
+def test_the_priors_preset_selects_a_named_rule_and_it_can_be_overridden():
+    assert load_config("priors-langsam")["priors"]["classes"] == {"object": "paper"}
+    section = load_config("priors-langsam", ["priors.classes={object: reference-code}"])["priors"]
+    ((_, rule),) = compile_classes(section["classes"], section["prompts"])
+    assert rule.text == NAMED_RULES["reference-code"]
+    with pytest.raises(ConfigError, match=r"'reference-code = .*' names 'structures'"):
+        compile_classes({"object": "reference-code"}, ["artificial buildings", "trees"])
 
 
 @pytest.mark.parametrize(

@@ -142,3 +142,14 @@ def test_cli_missing_weights_is_a_one_line_error(synth_world, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "gdino: GroundingDINO weights directory not found" in err
     assert "IDEA-Research/grounding-dino-base" in err and "--detector" in err
+
+
+@pytest.mark.parametrize("rule", ["paper", "reference-code"])
+def test_named_fusion_rules_combine_the_prompt_masks(tiny_models, tiles, rule):
+    backend = _backend(tiny_models, box_threshold=0.0, text_threshold=0.0,
+                       classes={"object": rule})
+    images = [read_image(t.path) for t in tiles]
+    for m, label in zip(backend.prompt_masks(images), backend.predict(tiles), strict=True):
+        b, s, t = m["artificial buildings"], m["structures"], m["trees"]
+        expected = (b & s) | t if rule == "paper" else b & s & ~t
+        np.testing.assert_array_equal(label == 255, expected)

@@ -107,3 +107,89 @@ def test_similarity_neighbours_rank_confusable_places_and_exclude_the_own_tile()
     sim = (query @ ref.T).numpy()
     np.fill_diagonal(sim, -np.inf)
     assert (np.argsort(-sim, axis=1)[:, :10] == neigh).all()
+
+
+@pytest.fixture(scope="module")
+def small_run(synth_world):
+    """A synth world's training manifest, a small real model and a config to drive them."""
+    from ssageo.config import load_config
+    from ssageo.data import load_manifest
+    from ssageo.model import build_model
+
+    world = synth_world("cvusa")
+    cfg = load_config("synth-cpu", [
+        f"data.root={world}", "data.workers=0", "model.bev.enabled=false", "eval.batch_size=40",
+        "train.sampling.similarity_start=2", "train.sampling.similarity_every=2",
+        "train.sampling.neighbour_select=4", "train.sampling.neighbour_range=8",
+    ])
+    torch.manual_seed(0)
+    d = cfg["data"]
+    model = build_model(cfg["model"], d["reference_size"], d["query_size"])
+    return load_manifest(world), model, cfg
+
+
+def _similarity(model, manifest, cfg):
+    from ssageo.evaluate.embed import embed_manifest
+
+    q, r = embed_manifest(model, manifest, cfg, progress=False)
+    k = cfg["train"]["sampling"]["neighbour_range"]
+    return similarity_neighbours(q, r, manifest.positive, k)
+
+
+@pytest.mark.parametrize("first", ["random", "gps", "similarity"])
+def test_sampling_first_decides_the_neighbours_until_the_first_recomputation(small_run, first):
+    from ssageo.config import apply_overrides
+    from ssageo.data.neighbours import gps_neighbours
+    from ssageo.train.sampler import epoch_neighbours
+
+    manifest, model, base = small_run
+    cfg = apply_overrides(base, [f"train.sampling.first={first}"])
+    sampler = HardNegativeSampler(manifest.positive, 8, 4, 8, seed=0)
+    epoch_neighbours(sampler, model, manifest, cfg, 0, log=lambda msg: None)
+    expected = {"random": None, "gps": gps_neighbours(manifest, k=128),
+                "similarity": _similarity(model, manifest, cfg)}[first]
+    assert sampler.neighbour_source == {"random": "none", "gps": "gps",
+                                        "similarity": "similarity@epoch0"}[first]
+    if expected is None:
+        assert sampler.neighbours is None
+    else:
+        assert np.array_equal(sampler.neighbours, expected)
+    # the first epoch's batches are the ones those lists give (and differ between sources)
+    twin = HardNegativeSampler(manifest.positive, 8, 4, 8, seed=0)
+    twin.set_neighbours(expected, "expected")
+    assert [b.tolist() for b in sampler.plan()] == [b.tolist() for b in twin.plan()]
+    other = HardNegativeSampler(manifest.positive, 8, 4, 8, seed=0)
+    other.set_neighbours(None if first != "random" else gps_neighbours(manifest, k=128), "x")
+    assert [b.tolist() for b in sampler.plan()] != [b.tolist() for b in other.plan()]
+    # epoch 1 keeps them even though the model changed; epoch 2 recomputes with the new model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    kept = sampler.neighbours
+    epoch_neighbours(sampler, model, manifest, cfg, 1, log=lambda msg: None)
+    assert sampler.neighbours is kept
+    epoch_neighbours(sampler, model, manifest, cfg, 2, log=lambda msg: None)
+    assert sampler.neighbour_source == "similarity@epoch2"
+    assert np.array_equal(sampler.neighbours, _similarity(model, manifest, cfg))
+
+
+def test_sampling_first_is_checked_and_gps_without_coordinates_says_what_to_do(
+        small_run, synth_world, tmp_path):
+    import shutil
+
+    from ssageo.config import ConfigError, apply_overrides
+    from ssageo.data import load_manifest
+    from ssageo.io import DataError
+    from ssageo.train.sampler import epoch_neighbours, first_source
+
+    manifest, model, cfg = small_run
+    with pytest.raises(ConfigError, match="train.sampling.first must be one of random, gps"):
+        first_source(apply_overrides(cfg, ["train.sampling.first=nearest"])["train"]["sampling"])
+    assert first_source({"gps": False}) == "random"  # a run config from before the key
+    root = tmp_path / "world"
+    shutil.copytree(synth_world("cvusa"), root)
+    (root / "split_locations/all.csv").unlink()
+    no_gps = load_manifest(root, use_cache=False)
+    sampler = HardNegativeSampler(no_gps.positive, 8, 4, 8)
+    with pytest.raises(DataError, match=r"no GPS .* set train.sampling.first=random"):
+        epoch_neighbours(sampler, model, no_gps, cfg, 0, log=lambda msg: None)

@@ -154,6 +154,35 @@ def test_cvact_mat_file_is_readable_and_consistent(tmp_path):
             assert (out / folder / "sat_BEV_label" / f"{pid}_satView_polish.png").is_file()
 
 
+# The split structs of ACT_data.mat, fields in file order. Second fields: the names that
+# name-based readers (OriCNN, ours) use, at the position Sample4Geo's loaders read. First
+# fields: not verified against the real file, whose copies here are stored without content.
+REAL_ACT_SPLIT_FIELDS = {"trainSet": ("trainNum", "trainInd"), "valSet": ("valNum", "valInd"),
+                         "valSetAll": ("valNum", "valInd")}
+
+
+def test_cvact_mat_reads_the_way_sample4geo_reads_the_real_file(synth_world):
+    from scipy.io import loadmat
+
+    from ssageo.data.cvact import read_mat
+
+    root = synth_world("cvact")
+    anu = loadmat(root / "ACT_data.mat")
+    ids = anu["panoIds"]
+    for struct, fields in REAL_ACT_SPLIT_FIELDS.items():
+        assert anu[struct].dtype.names == fields
+        # Sample4Geo: `ids[anuData['trainSet'][0][0][1] - 1]` (a (n, 1) index column)
+        positional = anu[struct][0][0][1]
+        assert positional.shape[1] == 1 and positional.dtype == np.int32
+        assert int(anu[struct][0][0][0].item()) == len(positional)
+        picked = [str(s) for s in ids[positional - 1].ravel()]
+        split = {"trainSet": "train", "valSet": "val", "valSetAll": "test"}[struct]
+        by_name, _, index = read_mat(root, split)  # ours: by field name
+        assert picked == [by_name[i] for i in index]
+    total = sum(len(anu[s][0][0][1]) for s in REAL_ACT_SPLIT_FIELDS)
+    assert total == len(ids) == 40
+
+
 def test_existing_folder_is_refused_resumed_or_overwritten(tmp_path):
     out = tmp_path / "w"
     generate(out, places=8, seed=0, **SMALL)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ssageo.cli import app
@@ -22,17 +23,25 @@ def check(
     dataset: str = typer.Option("auto", help="auto | cvusa | cvact | vigor"),
     vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
     strict: bool = typer.Option(False, help="Treat missing or empty files as unusable."),
+    full: bool = typer.Option(False, "--full", help="Decode every image in full (slower; by "
+                              "default headers and file ends are read, which finds truncated "
+                              "files but not damage inside one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Check a dataset: layout, splits, missing/unreadable images, sizes, priors, GPS.
 
-    Exit status 0 when the dataset is usable, 1 otherwise.
+    Exit status 0 when the dataset is usable (splits that are absent as a whole, e.g. a separate
+    download, are named but allowed), 1 otherwise.
     """
-    report = check_dataset(root, dataset, vigor_mode, strict=strict, progress=not as_json)
+    report = check_dataset(root, dataset, vigor_mode, strict=strict, progress=not as_json,
+                           full=full)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
-        print_report(report, Console())
+        console = Console()
+        if not console.is_terminal:  # piped: never wrap a path across lines (grep must find it)
+            console = Console(width=1 << 16)
+        print_report(report, console)
     raise typer.Exit(0 if report["usable"] else 1)
 
 
@@ -41,11 +50,14 @@ def print_report(report: dict, console: Console) -> None:
     head = f"{report['dataset'].upper()} ({report['layout']}) at {report['root']}"
     if report["vigor_mode"]:
         head += f", {report['vigor_mode']}"
-    console.print(f"[bold]{head}[/bold]")
+    console.print(f"[bold]{escape(head)}[/bold]")
     splits = Table("split", "queries", "references", "skipped pairs", "prior coverage", "error")
     for name, info in report["splits"].items():
         if "error" in info:
-            splits.add_row(name, "-", "-", "-", "-", f"[red]{info['error']}[/red]")
+            splits.add_row(name, "-", "-", "-", "-", f"[red]{escape(info['error'])}[/red]")
+        elif "unavailable" in info:
+            splits.add_row(name, "-", "-", "-", "-",
+                           f"[yellow]{escape(info['unavailable'])}[/yellow]")
         else:
             splits.add_row(name, str(info["queries"]), str(info["references"]),
                            str(info["skipped"]), f"{info['prior_coverage']:.1%}", "")
@@ -56,7 +68,8 @@ def print_report(report: dict, console: Console) -> None:
                        ("unexpected_sizes", "unexpected image sizes")):
         entry = report[key]
         style = "green" if entry["count"] == 0 else "yellow"
-        files.add_row(label, f"[{style}]{entry['count']}[/{style}]", "\n".join(entry["examples"]))
+        files.add_row(label, f"[{style}]{entry['count']}[/{style}]",
+                      escape("\n".join(entry["examples"])))
     console.print(files)
     info = Table("item", "value")
     for view, sizes in report["image_sizes"].items():
@@ -69,9 +82,12 @@ def print_report(report: dict, console: Console) -> None:
     info.add_row("prior labels", f"{pri['with_label']} / {pri['tiles']} tiles "
                                  f"({pri['coverage']:.1%})")
     gps = report["gps"]
-    info.add_row("GPS", ("yes: " if gps["available"] else "no: ") + gps["source"])
+    info.add_row("GPS", escape(("yes: " if gps["available"] else "no: ") + gps["source"]))
     console.print(info)
     if report["usable"]:
-        console.print("[green]usable[/green]")
+        absent = report["unavailable_splits"]
+        console.print("[green]usable[/green]" + (
+            f" (split(s) not available: {', '.join(absent)}; see the table above)"
+            if absent else ""))
     else:
-        console.print("[red]not usable:[/red] " + "; ".join(report["problems"]))
+        console.print("[red]not usable:[/red] " + escape("; ".join(report["problems"])))

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ssageo.cli import app
-from ssageo.config import load_config
+from ssageo.config import ConfigError, load_config
 
 model_app = typer.Typer(help="Inspect the SSA model a config describes.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
@@ -26,7 +26,9 @@ def info_command(
         "synth-cpu", "--config", "-c", help="Preset name or path of a YAML file."
     ),
 ) -> None:
-    """Print total/trainable parameters and the feature shape after every stage."""
+    """Print total/trainable parameters, the feature shape after every stage and where the
+    weights come from. Builds the architecture only: no weights read, no network request."""
+    from ssageo.model.ssa import describe_weights
     from ssageo.model.summary import model_info
 
     cfg = load_config(config, overrides or [])
@@ -43,6 +45,11 @@ def info_command(
         f"parameters: {info['parameters']:,} total, {info['trainable']:,} trainable ("
         + ", ".join(f"{k} {v:,}" for k, v in info["parts"].items()) + ")"
     )
+    try:
+        weights = describe_weights(cfg["model"])
+    except ConfigError as exc:  # a pretrained setting training would refuse: say so, go on
+        weights = f"[red]{exc}[/red]"
+    console.print(f"weights: {weights}")
     table = Table("stage", "part", "query (C x H x W)", "reference (C x H x W)")
     for row in info["stages"]:
         table.add_row(row["module"], row["part"], _shape(row["query"]), _shape(row["reference"]))

@@ -67,7 +67,8 @@ def priors(
     batch_size: int = typer.Option(None, help="langsam: tiles per model call."),
     threads: int = typer.Option(
         None, help="langsam on CPU: torch threads (1 is fastest on a busy shared machine)."),
-    masks: Path = typer.Option(None, help="files: folder of existing masks to import."),
+    masks: list[Path] = typer.Option(
+        None, help="files: folder of existing masks to import (repeatable, e.g. one per city)."),
     keep_values: bool = typer.Option(
         False, help="files: import class-index masks unchanged instead of binarising to 0/255."),
     truth_classes: list[str] = typer.Option(
@@ -104,7 +105,7 @@ def priors(
     else:
         from ssageo.priors.files import FilesBackend
 
-        if masks is None:
+        if not masks:
             raise ConfigError("--backend files needs --masks FOLDER (the masks to import)")
         source = FilesBackend(masks, tiles, keep_values=keep_values)
     console.print(f"{len(tiles)} satellite tiles under {root}; backend {backend.value}",

@@ -1,8 +1,11 @@
 """``ssageo data check``: is a dataset folder complete and readable, and what is in it.
 
-:func:`check_dataset` loads every split of the detected dataset and opens the header of every
-image (PIL's lazy open reads a few hundred bytes, not the pixels) to find unreadable files and
-odd sizes. The result is a plain dict, printed as tables or JSON by the CLI.
+:func:`check_dataset` loads every split of the detected dataset and, for every image, reads its
+header (PIL's lazy open reads a few hundred bytes, not the pixels) and its last bytes: a JPEG
+must end with its end-of-image marker and a PNG with its IEND chunk, which a truncated download
+lacks. Only images failing that check (and images of other formats) are decoded in full, so a
+truncated file is found at header cost; ``full=True`` decodes every image (slower; it also finds
+damage inside a file). The result is a plain dict, printed as tables or JSON by the CLI.
 """
 
 from __future__ import annotations
@@ -11,8 +14,14 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from ssageo.data.manifest import MAX_EXAMPLES, Manifest, load_manifest, resolve_dataset
-from ssageo.io import DataError
+from ssageo.data.manifest import (
+    MAX_EXAMPLES,
+    Manifest,
+    SplitUnavailable,
+    load_manifest,
+    resolve_dataset,
+)
+from ssageo.io import DataError, open_image
 
 SPLITS_OF = {"cvusa": ("train", "val"), "cvact": ("train", "val", "test"),
              "vigor": ("train", "test")}
@@ -24,22 +33,41 @@ OFFICIAL_SIZES = {
 }
 
 
-def image_size(path: Path) -> tuple[int, int] | str:
-    """(width, height) from the image header, or the reason it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+# The bytes a complete file of each format ends with (trailing padding stripped first).
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+_PADDING = b"\x00\r\n "
 
+
+def _ends_complete(path: Path, fmt: str | None) -> bool:
+    """True when ``path`` ends with the end marker of its format (False for other formats)."""
+    marker = _END_MARKERS.get(fmt or "")
+    if marker is None:
+        return False
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - 64))
+        return f.read().rstrip(_PADDING).endswith(marker)
+
+
+def inspect_image(path: Path, full: bool = False) -> tuple[int, int] | str:
+    """(width, height) of a readable image, else "path: reason".
+
+    Reads the header and the last bytes; decodes the pixels only when the file does not end
+    as its format should (or is not JPEG/PNG), or always with ``full``.
+    """
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
+            if full or not _ends_complete(path, img.format):
+                img.load()
             return img.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        return f"cannot decode ({exc})"
+    except DataError as exc:
+        return str(exc)
 
 
 def _examples(items: list[str]) -> dict:
     return {"count": len(items), "examples": items[:MAX_EXAMPLES]}
 
 
-def _scan_views(manifests: list[Manifest], progress: bool) -> dict:
+def _scan_views(manifests: list[Manifest], progress: bool, full: bool) -> dict:
     """Header sizes per view, unreadable images, and images whose size differs from the most
     common size of their view."""
     from tqdm import tqdm
@@ -53,14 +81,15 @@ def _scan_views(manifests: list[Manifest], progress: bool) -> dict:
     unreadable: list[str] = []
     sizes: dict[str, Counter] = {}
     odd: list[str] = []
-    with tqdm(total=total, desc="reading image headers", disable=not progress,
+    desc = "decoding images" if full else "reading image headers and ends"
+    with tqdm(total=total, desc=desc, disable=not progress,
               unit="img") as bar:
         for view, paths in views.items():
             found: dict[Path, tuple[int, int]] = {}
             for path in sorted(paths):
-                size = image_size(path)
+                size = inspect_image(path, full)
                 if isinstance(size, str):
-                    unreadable.append(f"{path}: {size}")
+                    unreadable.append(size)
                 else:
                     found[path] = size
                 bar.update()
@@ -76,15 +105,19 @@ def _scan_views(manifests: list[Manifest], progress: bool) -> dict:
 
 
 def check_dataset(root: str | Path, dataset: str = "auto", vigor_mode: str = "same-area",
-                  strict: bool = False, progress: bool = False) -> dict:
+                  strict: bool = False, progress: bool = False, full: bool = False) -> dict:
     """Check every split of the dataset under ``root``; returns a JSON-ready report.
 
     Keys: ``root``, ``dataset``, ``layout``, ``splits`` (per split: queries, references,
-    prior coverage, or the error that stops it loading), ``missing_files`` and
-    ``empty_files`` (count + first examples), ``unreadable_images``, ``unexpected_sizes``,
-    ``image_sizes``, ``priors``, ``gps``, ``problems`` (why it is not usable) and ``usable``.
+    skipped pairs, prior coverage; or ``error``, what stops a present split loading; or
+    ``unavailable``, why an absent split, e.g. a separate download, is left out),
+    ``missing_files`` and ``empty_files`` (count + first examples), ``unreadable_images``,
+    ``unexpected_sizes``, ``image_sizes``, ``priors``, ``unavailable_splits``, ``gps``,
+    ``problems`` (why it is not usable) and ``usable``.
     Missing or empty files make the dataset unusable only with ``strict`` (readers skip those
-    pairs and say so). Raises DataError when ``root`` matches no (or the wrong) layout.
+    pairs and say so); unavailable splits do not either, while at least one split loads.
+    ``full`` decodes every image (see the module docstring). Raises DataError when ``root``
+    matches no (or the wrong) layout.
     """
     root = Path(root)
     dataset = resolve_dataset(root, dataset, vigor_mode)
@@ -97,6 +130,9 @@ def check_dataset(root: str | Path, dataset: str = "auto", vigor_mode: str = "sa
             with warnings.catch_warnings():  # the skipped pairs are in this report instead
                 warnings.simplefilter("ignore")
                 m = load_manifest(root, dataset, split, vigor_mode, use_cache=False)
+        except SplitUnavailable as exc:
+            splits[split] = {"unavailable": str(exc)}
+            continue
         except DataError as exc:
             splits[split] = {"error": str(exc)}
             continue
@@ -104,14 +140,17 @@ def check_dataset(root: str | Path, dataset: str = "auto", vigor_mode: str = "sa
         missing += [p for p in m.missing if p not in seen]
         seen.update(m.missing)
         splits[split] = {"queries": m.num_queries, "references": m.num_references,
-                         "skipped": len(m.missing), "prior_coverage": round(m.prior_coverage, 4)}
-    scan = _scan_views(manifests, progress)
+                         "skipped": m.skipped, "prior_coverage": round(m.prior_coverage, 4)}
+    scan = _scan_views(manifests, progress, full)
     refs = {p: q for m in manifests for p, q in zip(m.reference_paths, m.prior_paths,
                                                     strict=True)}
     with_prior = sum(q is not None for q in refs.values())
     empty = [p for p in missing if p.endswith("empty (0 bytes)")]
     absent = [p for p in missing if p not in empty]
     problems = [f"{s}: {info['error']}" for s, info in splits.items() if "error" in info]
+    if not manifests:
+        problems += [f"{s}: {info['unavailable']}" for s, info in splits.items()
+                     if "unavailable" in info]
     if scan["unreadable"]:
         problems.append(f"{len(scan['unreadable'])} unreadable image(s)")
     if strict and missing:
@@ -129,9 +168,10 @@ def check_dataset(root: str | Path, dataset: str = "auto", vigor_mode: str = "sa
         "official_sizes": {v: f"{w}x{h}" for v, (w, h) in OFFICIAL_SIZES[dataset].items()},
         "priors": {"tiles": len(refs), "with_label": with_prior,
                    "coverage": round(with_prior / len(refs), 4) if refs else 0.0},
+        "unavailable_splits": [s for s, info in splits.items() if "unavailable" in info],
         "gps": _gps(dataset, root, manifests),
         "problems": problems,
-        "usable": not problems and bool(manifests),
+        "usable": not problems,
     }
 
 
@@ -141,7 +181,9 @@ def _gps(dataset: str, root: Path, manifests: list[Manifest]) -> dict:
         ok = bool(manifests) and all(m.utm is not None for m in manifests)
         return {"available": ok, "source": "ACT_data.mat utm (easting, northing)"}
     if dataset == "cvusa":
+        path = root / "split_locations" / "all.csv"
         ok = bool(manifests) and all(m.query_coords is not None for m in manifests)
-        return {"available": ok, "source": str(root / "split_locations" / "all.csv")
-                + ("" if ok else " (missing: GPS neighbour lists cannot be built)")}
+        why = ("" if ok else " (present, but no split loaded)" if path.is_file()
+               else " (missing: GPS neighbour lists cannot be built)")
+        return {"available": ok, "source": f"{path}{why}"}
     return {"available": bool(manifests), "source": "panorama and tile file names"}

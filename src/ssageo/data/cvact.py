@@ -12,7 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ssageo.data.manifest import Manifest, file_problem, find_prior, resolve_entry
+from ssageo.data.manifest import (
+    Manifest,
+    SplitUnavailable,
+    file_problem,
+    find_prior,
+    resolve_entry,
+)
 from ssageo.io import DataError
 
 MAT_FILE = "ACT_data.mat"
@@ -59,6 +65,10 @@ def read_mat(root: Path, split: str) -> tuple[list[str], np.ndarray, np.ndarray]
     struct, field, _ = SPLITS[split]
     try:
         mat = loadmat(str(path))
+    except NotImplementedError:  # scipy reads up to v7; v7.3 is HDF5
+        raise DataError(f"{path}: MATLAB v7.3 (HDF5) file, which ssageo does not read; re-save "
+                        "it as v7 (in MATLAB or Octave: S = load('ACT_data.mat'); "
+                        "save('ACT_data.mat', '-struct', 'S', '-v7'))") from None
     except (MatReadError, ValueError, OSError) as exc:
         raise DataError(f"{path}: cannot read as a MATLAB file ({exc})") from None
     absent = [k for k in ("panoIds", "utm", struct) if k not in mat]
@@ -76,19 +86,39 @@ def read_mat(root: Path, split: str) -> tuple[list[str], np.ndarray, np.ndarray]
     if utm.shape != (len(ids), 2):
         raise DataError(f"{path}: 'utm' has shape {utm.shape}, expected ({len(ids)}, 2) "
                         "(one easting/northing per panoId)")
-    raw = np.asarray(mat[struct][field].ravel()[0], dtype=np.float64).ravel()
+    raw = _indices(path, mat, struct, field)
     if raw.size == 0:
         raise DataError(f"{path}: {struct}.{field} is empty")
+    # 0-based indices shift every id by one without leaving 1..N, unless some split holds a 0:
+    # look at all the splits, so each split is refused, not only the one that holds the 0.
+    every = {f"{st}.{fi}": _indices(path, mat, st, fi) for st, fi, _ in SPLITS.values()
+              if st in mat and fi in (mat[st].dtype.names or ())}
+    zero = [name for name, values in every.items() if values.size and values.min() == 0]
+    if zero:
+        raise DataError(f"{path}: indices look 0-based ({', '.join(zero)} hold 0); ACT_data.mat "
+                        f"must hold MATLAB's 1-based indices into panoIds (1..{len(ids)})")
     if np.any(raw != np.round(raw)) or raw.min() < 1 or raw.max() > len(ids):
         raise DataError(f"{path}: {struct}.{field} must hold 1-based integer indices into "
                         f"panoIds (1..{len(ids)}), found values in [{raw.min():g}, {raw.max():g}]")
     return ids, utm, raw.astype(np.int64) - 1
 
 
+def _indices(path: Path, mat: dict, struct: str, field: str) -> np.ndarray:
+    """The index vector ``struct.field`` of a loaded .mat, as float64."""
+    try:
+        return np.asarray(mat[struct][field].ravel()[0], dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: {struct}.{field} is not a numeric index vector") from None
+
+
 def read(root: Path, split: str, vigor_mode: str = "same-area") -> Manifest:
     """Read one CVACT split into a Manifest (ids with missing/empty files are skipped)."""
     ids, utm, index = read_mat(root, split)
     folder = SPLITS[split][2]
+    if not (root / folder).is_dir():
+        raise SplitUnavailable(f"{root / folder}: folder missing, so CVACT {split} cannot be "
+                               "loaded" + (" (ANU_data_test is a separate download)"
+                                           if split == "test" else ""))
     where = f"{root / MAT_FILE}"
     kept, missing = [], []
     for i in index:
@@ -111,5 +141,5 @@ def read(root: Path, split: str, vigor_mode: str = "same-area") -> Manifest:
         prior_paths=[find_prior(root, s) for s in refs],
         positive=np.arange(n), semi_positive=np.full((n, 3), -1),
         place_ids=place_ids, reference_ids=list(place_ids),
-        utm=utm[sel], missing=missing,
+        utm=utm[sel], missing=missing, skipped=len(index) - n,
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ssageo.data.manifest import Manifest, file_problem, find_prior, resolve_entry
+from ssageo.data.textfile import read_lines
 from ssageo.io import DataError
 
 SPLIT_FILES = {"train": "splits/train-19zl.csv", "val": "splits/val-19zl.csv"}
@@ -38,14 +39,22 @@ def sources(root: Path, split: str, vigor_mode: str) -> tuple[list[Path], list[P
     return files, folders
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
 def read_pairs(path: Path, root: Path) -> list[tuple[Path, Path]]:
-    """(satellite, panorama) paths of every line of a split csv, validated."""
+    """(satellite, panorama) paths of every line of a split csv, validated.
+
+    A first line of 2-3 columns none of which looks like a path (no folder, no image suffix,
+    e.g. ``sat,pano,annotation``) is a header and skipped.
+    """
     pairs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, line in read_lines(path, "CVUSA split file"):
         cols = [c.strip() for c in line.split(",")]
         where = f"{path}:{n}"
+        if not pairs and len(cols) in (2, 3) and not any(
+                "/" in c or "\\" in c or c.lower().endswith(IMAGE_SUFFIXES) for c in cols):
+            continue  # a header row, as a spreadsheet or pandas writes one
         if len(cols) not in (2, 3) or not all(cols[:2]):
             raise DataError(f"{where}: malformed line, expected 'satellite,panorama[,annotation]' "
                             f"(3 comma-separated paths), got {line.strip()!r}")
@@ -61,12 +70,12 @@ def read_gps(root: Path, ids: list[str]) -> tuple[np.ndarray, np.ndarray] | None
     if not path.is_file():
         return None
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, line in read_lines(path, "CVUSA GPS file"):
         try:
             rows.append([float(v) for v in line.split(",")[:4]])
         except ValueError:
+            if not rows and not any(_is_number(v) for v in line.split(",")[:4]):
+                continue  # a header row (sat_lat,sat_lon,...): rows still count from id 1
             raise DataError(f"{path}:{n}: malformed line, expected 'sat_lat,sat_lon,ground_lat,"
                             f"ground_lon,...' numbers, got {line.strip()!r}") from None
         if len(rows[-1]) != 4:
@@ -80,6 +89,14 @@ def read_gps(root: Path, ids: list[str]) -> tuple[np.ndarray, np.ndarray] | None
         rows_of.append(int(pid) - 1)
     sel = table[rows_of]
     return sel[:, 0:2], sel[:, 2:4]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def read(root: Path, split: str, vigor_mode: str = "same-area") -> Manifest:
@@ -107,5 +124,5 @@ def read(root: Path, split: str, vigor_mode: str = "same-area") -> Manifest:
         place_ids=ids, reference_ids=list(ids),
         query_coords=None if gps is None else gps[1],
         reference_coords=None if gps is None else gps[0],
-        missing=missing,
+        missing=missing, skipped=len(pairs) - n,
     )

@@ -22,10 +22,10 @@ from ssageo.data.transforms import (
     IMAGENET_STD,
     geometric_augment,
     label_to_classes,
-    photometric,
     resize,
     resize_label,
     to_tensor,
+    train_pipeline,
 )
 from ssageo.io import DataError, read_image
 
@@ -45,7 +45,8 @@ class PairDataset(Dataset):
     optional ``prior_size`` (default: the reference size) and ``augment`` (``flip``, ``rotate``
     probabilities, ``photometric`` bool), used when ``train`` is True. A sample is
     ``{"query": (3, Hq, Wq) float32, "reference": (3, Hr, Wr) float32, "index": int}`` plus
-    ``"prior": (Hp, Wp) int64`` 0/1 class map when every reference has a prior label.
+    ``"prior": (Hp, Wp) int64`` class map when every reference has a prior label: ``classes``
+    is ``model.bev.classes``, which decides how a stored label is read (``label_to_classes``).
 
     Augmentation randomness: with ``seed``, sample ``index`` of epoch ``self.epoch`` (set it
     before each epoch) is augmented by a generator of ``(seed, epoch, index)`` alone, the same in
@@ -54,7 +55,10 @@ class PairDataset(Dataset):
 
     def __init__(self, manifest: Manifest, data_cfg: dict, train: bool,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 seed: int | None = None):
+                 seed: int | None = None, classes: int = 2):
+        if isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes <= 256:
+            raise ConfigError(f"model.bev.classes must be an integer 2..256, got {classes!r}")
+        self.classes = classes
         self.manifest = manifest
         self.seed, self.epoch = seed, 0
         self.train = train
@@ -75,9 +79,21 @@ class PairDataset(Dataset):
                             f"satellite tiles have no prior label (e.g. {shown}); write the "
                             "missing ones with `ssageo priors` or remove sat_BEV_label/")
         self.use_priors = manifest.has_priors
-        self._views = {"query": photometric("query"), "reference": photometric("reference")} \
+        self._views = self._train_pipelines(aug.get("hole_size_from", "reference")) \
             if self.photometric else {}
         self._draws = 0
+
+    def _train_pipelines(self, hole_size_from: str) -> dict:
+        """Per-view photometric pipelines (resize included). CoarseDropout holes are sized from
+        the satellite tile's height in both views (``reference``, SSA) or from each view's own
+        height (``view``, Sample4Geo)."""
+        if hole_size_from not in ("reference", "view"):
+            raise ConfigError("data.augment.hole_size_from must be 'reference' or 'view', got "
+                              f"{hole_size_from!r}")
+        sizes = {"query": self.query_size, "reference": self.reference_size}
+        return {name: train_pipeline(name, size, (self.reference_size if hole_size_from
+                                                  == "reference" else size)[0])
+                for name, size in sizes.items()}
 
     def __len__(self) -> int:
         return self.manifest.num_queries
@@ -100,21 +116,22 @@ class PairDataset(Dataset):
             # exactly W/2; resizing afterwards moves both views consistently.
             tile, prior, query = geometric_augment(tile, prior, query, rng,
                                                    self.p_flip, self.p_rotate)
-        query = resize(query, self.query_size)
-        tile = resize(tile, self.reference_size)
-        if prior is not None:
-            prior = resize_label(prior, self.prior_size)
-        if self.train:
+        if self._views:  # JPEG on the input pixels, then the resize, then the rest
+            images = {"query": query, "reference": tile}
             for name, view in self._views.items():
                 view.set_random_seed(int(rng.integers(2**31)))
-                if name == "query":
-                    query = view(image=query)["image"]
-                else:
-                    tile = view(image=tile)["image"]
+                images[name] = view(image=images[name])["image"]
+            query, tile = images["query"], images["reference"]
+        else:
+            query = resize(query, self.query_size)
+            tile = resize(tile, self.reference_size)
+        if prior is not None:
+            prior = resize_label(prior, self.prior_size)
         sample = {"query": to_tensor(query, self.mean, self.std),
                   "reference": to_tensor(tile, self.mean, self.std), "index": index}
         if prior is not None:
-            sample["prior"] = torch.from_numpy(label_to_classes(prior))
+            sample["prior"] = torch.from_numpy(
+                label_to_classes(prior, self.classes, str(m.prior_paths[ref])))
         return sample
 
 

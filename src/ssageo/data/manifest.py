@@ -9,6 +9,7 @@ listings, so editing a split or adding/removing images invalidates it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -25,7 +26,7 @@ DATASETS = ("cvusa", "cvact", "vigor")
 SPLITS = ("train", "val", "test")
 VIGOR_MODES = ("same-area", "cross-area")
 VIGOR_CITIES = ("Chicago", "NewYork", "SanFrancisco", "Seattle")
-CACHE_VERSION = 1  # bump when the manifest's content or meaning changes
+CACHE_VERSION = 2  # bump when the manifest's content or meaning changes
 MAX_EXAMPLES = 5  # problems are reported as a count plus this many examples
 
 
@@ -37,8 +38,9 @@ class Manifest:
     VIGOR semi-positive reference indices (-1 where absent) and ``offsets`` (Q, 4, 2) the
     (dy, dx) pixel offsets of the query location from the positive and semi-positive tile
     centres (NaN where absent; None outside VIGOR). Coordinates are (lat, lon) degrees; CVACT
-    has none and gives ``utm`` (Q, 2) easting/northing instead. ``missing`` lists the pairs
-    dropped because a file is missing or empty ("path: reason").
+    has none and gives ``utm`` (Q, 2) easting/northing instead. ``missing`` lists the files
+    whose absence (or emptiness) dropped a pair or tile ("path: reason"); ``skipped`` counts the
+    pairs (queries) dropped, which can be fewer (both files of a pair may be missing).
     """
 
     dataset: str
@@ -58,6 +60,7 @@ class Manifest:
     offsets: np.ndarray | None = None
     vigor_mode: str | None = None
     missing: list[str] = field(default_factory=list)
+    skipped: int = 0
     key: str = ""  # content hash of the split's sources (cache key)
 
     @property
@@ -100,15 +103,39 @@ def resolve_entry(root: Path, rel: str, where: str) -> Path:
     return root / Path(*parts)
 
 
+class SplitUnavailable(DataError):
+    """A split whose files are absent as a whole because they are a separate download (CVACT's
+    ``ANU_data_test``, VIGOR's cities), as opposed to present but broken."""
+
+
 def file_problem(path: Path) -> str | None:
-    """None when ``path`` is a non-empty file, else "path: reason" (one stat call)."""
+    """None when ``path`` is a non-empty file, else "path: reason" (one stat call; a missing
+    file costs a cached listing of its folder, to say when only the name's case differs)."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
+        other = _names_by_case(path.parent).get(path.name.lower())
+        if other:
+            return f"{path}: missing; {other} exists - file name case differs"
         return f"{path}: missing"
     except OSError as exc:
         return f"{path}: cannot stat ({exc.strerror})"
     return f"{path}: empty (0 bytes)" if size == 0 else None
+
+
+def _names_by_case(folder: Path) -> dict[str, str]:
+    """Lower-cased name -> name of the entries of ``folder`` (cached while it is unchanged)."""
+    try:
+        stamp = folder.stat().st_mtime_ns
+    except OSError:
+        return {}
+    return _listing(str(folder), stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _listing(folder: str, stamp: int) -> dict[str, str]:
+    with os.scandir(folder) as entries:
+        return {e.name.lower(): e.name for e in entries}
 
 
 def find_prior(root: Path, reference: Path) -> Path | None:
@@ -123,12 +150,12 @@ def find_prior(root: Path, reference: Path) -> Path | None:
     return None
 
 
-def warn_missing(name: str, missing: list[str]) -> None:
+def warn_missing(name: str, missing: list[str], skipped: int) -> None:
     """Report dropped pairs loudly (count + first examples): they are never dropped silently."""
     if missing:
         shown = "; ".join(missing[:MAX_EXAMPLES])
-        warnings.warn(f"{name}: {len(missing)} pair(s) skipped because a file is missing or "
-                      f"empty, e.g. {shown}", stacklevel=3)
+        warnings.warn(f"{name}: {skipped} pair(s) skipped because a file is missing or "
+                      f"empty ({len(missing)} file problem(s)), e.g. {shown}", stacklevel=3)
 
 
 def sources_key(files: list[Path], folders: list[Path], extra: str) -> str:
@@ -247,7 +274,7 @@ def cache_dir_for(root: Path, cache_dir: str | Path | None = None) -> Path:
 _PATH_LISTS = ("query_paths", "reference_paths", "prior_paths")
 _ARRAYS = ("positive", "semi_positive", "query_coords", "reference_coords", "utm", "offsets")
 _SCALARS = ("dataset", "split", "layout", "place_ids", "reference_ids", "vigor_mode", "missing",
-            "key")
+            "skipped", "key")
 
 
 def save_manifest(manifest: Manifest, path: Path) -> None:
@@ -299,5 +326,9 @@ def load_manifest(root: str | Path, dataset: str = "auto", split: str = "train",
         manifest.key = key
         if use_cache:
             save_manifest(manifest, cache)
-    warn_missing(f"{dataset} {split}", manifest.missing)
+    warn_missing(f"{dataset} {split}", manifest.missing, manifest.skipped)
+    if dataset == "cvusa" and split == "train" and manifest.query_coords is None:
+        warnings.warn(f"{root / 'split_locations' / 'all.csv'} is missing: CVUSA without GPS, "
+                      "so training has no GPS hard negatives (train.sampling.gps is ignored)",
+                      stacklevel=2)
     return manifest

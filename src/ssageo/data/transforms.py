@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 import torch
 
+from ssageo.io import DataError
+
 if TYPE_CHECKING:
     import albumentations
 
@@ -57,34 +59,52 @@ def geometric_augment(
     return as_c(tile), None if prior is None else as_c(prior), as_c(pano)
 
 
-def photometric(view: str) -> albumentations.Compose:
-    """Albumentations pipeline of photometric noise for ``view`` ("query" or "reference").
+# Photometric training noise of the reference (SSA ``model_training/sample4geo/transforms.py``
+# ``get_transforms_train``, the same values as Sample4Geo's): the probability of each op, and the
+# CoarseDropout hole side as a fraction of a height (38-76 px at the 384 px working size).
+HOLE_FRACTION = (0.1, 0.2)
+GRID_DROPOUT_RATIO = {"query": 0.5, "reference": 0.4}
+# OpenCV's bit-exact bilinear resize, used by the reference at training and at evaluation.
+RESIZE_INTERPOLATION = cv2.INTER_LINEAR_EXACT
 
-    Colour jitter, blur/sharpen, JPEG compression and grid/coarse dropout, as in Sample4Geo; it
-    never moves pixels, so geometry (and the prior label) stay aligned.
+
+def hole_range(height: int) -> tuple[int, int]:
+    """CoarseDropout hole side range in pixels for a base ``height`` (at least 1 px)."""
+    return tuple(max(1, int(f * height)) for f in HOLE_FRACTION)
+
+
+def train_pipeline(view: str, size: tuple[int, int], hole_height: int) -> albumentations.Compose:
+    """The reference's training pipeline for ``view`` ("query" or "reference"), resize included.
+
+    JPEG compression (q 90-100, p 0.5) on the input pixels, then the resize to ``size`` (H, W)
+    with ``cv2.INTER_LINEAR_EXACT``, then colour jitter (0.15 each, p 0.5), blur or sharpen
+    (p 0.3), and grid dropout (ratio 0.5 ground / 0.4 satellite) or coarse dropout (10-25 holes
+    of side ``hole_range(hole_height)``) (p 0.3). No op moves pixels, so geometry and the prior
+    label stay aligned.
     """
     import albumentations as A
 
+    holes = hole_range(hole_height)
     return A.Compose([
+        A.ImageCompression(quality_range=(90, 100), p=0.5),
+        A.Resize(int(size[0]), int(size[1]), interpolation=RESIZE_INTERPOLATION, p=1.0),
         A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.15, p=0.5),
         A.OneOf([A.AdvancedBlur(p=1.0), A.Sharpen(p=1.0)], p=0.3),
-        A.ImageCompression(quality_range=(90, 100), p=0.5),
         A.OneOf([
-            A.GridDropout(ratio=0.4, p=1.0),
-            A.CoarseDropout(num_holes_range=(10, 25), hole_height_range=(0.03, 0.1),
-                            hole_width_range=(0.03, 0.1) if view == "reference"
-                            else (0.01, 0.05), p=1.0),
+            A.GridDropout(ratio=GRID_DROPOUT_RATIO[view], p=1.0),
+            A.CoarseDropout(num_holes_range=(10, 25), hole_height_range=holes,
+                            hole_width_range=holes, p=1.0),
         ], p=0.3),
     ])
 
 
 def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an (H, W[, 3]) image to ``size`` = (H, W), area-averaged when shrinking."""
+    """Resize an (H, W[, 3]) image to ``size`` = (H, W) with ``cv2.INTER_LINEAR_EXACT`` (as the
+    reference at training and evaluation)."""
     h, w = int(size[0]), int(size[1])
     if image.shape[:2] == (h, w):
         return image
-    shrink = h < image.shape[0] and w < image.shape[1]
-    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return cv2.resize(image, (w, h), interpolation=RESIZE_INTERPOLATION)
 
 
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -95,9 +115,27 @@ def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
 
 
-def label_to_classes(label: np.ndarray) -> np.ndarray:
-    """A 0/255 prior label (PNG, or JPEG with compression noise) -> 0/1 int64 class map."""
-    return (label > 127).astype(np.int64)
+def label_to_classes(label: np.ndarray, classes: int = 2,
+                     source: str = "prior label") -> np.ndarray:
+    """A stored prior label -> int64 class map for a ``classes``-way BEV head
+    (``model.bev.classes``).
+
+    A label whose values are all below ``classes`` is a class-index map, kept as it is. Otherwise
+    it must be a binary label (object 255 -> class 1): with two classes, one reaching above 127,
+    where any value above 127 is object (JPEG labels carry compression noise); with more
+    classes, exactly 0/255. Anything else, e.g. an 8-class map given to a 2-class head, raises
+    DataError naming ``source``.
+    """
+    top = int(label.max()) if label.size else 0
+    if top < classes:
+        return label.astype(np.int64)
+    binary = top > 127 if classes == 2 else bool(np.isin(label, (0, 255)).all())
+    if binary:
+        return (label > 127).astype(np.int64)
+    values = np.unique(label)
+    found = ", ".join(str(v) for v in values[values >= classes][:5])
+    raise DataError(f"{source}: holds value(s) {found}, but model.bev.classes is {classes}: a "
+                    f"label must hold class indices 0..{classes - 1} or be a binary 0/255 label")
 
 
 def to_tensor(image: np.ndarray, mean, std) -> torch.Tensor:

@@ -20,10 +20,12 @@ import numpy as np
 from ssageo.data.manifest import (
     VIGOR_CITIES,
     Manifest,
+    SplitUnavailable,
     file_problem,
     find_prior,
     resolve_entry,
 )
+from ssageo.data.textfile import read_lines
 from ssageo.io import DataError
 
 COLUMNS = 13
@@ -55,7 +57,7 @@ def split_plan(root: Path, split: str, mode: str) -> tuple[list[str], str, list[
         wanted, name = CROSS_AREA[split], "pano_label_balanced.txt"
     cities = [c for c in wanted if (root / "splits" / c).is_dir()]
     if not cities:
-        raise DataError(f"{root / 'splits'}: none of the {mode} {split} cities "
+        raise SplitUnavailable(f"{root / 'splits'}: none of the {mode} {split} cities "
                         f"({', '.join(wanted)}) has a split folder")
     notes = [f"{root / 'splits' / c}: missing (city {c} left out of {mode} {split})"
              for c in wanted if c not in cities]
@@ -75,11 +77,7 @@ def sources(root: Path, split: str, mode: str) -> tuple[list[Path], list[Path]]:
 
 
 def _lines(path: Path) -> list[tuple[int, list[str]]]:
-    if not path.is_file():
-        raise DataError(f"{path}: VIGOR split file is missing")
-    rows = [(n, line.split()) for n, line in
-            enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)]
-    rows = [(n, cols) for n, cols in rows if cols]
+    rows = [(n, line.split()) for n, line in read_lines(path, "VIGOR split file")]
     if not rows:
         raise DataError(f"{path}: split file has no entries")
     return rows
@@ -120,6 +118,7 @@ def read(root: Path, split: str, vigor_mode: str = "same-area") -> Manifest:
     pos: list[int] = []
     semi: list[list[int]] = []
     offsets: list[list[list[float]]] = []
+    skipped = 0  # queries dropped (``missing`` also lists absent gallery tiles and cities)
     for city in cities:
         pano_dir, sat_dir = _folders(root, city)
         tile_list = root / "splits" / city / "satellite_list.txt"
@@ -158,6 +157,7 @@ def read(root: Path, split: str, vigor_mode: str = "same-area") -> Manifest:
             problem = file_problem(pano)
             if problem or (city, tiles[0]) not in index:
                 missing.append(problem or f"{where}: positive tile {tiles[0]} missing or empty")
+                skipped += 1
                 continue
             queries.append(pano)
             q_ids.append(f"{city}/{cols[0]}")
@@ -175,5 +175,5 @@ def read(root: Path, split: str, vigor_mode: str = "same-area") -> Manifest:
         positive=np.asarray(pos, dtype=np.int64), semi_positive=np.asarray(semi, dtype=np.int64),
         place_ids=q_ids, reference_ids=ref_ids,
         query_coords=np.asarray(q_coords), reference_coords=np.asarray(ref_coords),
-        offsets=np.asarray(offsets, dtype=np.float64), missing=missing,
+        offsets=np.asarray(offsets, dtype=np.float64), missing=missing, skipped=skipped,
     )

@@ -15,7 +15,14 @@ from torch import nn
 from ssageo.config import ConfigError, load_config, save_config
 from ssageo.io import DataError, atomic_write
 from ssageo.model.bev import BEVHead
-from ssageo.model.encoder import Encoder
+from ssageo.model.encoder import (
+    HUB_WEIGHTS,
+    Encoder,
+    hub_cache_dir,
+    hub_cached,
+    hub_repo,
+    hub_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +106,56 @@ class SSAModel(nn.Module):
 
 def build_model(model_cfg: dict, reference_size: tuple[int, int],
                 query_size: tuple[int, int], logit_scale_init: float = 1 / 0.07) -> SSAModel:
-    """The model described by a config's ``model`` section, with ``model.pretrained`` loaded."""
+    """The model described by a config's ``model`` section, with ``model.pretrained`` loaded.
+
+    ``model.pretrained``: ``timm`` (timm's weights for the ``model.backbone`` tag from the
+    Hugging Face hub or its cache; WeightsUnavailable when neither has them), a local file
+    (timm state dict or Sample4Geo checkpoint), or none/null (random initialisation).
+    """
     for key in ("backbone",):
         if not model_cfg.get(key):
             raise ConfigError(f"model.{key} is missing")
+    source = pretrained_source(model_cfg.get("pretrained"))
+    if source == HUB_WEIGHTS:
+        # Checked on the meta device (instant, no memory): a backbone we cannot use fails
+        # before a download; unavailable weights fail before the real model is built.
+        with torch.device("meta"):
+            SSAModel(model_cfg, reference_size, query_size, logit_scale_init)
+        state = hub_weights(model_cfg["backbone"])
     model = SSAModel(model_cfg, reference_size, query_size, logit_scale_init)
-    if model_cfg.get("pretrained"):
-        load_pretrained(model, model_cfg["pretrained"])
+    if source == HUB_WEIGHTS:
+        for encoder in model.encoders.values():
+            encoder.backbone.load_state_dict(state)
+        log.info("%s: timm's weights from the hub (cache %s)", model_cfg["backbone"],
+                 hub_cache_dir())
+    elif source is not None:
+        load_pretrained(model, source)
     return model
+
+
+def pretrained_source(value: object) -> str | Path | None:
+    """``model.pretrained`` as HUB_WEIGHTS ('timm'), a local file Path, or None (random)."""
+    if value is None or value is False or (isinstance(value, str)
+                                           and value.strip().lower() in ("", "none", "null")):
+        return None
+    if isinstance(value, str):
+        return HUB_WEIGHTS if value.strip() == HUB_WEIGHTS else Path(value)
+    raise ConfigError(f"model.pretrained must be '{HUB_WEIGHTS}' (timm's hub weights for "
+                      f"model.backbone), a weights file path or none, not {value!r}")
+
+
+def describe_weights(model_cfg: dict) -> str:
+    """Where ``build_model`` takes the weights from, said without reading or fetching them."""
+    source = pretrained_source(model_cfg.get("pretrained"))
+    if source is None:
+        return "random initialisation (model.pretrained: none)"
+    if source != HUB_WEIGHTS:
+        return f"local file {source}" + ("" if Path(source).is_file() else " (not found)")
+    name = model_cfg["backbone"]
+    cache = hub_cache_dir()
+    where = (f"in the cache folder {cache}" if hub_cached(name) else
+             f"not in the cache folder {cache} yet: downloaded when training builds the model")
+    return f"timm's from the Hugging Face hub, {hub_repo(name)} ({where})"
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -4,10 +4,18 @@ Backends (``langsam``, ``oracle``, ``files``) turn satellite tiles into labels; 
 writes them where the dataset readers look, skipping tiles already done.
 """
 
-from ssageo.priors.fusion import Rule, compile_classes, encode_label, fuse, parse_rule
+from ssageo.priors.fusion import (
+    NAMED_RULES,
+    Rule,
+    compile_classes,
+    encode_label,
+    fuse,
+    parse_rule,
+)
 from ssageo.priors.run import PriorBackend, PriorSummary, Tile, list_tiles, run_priors
 
 __all__ = [
+    "NAMED_RULES",
     "PriorBackend",
     "PriorSummary",
     "Rule",

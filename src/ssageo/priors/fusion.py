@@ -15,6 +15,15 @@ the prompt ``artificial buildings``).
 Several classes (``{"building": "...", "tree": "..."}``) give a class-index map: 0 is
 background and class ``i`` (1-based, in the order given) is written where its rule holds; where
 two rules hold, the class listed first wins. One class gives the paper's 0/255 two-class label.
+
+Named rules (``NAMED_RULES``) stand for a whole expression; a class's rule may be just a name:
+
+- ``paper``: ``(artificial buildings & structures) | trees``, the rule the SSA paper states.
+- ``reference-code``: ``artificial buildings & structures & ~trees``, what the SSA reference
+  effectively trains on. Its fusion script (``prior_generation/genre_BEVlabel_*.py``) combines
+  0/255 masks with uint8 arithmetic that wraps around (255 * 255 = 1 mod 256), so its files hold
+  trees as 1 and buildings & structures without trees as 255; its loaders then divide by 255
+  with integer division, which turns the 1s (trees) into background.
 """
 
 from __future__ import annotations
@@ -27,6 +36,11 @@ import numpy as np
 from ssageo.config import ConfigError
 
 _OPERATORS = "&|~!()"
+
+NAMED_RULES = {
+    "paper": "(artificial buildings & structures) | trees",
+    "reference-code": "artificial buildings & structures & ~trees",
+}
 
 
 def normalise_name(name: str) -> str:
@@ -147,8 +161,14 @@ def parse_rule(text: str) -> Rule:
     return Rule(text=text, node=node)
 
 
+def resolve_rule(text: str) -> str:
+    """A named rule's expression (``NAMED_RULES``, case and spacing ignored), else ``text``."""
+    return NAMED_RULES.get(normalise_name(text), text)
+
+
 def compile_classes(classes: Mapping[str, str], prompts: Sequence[str]) -> list[tuple[str, Rule]]:
-    """Parse each class's rule and check that it names only configured prompts.
+    """Parse each class's rule (an expression or a ``NAMED_RULES`` name) and check that it
+    names only configured prompts.
 
     Returns ``[(class name, Rule), ...]`` in the given order (the order sets class indices).
     """
@@ -157,11 +177,13 @@ def compile_classes(classes: Mapping[str, str], prompts: Sequence[str]) -> list[
     known = {normalise_name(p) for p in prompts}
     compiled = []
     for name, text in classes.items():
-        rule = parse_rule(str(text))
+        rule = parse_rule(resolve_rule(str(text)))
         unknown = sorted(rule.names - known)
         if unknown:
+            shown = text if rule.text == text else f"{text} = {rule.text}"
             raise ConfigError(
-                f"class '{name}': fusion rule '{text}' names {', '.join(repr(u) for u in unknown)}"
+                f"class '{name}': fusion rule '{shown}' names "
+                f"{', '.join(repr(u) for u in unknown)}"
                 f", which {'is' if len(unknown) == 1 else 'are'} not among the prompts "
                 f"({', '.join(prompts)})"
             )

@@ -107,7 +107,9 @@ def _bev_section(run: Run, found: Retrieval, count: int) -> html.Section | None:
         html.image(figures.bev_panels(
             [_display(m.query_paths[i]) for i in rows],
             [_display(m.reference_paths[int(m.positive[i])]) for i in rows],
-            [label_to_classes(_display(m.prior_paths[int(m.positive[i])], "L")) for i in rows],
+            [label_to_classes(_display(m.prior_paths[int(m.positive[i])], "L"),
+                              get(run.config, "model.bev.classes", 2),
+                              str(m.prior_paths[int(m.positive[i])])) for i in rows],
             list(probs), [f"place {m.place_ids[i]}" for i in rows]),
             "BEV predictions", "Left to right: the query panorama, its satellite tile, the "
             "tile's prior label (white = object) and the BEV head's prediction from the "

@@ -26,6 +26,13 @@ VIGOR_CITIES = {  # name -> origin (lat, lon) of its local tangent plane
     "Seattle": (47.6062, -122.3321),
 }
 VIGOR_CROSS_TRAIN = ("NewYork", "Seattle")  # cross-area: test on Chicago + SanFrancisco
+# ACT_data.mat's split structs, fields in file order. The index vector must be the SECOND field:
+# Sample4Geo's and SSA's loaders read it by position (`anuData['trainSet'][0][0][1]`), OriCNN's
+# and ours by name (`trainInd` / `valInd`), on the same file. The first field's name and content
+# (a count here) could not be checked against the real file (its copy in the SSA, OriCNN and
+# CVFT repositories is stored without content); no known reader uses it.
+CVACT_SPLIT_FIELDS = {"trainSet": ("trainNum", "trainInd"), "valSet": ("valNum", "valInd"),
+                      "valSetAll": ("valNum", "valInd")}
 _ID_CHARS = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
 
 
@@ -123,12 +130,13 @@ def plan_cvact(world: World, places: np.ndarray, split: str, seed: int) -> Plan:
     def finish(out: Path) -> dict:
         from scipy.io import savemat
 
-        def index(k: int) -> np.ndarray:
-            return (np.flatnonzero(which == k) + 1).astype(np.int32).reshape(-1, 1)
+        def split(k: int, struct: str) -> dict:
+            index = (np.flatnonzero(which == k) + 1).astype(np.int32).reshape(-1, 1)
+            count, ind = CVACT_SPLIT_FIELDS[struct]  # dicts keep order: savemat writes it so
+            return {count: np.array([[len(index)]], np.int32), ind: index}
 
-        mat = {"panoIds": np.array(ids), "utm": utm,
-               "trainSet": {"trainInd": index(0)}, "valSet": {"valInd": index(1)},
-               "valSetAll": {"valInd": index(2)}}
+        mat = {"panoIds": np.array(ids), "utm": utm, "trainSet": split(0, "trainSet"),
+               "valSet": split(1, "valSet"), "valSetAll": split(2, "valSetAll")}
         atomic_write(out / "ACT_data.mat", lambda tmp: savemat(str(tmp), mat))
         return {"files": {"mat": "ACT_data.mat"},
                 "counts": {k: int((which == i).sum())

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ssageo.config import ConfigError, load_config, save_config
 from ssageo.data.datasets import PairDataset
 from ssageo.io import DataError, atomic_write_text
+from ssageo.train import precision
 from ssageo.train.distributed import (
     DistInfo,
     all_true,
@@ -39,7 +40,7 @@ from ssageo.train.distributed import (
     setup_distributed,
 )
 from ssageo.train.rundir import CHECKPOINTS, MetricsLog, check_free_space, open_run_dir
-from ssageo.train.sampler import HardNegativeSampler, similarity_neighbours
+from ssageo.train.sampler import HardNegativeSampler, epoch_neighbours, first_source
 from ssageo.train.state import (
     latest_checkpoint,
     load_checkpoint,
@@ -64,31 +65,7 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> flo
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
 
 
-def _neighbours(sampler, model, manifest, config: dict, epoch: int, log) -> None:
-    """Give the sampler the neighbour lists this epoch uses (METHOD.md section 5)."""
-    from ssageo.data.neighbours import gps_neighbours
-    from ssageo.evaluate.embed import embed_manifest
-
-    s = config["train"]["sampling"]
-    sim_due = (
-        s["similarity"] and epoch >= s["similarity_start"]
-        and (epoch - s["similarity_start"]) % s["similarity_every"] == 0
-    )
-    if sim_due:
-        query, reference = embed_manifest(model, manifest, config)
-        sampler.set_neighbours(
-            similarity_neighbours(query, reference, manifest.positive, s["neighbour_range"]),
-            f"similarity@epoch{epoch}",
-        )
-        log(f"epoch {epoch + 1}: similarity neighbours recomputed with the current model")
-    elif sampler.neighbours is None and s["gps"]:
-        coords = manifest.query_coords if manifest.query_coords is not None else manifest.utm
-        if coords is not None:
-            sampler.set_neighbours(gps_neighbours(manifest, k=s["gps_k"]), "gps")
-            log(f"epoch {epoch + 1}: GPS neighbour lists")
-
-
-_FLOATS = ("lr", "weight_decay", "warmup_epochs", "clip_grad_norm")
+_FLOATS = ("lr", "weight_decay", "warmup_epochs", "clip_grad_norm", "clip_grad_value")
 _INTS = ("seed", "epochs", "batch_size", "checkpoint_every", "max_nonfinite_skips",
          "max_steps_per_epoch")
 
@@ -99,12 +76,15 @@ def _numbers(t: dict) -> dict:
     out = dict(t)
     for keys, kind in ((_FLOATS, float), (_INTS, int)):
         for key in keys:
-            if out.get(key) is None and key in ("clip_grad_norm", "max_steps_per_epoch"):
+            if out.get(key) is None and key in ("clip_grad_norm", "clip_grad_value",
+                                                "max_steps_per_epoch"):
                 continue
             try:
                 out[key] = kind(out[key])
             except (TypeError, ValueError):
                 raise ConfigError(f"train.{key} must be a number, got {out[key]!r}") from None
+    precision.amp_mode(out["amp"])  # the named choices too, before any work
+    first_source(out["sampling"])
     return out
 
 
@@ -178,7 +158,9 @@ def _train(config: dict, out: Path, resume: bool, t: dict, dist_info: DistInfo) 
 
     manifest = load_manifest(d["root"], dataset=d["dataset"], split="train",
                              vigor_mode=d["vigor_mode"])
-    model = build_model(config["model"], d["reference_size"], d["query_size"],
+    # A resumed run's weights come from its checkpoint: model.pretrained is not read (or fetched).
+    model = build_model(dict(config["model"], pretrained=None) if resume else config["model"],
+                        d["reference_size"], d["query_size"],
                         config["loss"]["logit_scale_init"]).to(device)
 
     def prepare() -> None:
@@ -201,12 +183,14 @@ def _train(config: dict, out: Path, resume: bool, t: dict, dist_info: DistInfo) 
         manifest.positive, t["batch_size"], s["neighbour_select"], s["neighbour_range"],
         t["seed"], dist_info.world_size, dist_info.rank, t["max_steps_per_epoch"],
     )
+    amp_dtype = precision.autocast_dtype(t["amp"], device)
+    scaler = precision.make_scaler(amp_dtype, device)
     progress = {"epoch": 0, "batch": 0, "step": 0, "best_r1": None, "best_epoch": None,
                 "nonfinite_skips": 0}
     try:  # every rank reads the checkpoint; a bad one is reported once
         start = latest_checkpoint(out / CHECKPOINTS) if resume else None
         if start is not None:
-            sampler_state, progress = load_checkpoint(start, model, optimizer)
+            sampler_state, progress = load_checkpoint(start, model, optimizer, scaler)
             sampler.load_state_dict(sampler_state)
         metrics = MetricsLog(out / METRICS_FILE, progress["step"] if resume else None, main)
     except DataError as exc:
@@ -221,12 +205,12 @@ def _train(config: dict, out: Path, resume: bool, t: dict, dist_info: DistInfo) 
     norm = model.data_config()
     # Augmentation depends only on (seed, epoch, index): each place is drawn at most once per
     # epoch, so this is independent of worker count and of where a resumed run starts.
-    dataset = PairDataset(manifest, d, True, norm["mean"], norm["std"], seed=t["seed"])
+    dataset = PairDataset(manifest, d, True, norm["mean"], norm["std"], seed=t["seed"],
+                          classes=config["model"]["bev"]["classes"])
     steps_per_epoch = min(len(np.unique(manifest.positive)) // t["batch_size"],
                           t["max_steps_per_epoch"] or math.inf)
     total_steps = t["epochs"] * steps_per_epoch
     warmup_steps = max(1, round(t["warmup_epochs"] * steps_per_epoch))
-    amp = bool(t["amp"]) and device.type == "cuda"
 
     def checkpoint(folder: str) -> None:
         """Write ``checkpoints/folder`` (main process); every process learns that it worked."""
@@ -235,7 +219,7 @@ def _train(config: dict, out: Path, resume: bool, t: dict, dist_info: DistInfo) 
             # a resumed run drops; the other order would lose the records up to it.
             metrics.flush()
             save_checkpoint(out / CHECKPOINTS / folder, model, config, optimizer,
-                            sampler.state_dict(progress["batch"]), progress)
+                            sampler.state_dict(progress["batch"]), progress, scaler)
 
         on_main(write, dist_info)
 
@@ -244,7 +228,7 @@ def _train(config: dict, out: Path, resume: bool, t: dict, dist_info: DistInfo) 
     started = time.perf_counter()
     for epoch in range(progress["epoch"], t["epochs"]):
         if progress["batch"] == 0:
-            _neighbours(sampler, model, manifest, config, epoch, log)
+            epoch_neighbours(sampler, model, manifest, config, epoch, log)
             sampler.set_epoch(epoch)
         dataset.epoch = epoch
         loader = torch.utils.data.DataLoader(
@@ -264,31 +248,33 @@ def _train(config: dict, out: Path, resume: bool, t: dict, dist_info: DistInfo) 
             query = batch["query"].to(device, non_blocking=True, memory_format=fmt)
             reference = batch["reference"].to(device, non_blocking=True, memory_format=fmt)
             prior = batch["prior"].to(device) if "prior" in batch else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
+                                enabled=amp_dtype is not None):
                 outputs = net(query, reference)
                 losses = ssa_loss(outputs, prior, config["loss"])
             optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), t["clip_grad_norm"] or float("inf")
-            )
+            grad_norm = precision.backward(losses["loss"], model.parameters(), optimizer, scaler,
+                                           t["clip_grad_norm"], t.get("clip_grad_value"))
             values = _mean_over_ranks(losses, device)
+            # Under fp16 an overflowed gradient is routine: the scaler skips that update and
+            # lowers its scale, as in the reference. Only a non-finite loss is a fault then.
             finite = all_true(
                 all(math.isfinite(v) for v in values.values())
-                and bool(torch.isfinite(grad_norm)), device,
+                and (scaler.is_enabled() or bool(torch.isfinite(grad_norm))), device,
             )
             progress["step"] += 1
             progress["batch"] += 1
-            if finite:
-                optimizer.step()
-            else:
+            if not finite:
                 _non_finite(progress, values, epoch, t, metrics, log, checkpoint)
+            precision.step(optimizer, scaler, finite)
             now = time.perf_counter()
             record = {
                 "kind": "step", "step": progress["step"], "epoch": epoch + 1, **values,
                 "lr": lr, "logit_scale": float(outputs["logit_scale"].detach().exp()),
                 "grad_norm": float(grad_norm), "pairs_per_s": t["batch_size"] / (now - tick),
             }
+            if scaler.is_enabled():
+                record["grad_scale"] = scaler.get_scale()
             tick = now
             metrics.add(record)
             bar.set_postfix(loss=f"{values['loss']:.3f}", bev=f"{values['bev']:.3f}",

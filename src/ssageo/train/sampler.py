@@ -13,10 +13,15 @@ same global batch a single process would see.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+
+from ssageo.config import ConfigError
+from ssageo.io import DataError
+
+FIRST_SOURCES = ("random", "gps", "similarity")
 
 # After this many consecutive places that cannot join the current batch (their tile is already
 # in it), the rest of the epoch cannot form a full batch and the plan ends.
@@ -194,3 +199,49 @@ def similarity_neighbours(
         sim.masked_fill_(same_tile, float("-inf"))
         out.append(sim.topk(k, dim=1).indices)
     return torch.cat(out).numpy()
+
+
+def first_source(sampling: dict) -> str:
+    """``train.sampling.first`` checked (a config without it, from before the key existed, reads
+    its old ``gps`` flag: GPS lists when true, random batches otherwise)."""
+    first = sampling.get("first", "gps" if sampling.get("gps", True) else "random")
+    if first not in FIRST_SOURCES:
+        raise ConfigError(f"train.sampling.first must be one of {', '.join(FIRST_SOURCES)}, "
+                          f"got {first!r}")
+    return first
+
+
+def epoch_neighbours(sampler: HardNegativeSampler, model: torch.nn.Module, manifest,
+                     config: dict, epoch: int, log: Callable[[str], None] = print) -> None:
+    """Give ``sampler`` the neighbour lists epoch ``epoch`` uses (METHOD.md section 5).
+
+    Similarity neighbours of the current ``model`` are recomputed at epoch ``similarity_start``
+    and every ``similarity_every`` epochs after (when ``similarity`` is on). Before the first
+    recomputation, ``train.sampling.first`` decides: ``random`` batches, ``gps`` neighbour lists,
+    or ``similarity`` neighbours of the starting (pretrained) model, computed once before the
+    first epoch. Lists already held (restored from a checkpoint) are kept until the next
+    recomputation, so a resumed run uses the lists an uninterrupted run would.
+    """
+    from ssageo.data.neighbours import gps_neighbours
+    from ssageo.evaluate.embed import embed_manifest
+
+    s = config["train"]["sampling"]
+    first = first_source(s)
+    start, every = int(s["similarity_start"]), int(s["similarity_every"])
+    due = s["similarity"] and epoch >= start and (epoch - start) % every == 0
+    if not due and (sampler.neighbours is not None or first == "random"):
+        return
+    if due or first == "similarity":
+        query, reference = embed_manifest(model, manifest, config)
+        sampler.set_neighbours(
+            similarity_neighbours(query, reference, manifest.positive, s["neighbour_range"]),
+            f"similarity@epoch{epoch}",
+        )
+        log(f"epoch {epoch + 1}: similarity neighbours computed with the "
+            f"{'current' if due else 'starting'} model")
+        return
+    try:
+        sampler.set_neighbours(gps_neighbours(manifest, k=s["gps_k"]), "gps")
+    except DataError as exc:
+        raise DataError(f"{exc} (or set train.sampling.first=random)") from None
+    log(f"epoch {epoch + 1}: GPS neighbour lists")

@@ -4,8 +4,9 @@ A checkpoint is a directory (``checkpoints/last``, ``checkpoints/best``, ``check
 
 - ``model.safetensors`` + ``config.yaml`` written by ``ssageo.model.save_model`` (loadable alone
   by ``load_model``, so ``best`` is directly usable for evaluation);
-- ``training_state.pt``: optimizer state, sampler state and every RNG state, as tensors and
-  plain values only, read back with ``torch.load(weights_only=True)`` (no arbitrary unpickling);
+- ``training_state.pt``: optimizer state, GradScaler state (fp16 AMP), sampler state and every
+  RNG state, as tensors and plain values only, read back with ``torch.load(weights_only=True)``
+  (no arbitrary unpickling);
 - ``progress.json``: epoch, batch within the epoch, global step, best validation score.
 
 Directories are replaced atomically: written under a dot-prefixed temporary name, then renamed.
@@ -89,11 +90,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     sampler_state: dict,
     progress: dict,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """Write a complete checkpoint directory atomically (replacing any previous one).
 
-    A write that fails (disk full, read-only disk) raises DataError naming ``folder`` and the
-    reason; the previous checkpoint stays as it was.
+    ``scaler``'s state (loss scale and growth counter; empty when disabled) is saved with the
+    optimizer's, so a resumed fp16 run scales its losses exactly as an uninterrupted one. A write
+    that fails (disk full, read-only disk) raises DataError naming ``folder`` and the reason;
+    the previous checkpoint stays as it was.
     """
     from ssageo.model import save_model
 
@@ -106,7 +110,8 @@ def save_checkpoint(
         sampler = dict(sampler_state)
         if sampler.get("neighbours") is not None:
             sampler["neighbours"] = torch.from_numpy(np.asarray(sampler["neighbours"]))
-        state = {"optimizer": optimizer.state_dict(), "sampler": sampler, "rng": rng_state()}
+        state = {"optimizer": optimizer.state_dict(), "sampler": sampler, "rng": rng_state(),
+                 "scaler": {} if scaler is None else scaler.state_dict()}
         # Serialised in memory first: torch.save to a file reports a full disk as an opaque
         # RuntimeError of its zip writer, a plain write reports the OSError.
         buffer = io.BytesIO()
@@ -205,9 +210,11 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
 
 
 def load_checkpoint(
-    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[dict, dict]:
-    """Load weights and optimizer state in place, restore RNG states.
+    """Load weights, optimizer and (when both are there) GradScaler state in place, restore RNG
+    states.
 
     Returns ``(sampler_state, progress)``; the sampler's neighbours come back as a NumPy array.
     Raises DataError naming the file and what is wrong when a file is missing, truncated,
@@ -233,9 +240,11 @@ def load_checkpoint(
         raise DataError(f"{path}: cannot read the training state ({_first_line(exc)})") from None
     try:
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):  # empty: saved by a disabled scaler
+            scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         sampler = dict(state["sampler"])
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
         raise DataError(f"{path}: not a training state for this model and optimizer "
                         f"({_first_line(exc)})") from None
     if sampler.get("neighbours") is not None:

@@ -1,0 +1,48 @@
+"""The text index files of the datasets (split CSVs, VIGOR lists, tile CSVs), read strictly.
+
+UTF-8 with or without a byte-order mark (a BOM is skipped, as pandas and Excel do); a file with
+binary data, a UTF-16 encoding or bytes that are not UTF-8 is refused with one line naming the
+file and line, instead of turning into paths that do not exist.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+from pathlib import Path
+
+from ssageo.io import DataError
+
+
+def read_lines(path: Path, what: str = "text file") -> list[tuple[int, str]]:
+    """(1-based line number, text) of every non-blank line of ``path``, line ends stripped.
+
+    ``what`` names the file's role in errors (e.g. "CVUSA split file"). Raises DataError for
+    a missing file, binary data (a NUL byte), UTF-16, or bytes that are not UTF-8.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} is missing")
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(f"{path}: {what} is UTF-16 encoded; save it as UTF-8")
+    data = data.removeprefix(codecs.BOM_UTF8)
+    out = []
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        if b"\x00" in raw:
+            raise DataError(f"{path}:{n}: binary data (NUL byte), not a {what}")
+        try:
+            text = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{n}: byte 0x{raw[exc.start]:02x} at column {exc.start + 1} "
+                            f"is not UTF-8 text; a {what} must be a UTF-8 text file") from None
+        if text.strip():
+            out.append((n, text))
+    return out
+
+
+def read_csv_rows(path: Path, what: str = "CSV file") -> list[tuple[int, list[str]]]:
+    """(1-based line number, fields) of every non-blank line of a comma-separated file, read
+    with :func:`read_lines` (so a BOM is skipped and binary data refused); quoting as the
+    ``csv`` module does, one record per line."""
+    return [(n, next(csv.reader([text]))) for n, text in read_lines(path, what)]
