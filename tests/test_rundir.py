@@ -75,7 +75,8 @@ def same_weights(a: Path, b: Path) -> None:
 def test_second_train_on_a_busy_run_directory_is_refused_and_kill_9_leaves_no_stale_lock(
         synth_world, tmp_path):
     world, run = synth_world("cvusa"), tmp_path / "run"
-    args = ["--data", world, *TINY, "train.epochs=20"]
+    # a data-loader worker too: a forked child must not keep the lock after the trainer dies
+    args = ["--data", world, *TINY, "train.epochs=20", "data.workers=1"]
     first = start_cli("train", "--out", run, *args)
     try:
         wait_for(run / "config.yaml", first)  # written while holding the lock

@@ -21,6 +21,20 @@ from ssageo.train.state import PROGRESS_FILE, RESUMABLE, tidy_checkpoints, write
 LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
 
+# Descriptors of the locks this process holds. A forked child (a data-loader worker) would share
+# them, and an flock lasts until its last descriptor is closed: a worker outliving a killed
+# trainer would keep the run directory locked. Children close their copies at once.
+_HELD: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
 
 class RunLock:
     """An exclusive lock on a directory, held until ``release()`` (or the end of a ``with``)."""
@@ -32,6 +46,7 @@ class RunLock:
     def release(self) -> None:
         """Drop the lock (idempotent)."""
         if self._fd is not None:
+            _HELD.discard(self._fd)
             os.close(self._fd)  # closing the only descriptor releases the flock
             self._fd = None
 
@@ -76,6 +91,7 @@ def lock_run_dir(directory: Path) -> RunLock:
         os.close(fd)
         raise DataError(f"{directory}: run directory is not writable ({write_error(exc)})"
                         ) from None
+    _HELD.add(fd)
     return RunLock(directory, fd)
 
 
