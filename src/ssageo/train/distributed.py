@@ -41,7 +41,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -80,12 +80,6 @@ def cleanup_distributed() -> None:
     """Tear the process group down (a no-op in a single process)."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def barrier() -> None:
-    """Wait for every process (a no-op in a single process)."""
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def all_true(flag: bool, device: torch.device) -> bool:
