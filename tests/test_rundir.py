@@ -190,6 +190,18 @@ def finished_run(synth_world, tmp_path_factory):
     return run
 
 
+def test_killed_mid_swap_resumes_from_the_previous_last(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    checkpoints = run / "checkpoints"
+    # between the two renames of a swap: the old `last` put aside, the new one still temporary
+    os.replace(checkpoints / "last", checkpoints / ".last.old")
+    (checkpoints / ".last.x7c9qz").mkdir()
+    summary = train(None, run, resume=True)
+    assert summary["steps"] == 2
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last"]
+
+
 def _truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
