@@ -120,3 +120,36 @@ def test_cli_eval_refuses_bad_file_and_conflicting_options(tmp_path):
     assert isinstance(result.exception, DataError) and "none.npz" in str(result.exception)
     result = runner.invoke(app, ["eval"])
     assert result.exit_code == 2 and "--checkpoint" in result.output
+
+
+def test_normalize_float16_descriptors_in_float64_not_to_zeros(tmp_path):
+    """Raw float16 descriptors whose norms exceed float16's range (65504): normalising in
+    float16 made every row zero, every score a tie, and R@1 100 %."""
+    ds = vigor_like(dim=64)
+    path = tmp_path / "raw16.npz"
+    # every entry fits float16 (max 65504) but every row norm is well above it
+    scale = 60000 / max(np.abs(ds.query).max(), np.abs(ds.reference).max())
+    query, reference = (x * scale for x in (ds.query, ds.reference))
+    assert (np.linalg.norm(query, axis=1) > 65504).all()
+    np.savez(path, query=query.astype(np.float16), reference=reference.astype(np.float16),
+             positive=ds.positive)
+    loaded = load_descriptors(path, normalize=True)
+    assert loaded.query.dtype == np.float32 and np.isfinite(loaded.query).all()
+    np.testing.assert_allclose(np.linalg.norm(loaded.reference, axis=1), 1, rtol=1e-5)
+    expected = retrieval_metrics(ds.query, ds.reference, ds.positive)["R@1"]
+    assert loaded.metrics()["R@1"] == pytest.approx(expected) and expected < 100
+    result = CliRunner().invoke(app, ["eval", "--descriptors", str(path), "--normalize"])
+    assert result.exit_code == 0 and f"{expected:.2f} %" in result.output
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_all_zero_descriptors_are_refused(tmp_path, normalize):
+    ds = vigor_like()
+    query = ds.query.copy()
+    query[4] = 0
+    path = tmp_path / "zero.npz"
+    np.savez(path, query=query, reference=ds.reference, positive=ds.positive)
+    message = r"1 'query' rows are all zero \(first: row 4\)" if normalize else "not L2-normalised"
+    with pytest.raises(DataError, match=message) as err:
+        load_descriptors(path, normalize=normalize)
+    assert str(err.value).startswith(str(path))

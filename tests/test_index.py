@@ -1,4 +1,10 @@
+import hashlib
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -172,6 +178,13 @@ def test_bad_inputs_give_one_line_errors_naming_the_path(world, tmp_path):
     csv.write_text("a.png,47.0,8.0\nb.png,north,8.0\n")
     with pytest.raises(DataError, match="tiles.csv:2: lat/lon are not numbers"):
         read_tiles_csv(csv)
+    # a UTF-8 BOM (as spreadsheet programs write) is simply read; binary data is named by line
+    csv.write_bytes("\ufeffpath,lat,lon\na.png,47.0,8.0\n".encode())
+    paths, coords = read_tiles_csv(csv)
+    assert [p.name for p in paths] == ["a.png"] and coords.tolist() == [[47.0, 8.0]]
+    csv.write_bytes(b"a.png,47.0,8.0\n\x00\x01\x02,1,2\n")
+    with pytest.raises(DataError, match="tiles.csv:2"):
+        read_tiles_csv(csv)
 
 
 def test_embed_paths_refuses_unreadable_images(world, tmp_path):
@@ -226,3 +239,125 @@ def test_cli_embed_eval_and_index_on_a_synth_vigor_world(synth_world, tmp_path):
     best = float((saved["reference"] @ saved["query"][0]).max())
     assert hits[0]["score"] == pytest.approx(best, abs=1e-4)
     assert hits[0]["tile"] in index.tiles and len(hits) == 5
+
+
+def _index_arrays(path):
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _corrupt(arrays, change):
+    arrays = dict(arrays)
+    meta = json.loads(str(arrays["metadata"]))
+    if change == "nan row":
+        arrays["descriptors"] = arrays["descriptors"].copy()
+        arrays["descriptors"][3, 5] = np.nan
+    elif change == "inf row":
+        arrays["descriptors"] = arrays["descriptors"].copy()
+        arrays["descriptors"][0, 0] = np.inf
+    elif change == "unnormalised":
+        arrays["descriptors"] = arrays["descriptors"] * 2
+    elif change == "latitude":
+        arrays["coords"] = arrays["coords"].copy()
+        arrays["coords"][2, 0] = 91.0
+    elif change == "longitude":
+        arrays["coords"] = arrays["coords"].copy()
+        arrays["coords"][2, 1] = -180.5
+    elif change == "no coords":
+        del arrays["coords"]
+    elif change == "no weights hash":
+        del meta["weights_sha256"]
+    elif change == "string descriptors":
+        arrays["descriptors"] = arrays["descriptors"].astype(str)
+    elif change == "float16 descriptors":
+        arrays["descriptors"] = arrays["descriptors"].astype(np.float16)
+    arrays["metadata"] = np.asarray(json.dumps(meta))
+    return arrays
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("nan row", "1 descriptor rows hold NaN or infinite values (first: row 3"),
+    ("inf row", "NaN or infinite values (first: row 0"),
+    ("unnormalised", "descriptors are not L2-normalised"),
+    ("latitude", "1 impossible coordinates (first: row 2, lat 91.0"),
+    ("longitude", "impossible coordinates (first: row 2"),
+    ("no coords", "index lacks coords"),
+    ("no weights hash", "index lacks metadata.weights_sha256"),
+    ("string descriptors", "descriptors <U"),
+    ("float16 descriptors", "descriptors float16 (must be float32)"),
+    ("truncated", "not an ssageo index or truncated"),
+])
+def test_a_damaged_index_is_refused_on_load_naming_file_and_fault(world, tmp_path, change,
+                                                                   message):
+    bad = tmp_path / "bad.index.npz"
+    good = world["root"] / "index.npz"
+    if change == "truncated":
+        bad.write_bytes(good.read_bytes()[: good.stat().st_size * 2 // 3])
+    else:
+        np.savez(bad, **_corrupt(_index_arrays(good), change))
+    with pytest.raises(DataError, match=re.escape(message)) as err:
+        GeoIndex.load(bad)
+    assert str(err.value).startswith(f"{bad}: ") and "\n" not in str(err.value)
+    result = CliRunner().invoke(app, ["locate", "--index", str(bad), str(world["tiles"][0])])
+    assert isinstance(result.exception, DataError)  # locate refuses it the same way
+
+
+@pytest.mark.slow
+def test_index_hashes_the_weights_it_embedded_with_while_the_checkpoint_is_replaced(tmp_path):
+    """A training run replaces ``last`` while an index is built from it: the index must pair
+    its descriptors with the hash of the weights that made them, never of the newer file."""
+    old = make_checkpoint(tmp_path / "old", seed=0)
+    new = make_checkpoint(tmp_path / "new", seed=1)
+    live = tmp_path / "last"
+    shutil.copytree(old, live)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(96):  # enough tiles that embedding outlasts the replacement below
+        tile = np.kron(rng.integers(0, 256, size=(4, 4, 3)), np.ones((16, 16, 1)))
+        write_image(tmp_path / "tiles" / f"{i}.png", tile.astype(np.uint8))
+        rows.append(f"tiles/{i}.png,47.0,8.{i}")
+    (tmp_path / "tiles.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "index.npz"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssageo", "index", "build", "--checkpoint", str(live), "--tiles",
+         str(tmp_path / "tiles.csv"), "--out", str(out), "--batch-size", "4", "--device", "cpu"],
+        stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seen = b""
+    while b"embed reference" not in seen:  # the progress bar: weights loaded, embedding begun
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk, f"index build ended early: {seen.decode(errors='replace')}"
+        seen += chunk
+    # replaced the way a checkpoint is saved: a new file renamed over the old one
+    shutil.copy(new / "model.safetensors", live / ".swap")
+    os.replace(live / ".swap", live / "model.safetensors")
+    proc.stderr.read()
+    assert proc.wait(timeout=300) == 0
+    index = GeoIndex.load(out)
+    assert index.metadata["weights_sha256"] == hashlib.sha256(
+        (old / "model.safetensors").read_bytes()).hexdigest()
+    model, _ = load_model(old)
+    expected = embed_paths(model, [tmp_path / "tiles" / "0.png"], (64, 64), "reference",
+                           progress=False)
+    np.testing.assert_allclose(index.descriptors[0], expected[0], atol=1e-5)
+    # so the live (new) checkpoint is refused for it, and the old one accepted
+    with pytest.raises(DataError, match="different weights"):
+        Localizer(out, live)
+    Localizer(out, old)
+
+
+def test_index_build_from_a_dataset_takes_every_split_once(synth_world, tmp_path):
+    root = synth_world("cvusa")
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    runner = CliRunner()
+    common = ["index", "build", "--checkpoint", str(checkpoint), "--data", str(root),
+              "--workers", "0", "--device", "cpu"]
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "all.npz")])
+    assert result.exit_code == 0, result.output
+    assert "cvusa train+val: 40 distinct satellite tiles" in result.output
+    index = GeoIndex.load(tmp_path / "all.npz")
+    train, val = (load_manifest(root, split=s) for s in ("train", "val"))
+    assert sorted(index.tiles) == sorted(map(str, train.reference_paths + val.reference_paths))
+    assert "cvusa train+val" in index.metadata["source"]
+    result = runner.invoke(app, [*common, "--split", "val", "--out", str(tmp_path / "val.npz")])
+    assert result.exit_code == 0, result.output
+    assert GeoIndex.load(tmp_path / "val.npz").tiles == list(map(str, val.reference_paths))

@@ -159,3 +159,45 @@ def test_sample_of_places_keeps_each_querys_true_tiles(synth_world):
         assert part.reference_paths[part.positive[i]] == full.reference_paths[full.positive[j]]
         semi = {full.reference_paths[k] for k in full.semi_positive[j] if k >= 0}
         assert {part.reference_paths[k] for k in part.semi_positive[i] if k >= 0} == semi
+
+
+@pytest.mark.slow
+def test_report_output_path_rules(runs, tmp_path):
+    """The run's own report.html is refreshed; any other existing file is never replaced; a
+    report at --out is replaced only with --force."""
+    from ssageo.report.html import page
+
+    run = shutil.copytree(runs["ssa"], tmp_path / "run")
+    runner = CliRunner()
+    (run / "report.html").write_text("<html>my own notes, not a report</html>")
+    result = runner.invoke(app, ["report", str(run)])
+    assert isinstance(result.exception, DataError)
+    assert "report.html: exists and is not an `ssageo report` page" in str(result.exception)
+    for target in ("config.yaml", "checkpoints/best/model.safetensors"):
+        before = (run / target).read_bytes()
+        result = runner.invoke(app, ["report", str(run), "--out", str(run / target), "--force"])
+        assert "exists and is not" in str(result.exception) and "\n" not in str(result.exception)
+        assert (run / target).read_bytes() == before
+    old = page("ssageo report: run", "written earlier", [])
+    (run / "report.html").write_text(old)
+    (tmp_path / "named.html").write_text(old)
+    result = runner.invoke(app, ["report", str(run), "--out", str(tmp_path / "named.html")])
+    assert "already exists; pass --force" in str(result.exception)
+    result = runner.invoke(app, ["report", str(run)])  # the run's own report: refreshed
+    assert result.exit_code == 0, result.output
+    assert "<h2>Metrics" in (run / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_report_on_a_full_disk_is_one_line(runs, tmp_path):
+    from faults import namespaces_work, run_faulty, ssageo
+
+    if not namespaces_work():
+        pytest.skip("needs `unshare -rm` (user namespaces) to mount a small tmpfs")
+    folder = tmp_path / "full"
+    result, left = run_faulty("full", folder, ssageo("report", runs["ssa"], "--out",
+                                                     folder / "r.html"), fill=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {folder / 'r.html'}: cannot write: no space left on device")
+    assert left == {}

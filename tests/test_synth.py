@@ -200,10 +200,59 @@ def test_existing_folder_is_refused_resumed_or_overwritten(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
         generate(tmp_path / "other", places=8, **SMALL)
-    generate(tmp_path / "other", places=8, overwrite=True, **SMALL)
+    with pytest.raises(FileExistsError, match="notes.txt: --overwrite refused"):
+        generate(tmp_path / "other", places=8, overwrite=True, **SMALL)
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
-    generate(out, places=8, seed=1, overwrite=True, **SMALL)
+    # --overwrite leaves exactly what a fresh run writes: nothing of the old run remains
+    generate(out, places=9, seed=1, preview=True, overwrite=True, **SMALL)
     assert _tree(out) != reference
+    generate(tmp_path / "fresh", places=9, seed=1, preview=True, **SMALL)
+    assert _tree(out) == _tree(tmp_path / "fresh")
+    generate(out, places=8, seed=0, overwrite=True, **SMALL)  # preview.png (recorded) goes too
+    assert _tree(out) == reference
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "ssageo", *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_overwrite_never_deletes_what_synth_did_not_write(tmp_path):
+    """The catalogue's data loss: --overwrite on a user's dataset folder without world.json."""
+    user = tmp_path / "dataset"
+    files = ("bingmap/19/0000001.jpg", "streetview/panos/0000001.jpg", "splits/train-19zl.csv",
+             "Chicago/panorama/a.jpg", "world.json")
+    for rel in files:
+        (user / rel).parent.mkdir(parents=True, exist_ok=True)
+        (user / rel).write_text(f"the user's {rel}")
+    before = _tree(user)
+    small = ["--places", "8", "--sat-size", "64", "--pano-size", "256x64"]
+    result = _run_cli("synth", user, "--overwrite", *small)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "--overwrite refused" in result.stderr
+    assert f"{user / 'world.json'} and 4 other files" in result.stderr  # names what it keeps
+    assert _tree(user) == before
+    # A synth folder the user added a file to, or linked a folder of theirs into: refused too.
+    world = tmp_path / "world"
+    generate(world, places=8, seed=0, **SMALL)
+    made = _tree(world)
+    (world / "bingmap" / "19" / "mine.jpg").write_text("mine")
+    result = _run_cli("synth", world, "--overwrite", "--seed", "1", *small)
+    assert result.returncode == 2
+    assert "bingmap/19/mine.jpg: --overwrite refused, not written" in result.stderr
+    (world / "bingmap" / "19" / "mine.jpg").unlink()
+    (world / "linked").symlink_to(user, target_is_directory=True)
+    result = _run_cli("synth", world, "--overwrite", "--seed", "1", *small)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "linked: is a symbolic link" in result.stderr and "Traceback" not in result.stderr
+    assert _tree(user) == before and _tree(world) == made
+    # What an interrupted write leaves (a temporary dot-file of a recorded file) is synth's own.
+    (world / "linked").unlink()
+    (world / "bingmap" / "19" / ".0000001.jpg.k2j4_x9a.jpg").write_bytes(b"partial")
+    result = _run_cli("synth", world, "--overwrite", "--seed", "1", *small)
+    assert result.returncode == 0, result.stderr
+    assert not list(world.rglob(".*.jpg")) and _tree(world) != made
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import struct
 import tempfile
@@ -24,34 +26,98 @@ class DataError(ValueError):
     """Bad input data; the message names the file and what is wrong."""
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+class OutputError(DataError):
+    """A file could not be written (disk full, read-only, ...); the message names it.
+
+    Callers that go on after one bad input (e.g. ``ssageo priors``) must stop on this one: the
+    next write would fail the same way.
+    """
+
+
+# Why a write failed, in words (errno -> reason); anything else keeps the OS's own text.
+_WRITE_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded (no space left for this user)",
+    errno.EFBIG: "file too large (the file size limit, ulimit -f, was reached)",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EISDIR: "is a directory",
+    errno.ENOTDIR: "a parent is not a folder",
+    errno.EEXIST: "a parent is not a folder",
+}
+
+
+def write_error(path: Path, exc: OSError) -> OutputError:
+    """One-line OutputError naming ``path`` and why writing it failed."""
+    reason = _WRITE_REASONS.get(exc.errno) or exc.strerror or str(exc)
+    return OutputError(f"{path}: cannot write: {reason}")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None], sync: bool = True) -> None:
     """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it into place.
 
-    A crash leaves either the old file or none, never a half-written one.
+    A crash leaves either the old file or none, never a half-written one. With ``sync`` the
+    temporary file is fsync'ed before the rename, so an error the file system reports late
+    (quota, network file systems) still stops the rename. Any OSError becomes an OutputError
+    naming ``path`` ("no space left on device", "read-only file system", ...).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
         write(Path(tmp))
+        if sync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _write_all(tmp: Path, data: bytes) -> None:
+    """Write ``data`` to ``tmp``, looping over short writes; check the size on disk."""
+    view = memoryview(data)
+    fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)  # a network file system may report a failed write only here
+    if size != len(data):  # never rename a short file into place, whatever the OS said
+        raise OSError(errno.EIO, f"wrote {size} of {len(data)} bytes")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    """Write ``data`` to ``path`` atomically; every write is checked (no fsync: this is the
+    path of many small files, where the size check catches a short write)."""
+    atomic_write(path, lambda tmp: _write_all(tmp, data), sync=False)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_image(path: Path, image: np.ndarray, quality: int = 95) -> None:
-    """Write an HxW or HxWx3 (RGB) uint8 array atomically; the format follows the suffix."""
+    """Write an HxW or HxWx3 (RGB) uint8 array atomically; the format follows the suffix.
+
+    The image is encoded in memory first: PIL's encoders write straight to a file descriptor
+    and do not all notice a short write, which would leave a truncated image.
+    """
     from PIL import Image
 
     path = Path(path)
@@ -59,7 +125,41 @@ def write_image(path: Path, image: np.ndarray, quality: int = 95) -> None:
     if fmt is None:
         raise ValueError(f"{path}: unsupported image suffix (use .jpg or .png)")
     kwargs = {"quality": quality} if fmt == "JPEG" else {}
-    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format=fmt, **kwargs))
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt, **kwargs)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def check_output(path: Path, kind: str, is_kind: Callable[[Path], bool], force: bool = False,
+                 option: str = "--out") -> Path:
+    """Refuse an output path whose current content must not be replaced; returns the path.
+
+    A folder, something that is not a regular file, or a file that ``is_kind`` does not
+    recognise as a ``kind`` (e.g. a model's weights where an index goes) is always refused; an
+    existing ``kind`` file is replaced only with ``force``; a folder that cannot be written is
+    refused now rather than after the work. Raises OutputError (one line).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; {option} takes the name of the {kind} file")
+    parent = next(p for p in (*path.parents, Path(".")) if p.exists())
+    if not parent.is_dir():
+        raise OutputError(f"{path}: cannot write: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):  # refuse now, not after hours of work
+        read_only = os.statvfs(parent).f_flag & os.ST_RDONLY
+        reason = "read-only file system" if read_only else "permission denied"
+        raise OutputError(f"{path}: cannot write: {reason} ({parent})")
+    if not path.exists() and not path.is_symlink():
+        return path
+    if not path.is_file():
+        raise OutputError(f"{path}: exists and is not a regular file; refusing to replace it")
+    if not is_kind(path):
+        raise OutputError(
+            f"{path}: exists and is not {kind}; refusing to replace it (choose another "
+            f"{option}, or move that file away)")
+    if not force:
+        raise OutputError(f"{path}: {kind} already exists; pass --force to replace it")
+    return path
 
 
 def read_image(path: Path, mode: str = "RGB") -> np.ndarray:

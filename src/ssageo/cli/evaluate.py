@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ssageo.cli import app
-from ssageo.io import atomic_write_text
+from ssageo.io import atomic_write_text, check_output
 
 index_app = typer.Typer(help="Geo-referenced indexes of satellite tiles.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
@@ -54,6 +54,20 @@ def _embed_checkpoint(
     return manifest, query, reference
 
 
+FORCE_HELP = "Replace an existing file of the same kind (anything else is never replaced)."
+
+
+def _is_metrics_json(path: Path) -> bool:
+    """True for a metrics file written by ``ssageo eval --json`` (a JSON object with R@1)."""
+    try:
+        if path.stat().st_size > 1 << 20:
+            return False
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(metrics, dict) and {"R@1", "queries", "gallery"} <= set(metrics)
+
+
 def print_metrics(metrics: dict, title: str, console: Console) -> None:
     """Render a metrics dict (percentages, metre errors, sizes) as a rich table."""
     table = Table("metric", "value", title=title)
@@ -83,11 +97,15 @@ def evaluate(
     batch_size: int | None = typer.Option(None, help="Images per batch (default eval.batch_size)"),
     workers: int | None = typer.Option(None, help="Loader processes (default data.workers)"),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics here."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Exact R@1/5/10/1% (VIGOR: hit rate; with coordinates: metre error of the top-1 tile)."""
     from ssageo.evaluate.descriptors import load_descriptors
     from ssageo.evaluate.embed import manifest_metrics
+
+    if json_out is not None:  # before any work: a refused output must not cost an evaluation
+        check_output(json_out, "an `ssageo eval` metrics file", _is_metrics_json, force, "--json")
 
     if descriptors is not None:
         if checkpoint is not None or data is not None:
@@ -118,11 +136,14 @@ def embed(
     vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
     batch_size: int | None = typer.Option(None, help="Images per batch (default eval.batch_size)"),
     workers: int | None = typer.Option(None, help="Loader processes (default data.workers)"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Save query and reference descriptors with their ground truth to a .npz file."""
-    from ssageo.evaluate.descriptors import save_descriptors
+    from ssageo.evaluate.descriptors import is_descriptor_file, save_descriptors
     from ssageo.evaluate.embed import descriptor_set
+
+    check_output(out, "a descriptor file", is_descriptor_file, force)
 
     manifest, query, reference = _embed_checkpoint(
         checkpoint, data, dataset, split, vigor_mode, batch_size, workers, device
@@ -141,30 +162,28 @@ def index_build(
     data: Path | None = typer.Option(None, help="Dataset folder: index its satellite tiles."),
     tiles: Path | None = typer.Option(None, help="CSV of path,lat,lon rows: index these tiles."),
     dataset: str = typer.Option("auto", help=DATASET_HELP),
-    split: str | None = typer.Option(None, help=SPLIT_HELP),
+    split: list[str] = typer.Option(
+        None, "--split", help="With --data: only these splits' tiles (repeatable); default all."
+    ),
     vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
     batch_size: int = typer.Option(64, help="Tiles per batch."),
     workers: int = typer.Option(0, help="Loader processes."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Embed every satellite tile with its coordinates into one geo index file."""
-    from ssageo.evaluate.index import build_index, read_tiles_csv
-    from ssageo.io import DataError
+    from ssageo.evaluate.index import build_index, dataset_tiles, is_index_file, read_tiles_csv
 
     if (data is None) == (tiles is None):
         raise typer.BadParameter("give exactly one of --data ROOT or --tiles TILES.csv")
+    check_output(out, "an ssageo index", is_index_file, force)
     if tiles is not None:
         paths, coords = read_tiles_csv(tiles)
         source = str(tiles.resolve())
     else:
-        manifest = _manifest(data, dataset, split, vigor_mode)
-        if manifest.reference_coords is None:
-            raise DataError(
-                f"{data}: {manifest.dataset} gives no latitude/longitude for its "
-                "satellite tiles; list them in a CSV and use --tiles"
-            )
-        paths, coords = manifest.reference_paths, manifest.reference_coords
-        source = f"{manifest.root.resolve()} ({manifest.dataset} {manifest.split})"
+        paths, coords, described = dataset_tiles(data, dataset, split or None, vigor_mode)
+        source = f"{data.resolve()} ({described})"
+        Console().print(f"{described}: {len(paths)} distinct satellite tiles", highlight=False)
     index = build_index(
         checkpoint, paths, coords, out, source, batch_size, workers, device=_device(device)
     )

@@ -27,10 +27,20 @@ def report(
     checkpoint: str = typer.Option(
         "best", "--checkpoint", help="best (best validation epoch, else last) or last."
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing report at --out (never any other file)."
+    ),
 ) -> None:
-    """Write a self-contained HTML report of a training run (opens offline in any browser)."""
-    from ssageo.report import build_report
+    """Write a self-contained HTML report of a training run (opens offline in any browser).
 
+    RUN_DIR/report.html, the run's own report, is refreshed on every run; a report already at
+    an --out path is replaced only with --force; any other file there, never.
+    """
+    from ssageo.io import check_output
+    from ssageo.report import build_report, is_report
+
+    check_output(out or run_dir / "report.html", "an `ssageo report` page", is_report,
+                 force=force or out is None)
     console = Console(stderr=True)
     with console.status("building the report") as status:
         path = build_report(run_dir, out=out, compare=compare, data_root=data,

@@ -20,7 +20,9 @@ def synth(
     pano_size: str = typer.Option("512x128", help="Panorama size WIDTHxHEIGHT."),
     split: str = typer.Option("same-area", help="same-area (random) or cross-area (districts)."),
     preview: bool = typer.Option(False, help="Also write preview.png (query/reference/label)."),
-    overwrite: bool = typer.Option(False, help="Replace what a previous run wrote in OUT."),
+    overwrite: bool = typer.Option(
+        False, help="Remove the files a previous run recorded writing in OUT (synth_files.txt), "
+        "then write; refused when OUT holds anything else."),
     workers: int = typer.Option(0, help="Render processes (0 = automatic, at most 2)."),
 ) -> None:
     """Generate a procedural city and write its panoramas, satellite tiles and labels."""

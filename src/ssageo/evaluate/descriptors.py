@@ -53,7 +53,8 @@ class DescriptorSet:
 
     def normalized(self) -> DescriptorSet:
         """A copy with every query and reference row scaled to unit L2 norm."""
-        q, r = (_unit_rows(x) for x in (self.query, self.reference))
+        q, r = (_unit_rows(x, name) for x, name in ((self.query, "query"),
+                                                    (self.reference, "reference")))
         kept = {f.name: getattr(self, f.name) for f in fields(self)}
         return DescriptorSet(**{**kept, "query": q, "reference": r})
 
@@ -63,15 +64,32 @@ class DescriptorSet:
         return float(norms.min()), float(norms.max())
 
 
-def _norms(x: np.ndarray) -> np.ndarray:
-    return np.linalg.norm(x.astype(np.float32, copy=False), axis=1)
+def _norms(x: np.ndarray, block: int = 1 << 15) -> np.ndarray:
+    """Row norms in float64 (no float16 overflow), a block of rows at a time (memory)."""
+    return np.concatenate([np.linalg.norm(x[i:i + block].astype(np.float64), axis=1)
+                           for i in range(0, len(x), block)])
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    norms = _norms(x)[:, None].astype(x.dtype)
-    if (norms == 0).any():
-        raise DataError("cannot L2-normalise descriptors: some rows are all zero")
-    return x / norms
+def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:
+    """Rows scaled to unit length, computed in float64 (a float16 norm overflows above 65504,
+    which turned every row into zeros) and returned as float32 (float64 stays float64)."""
+    norms = _norms(x)
+    zero = np.flatnonzero(norms == 0)
+    if zero.size:
+        raise DataError(f"cannot L2-normalise descriptors: {zero.size} '{name}' rows are all "
+                        f"zero (first: row {zero[0]})")
+    dtype = np.float64 if x.dtype == np.float64 else np.float32  # float32 holds any float16
+    return x.astype(dtype) / norms[:, None].astype(dtype)
+
+
+def is_descriptor_file(path: Path) -> bool:
+    """True when ``path`` is a descriptor archive (its entry names are this format's)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = set(npz.files)
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not a descriptor file
+        return False
+    return set(REQUIRED) <= names <= set(REQUIRED + OPTIONAL)
 
 
 def save_descriptors(path: str | Path, descriptors: DescriptorSet) -> None:

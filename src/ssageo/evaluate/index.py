@@ -18,7 +18,6 @@ descriptors always live in the index's descriptor space.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from collections.abc import Sequence
@@ -32,12 +31,14 @@ import torch
 from ssageo import __version__
 from ssageo.config import config_hash
 from ssageo.data.datasets import ImageDataset
+from ssageo.data.textfile import read_csv_rows
 from ssageo.data.transforms import resize, to_tensor
 from ssageo.evaluate.embed import DEFAULT_BATCH_SIZE, embed_paths
 from ssageo.io import DataError, atomic_write
 
 INDEX_FORMAT = "ssageo-index"
 INDEX_VERSION = 1
+NORM_TOLERANCE = 1e-3  # float32 descriptors written by build_index are unit length to ~1e-7
 WEIGHTS_FILE = "model.safetensors"  # the weights file inside a checkpoint directory
 
 
@@ -55,13 +56,71 @@ def weights_file(checkpoint: str | Path) -> Path:
     return checkpoint / WEIGHTS_FILE if checkpoint.is_dir() else checkpoint
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def load_checkpoint(
+    checkpoint: str | Path, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, dict, str]:
+    """(model, config, SHA-256 of its weights) from ONE read of the weights file.
+
+    The hash is of the very bytes the weights were loaded from, so a checkpoint replaced
+    meanwhile (a training run updating ``last``) can never pair one file's hash with another
+    file's descriptors.
+    """
+    from ssageo.model import load_model
+
+    path = weights_file(checkpoint)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: weights file not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the weights ({exc.strerror})") from None
+    model, config = load_model(checkpoint, map_location=device, data=data)
+    return model, config, hashlib.sha256(data).hexdigest()
+
+
+def is_index_file(path: Path) -> bool:
+    """True when ``path`` is an ssageo index (its metadata says so); reads nothing else."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return json.loads(str(npz["metadata"])).get("format") == INDEX_FORMAT
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not an index
+        return False
+
+
+def dataset_tiles(
+    root: str | Path, dataset: str = "auto", splits: Sequence[str] | None = None,
+    vigor_mode: str = "same-area",
+) -> tuple[list[Path], np.ndarray, str]:
+    """Every satellite tile of a dataset's ``splits`` (default: all it has), each once.
+
+    Returns (paths, (N, 2) lat/lon, a description such as "cvusa train+val"). DataError when
+    the dataset gives no tile coordinates (CVACT) or a split cannot be read.
+    """
+    from ssageo.data import load_manifest
+    from ssageo.data.check import SPLITS_OF
+    from ssageo.data.manifest import resolve_dataset
+
+    root = Path(root)
+    kind = resolve_dataset(root, dataset, vigor_mode)
+    splits = list(splits or SPLITS_OF[kind])
+    seen: dict[Path, tuple[float, float]] = {}
+    for split in splits:
+        try:
+            manifest = load_manifest(root, kind, split, vigor_mode)
+        except DataError as exc:
+            hint = "" if len(splits) == 1 else f" (indexing splits {'+'.join(splits)}; give " \
+                "--split to index only some)"
+            raise DataError(f"{exc}{hint}") from None
+        if manifest.reference_coords is None:
+            raise DataError(
+                f"{root}: {manifest.dataset} gives no latitude/longitude for its satellite tiles; "
+                "list them in a CSV and use --tiles"
+            )
+        for tile, (lat, lon) in zip(manifest.reference_paths, manifest.reference_coords.tolist(),
+                                    strict=True):
+            seen.setdefault(Path(tile), (lat, lon))
+    described = f"{kind} {'+'.join(splits)}" + (f" ({vigor_mode})" if kind == "vigor" else "")
+    return list(seen), np.asarray(list(seen.values()), dtype=np.float64), described
 
 
 def read_tiles_csv(path: str | Path) -> tuple[list[Path], np.ndarray]:
@@ -74,25 +133,22 @@ def read_tiles_csv(path: str | Path) -> tuple[list[Path], np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path}: tiles CSV not found")
     paths, coords = [], []
-    with path.open(newline="", encoding="utf-8") as f:
-        for line, row in enumerate(csv.reader(f), start=1):
-            if not row or (
-                line == 1 and [c.strip().lower() for c in row] == ["path", "lat", "lon"]
-            ):
-                continue
-            if len(row) != 3:
-                raise DataError(f"{path}:{line}: expected 3 columns path,lat,lon, got {len(row)}")
-            try:
-                lat, lon = float(row[1]), float(row[2])
-            except ValueError:
-                raise DataError(
-                    f"{path}:{line}: lat/lon are not numbers: {row[1]!r}, {row[2]!r}"
-                ) from None
-            if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-                raise DataError(f"{path}:{line}: lat/lon out of range: {lat}, {lon}")
-            tile = Path(row[0].strip())
-            paths.append(tile if tile.is_absolute() else path.parent / tile)
-            coords.append((lat, lon))
+    for line, row in read_csv_rows(path, "tiles CSV"):
+        if line == 1 and [c.strip().lower() for c in row] == ["path", "lat", "lon"]:
+            continue
+        if len(row) != 3:
+            raise DataError(f"{path}:{line}: expected 3 columns path,lat,lon, got {len(row)}")
+        try:
+            lat, lon = float(row[1]), float(row[2])
+        except ValueError:
+            raise DataError(
+                f"{path}:{line}: lat/lon are not numbers: {row[1]!r}, {row[2]!r}"
+            ) from None
+        if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+            raise DataError(f"{path}:{line}: lat/lon out of range: {lat}, {lon}")
+        tile = Path(row[0].strip())
+        paths.append(tile if tile.is_absolute() else path.parent / tile)
+        coords.append((lat, lon))
     if not paths:
         raise DataError(f"{path}: no tiles listed")
     return paths, np.asarray(coords, dtype=np.float64)
@@ -135,8 +191,12 @@ class GeoIndex:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
             metadata = json.loads(str(arrays["metadata"]))
-        except (OSError, ValueError, KeyError, EOFError) as exc:
-            raise DataError(f"{path}: not an ssageo index ({exc})") from None
+        except KeyError:
+            raise DataError(f"{path}: not an ssageo index (no 'metadata' entry)") from None
+        except Exception as exc:  # noqa: BLE001 - zip, zlib, numpy and json all raise their own
+            raise DataError(
+                f"{path}: not an ssageo index or truncated ({type(exc).__name__}: {exc})"
+            ) from None
         if not isinstance(metadata, dict) or metadata.get("format") != INDEX_FORMAT:
             raise DataError(f"{path}: not an ssageo index (no '{INDEX_FORMAT}' metadata)")
         if metadata.get("version") != INDEX_VERSION:
@@ -144,14 +204,54 @@ class GeoIndex:
                 f"{path}: index format version {metadata.get('version')}; this "
                 f"ssageo reads version {INDEX_VERSION} - rebuild the index"
             )
+        _check_index(path, arrays, metadata)
         desc, coords, tiles = arrays["descriptors"], arrays["coords"], arrays["tiles"]
-        n, dim = metadata["count"], metadata["descriptor_dim"]
-        if desc.shape != (n, dim) or coords.shape != (n, 2) or tiles.shape != (n,):
-            raise DataError(
-                f"{path}: index is inconsistent: descriptors {desc.shape}, coords "
-                f"{coords.shape}, tiles {tiles.shape}, metadata says {n} x {dim}"
-            )
         return cls(desc, coords, [str(t) for t in tiles], metadata, path)
+
+
+_METADATA_KEYS = ("model_hash", "model", "reference_size", "query_size", "checkpoint",
+                  "weights_sha256", "descriptor_dim", "count")
+
+
+def _check_index(path: Path, arrays: dict[str, np.ndarray], metadata: dict) -> None:
+    """DataError naming ``path`` and the first problem: missing entries, wrong dtypes or
+    shapes, non-finite or unnormalised descriptors, impossible coordinates."""
+    missing = [k for k in ("descriptors", "coords", "tiles") if k not in arrays]
+    missing += [f"metadata.{k}" for k in _METADATA_KEYS if k not in metadata]
+    if missing:
+        raise DataError(f"{path}: index lacks {', '.join(missing)}")
+    desc, coords, tiles = arrays["descriptors"], arrays["coords"], arrays["tiles"]
+    n, dim = metadata["count"], metadata["descriptor_dim"]
+    if desc.dtype != np.float32 or coords.dtype.kind != "f" or tiles.dtype.kind != "U":
+        raise DataError(
+            f"{path}: index entries have the wrong types: descriptors {desc.dtype} (must be "
+            f"float32), coords {coords.dtype} (float), tiles {tiles.dtype} (str)"
+        )
+    if desc.shape != (n, dim) or coords.shape != (n, 2) or tiles.shape != (n,) or n < 1:
+        raise DataError(
+            f"{path}: index is inconsistent: descriptors {desc.shape}, coords "
+            f"{coords.shape}, tiles {tiles.shape}, metadata says {n} x {dim}"
+        )
+    bad = np.flatnonzero(~np.isfinite(desc).all(axis=1))
+    if bad.size:
+        raise DataError(
+            f"{path}: {bad.size} descriptor rows hold NaN or infinite values (first: row "
+            f"{bad[0]}, tile {tiles[bad[0]]}); rebuild the index"
+        )
+    norms = np.linalg.norm(desc.astype(np.float64), axis=1)
+    if np.abs(norms - 1).max() > NORM_TOLERANCE:
+        raise DataError(
+            f"{path}: descriptors are not L2-normalised (row norms {norms.min():.4g}.."
+            f"{norms.max():.4g}); rebuild the index"
+        )
+    lat, lon = coords[:, 0], coords[:, 1]
+    bad = np.flatnonzero(~(np.isfinite(coords).all(axis=1) & (np.abs(lat) <= 90)
+                           & (np.abs(lon) <= 180)))
+    if bad.size:
+        raise DataError(
+            f"{path}: {bad.size} impossible coordinates (first: row {bad[0]}, lat "
+            f"{lat[bad[0]]}, lon {lon[bad[0]]}; need |lat| <= 90, |lon| <= 180)"
+        )
 
 
 def build_index(
@@ -167,12 +267,10 @@ def build_index(
 ) -> GeoIndex:
     """Embed the satellite ``tiles`` (with (N, 2) lat/lon ``coords``) with the checkpoint's
     model on ``device`` and write the index to ``out``; returns the index."""
-    from ssageo.model import load_model
-
     coords = np.asarray(coords, dtype=np.float64)
     if coords.shape != (len(tiles), 2):
         raise ValueError(f"coords must be ({len(tiles)}, 2) lat/lon, got {coords.shape}")
-    model, config = load_model(checkpoint, map_location=device)
+    model, config, weights_sha256 = load_checkpoint(checkpoint, device)
     descriptors = embed_paths(
         model, tiles, config["data"]["reference_size"], "reference", batch_size, workers, progress
     )
@@ -184,7 +282,7 @@ def build_index(
         "reference_size": list(config["data"]["reference_size"]),
         "query_size": list(config["data"]["query_size"]),
         "checkpoint": str(Path(checkpoint).resolve()),
-        "weights_sha256": file_sha256(weights_file(checkpoint)),
+        "weights_sha256": weights_sha256,
         "descriptor_dim": int(descriptors.shape[1]),
         "count": len(tiles),
         "source": source,
@@ -210,8 +308,6 @@ class Localizer:
         checkpoint: str | Path | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
-        from ssageo.model import load_model
-
         self.index = GeoIndex.load(index_path)
         meta, where = self.index.metadata, self.index.path
         checkpoint = Path(checkpoint or meta["checkpoint"])
@@ -220,7 +316,7 @@ class Localizer:
                 f"{checkpoint}: checkpoint of index {where} not found; pass the "
                 "checkpoint it was built from (--checkpoint)"
             )
-        self.model, self.config = load_model(checkpoint, map_location=device)
+        self.model, self.config, weights_sha256 = load_checkpoint(checkpoint, device)
         identity = model_identity(self.config)
         if identity != meta["model_hash"]:
             raise DataError(
@@ -229,7 +325,7 @@ class Localizer:
                 f"configuration {meta['model_hash']} (backbone {meta['model'].get('backbone')}); "
                 "rebuild the index with this checkpoint (ssageo index build)"
             )
-        if file_sha256(weights_file(checkpoint)) != meta["weights_sha256"]:
+        if weights_sha256 != meta["weights_sha256"]:
             raise DataError(
                 f"{checkpoint}: same model configuration but different weights "
                 f"than those index {where} was built with; rebuild the index"

@@ -4,6 +4,7 @@ the learnable temperature; ``build_model`` from the config's ``model`` section; 
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
 from pathlib import Path
@@ -158,17 +159,19 @@ def describe_weights(model_cfg: dict) -> str:
     return f"timm's from the Hugging Face hub, {hub_repo(name)} ({where})"
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors or torch (.pth/.pt/.bin) file; DataError if unreadable."""
+def _read_state_dict(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors or torch (.pth/.pt/.bin) file (or of ``data``, its bytes
+    already read); DataError if unreadable."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise DataError(f"{path}: weights file not found")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load, load_file
 
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            return load(data) if data is not None else load_file(str(path))
+        source = io.BytesIO(data) if data is not None else path
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # every loader raises its own type; all mean "not weights"
         raise DataError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
     for key in ("state_dict", "model"):  # common checkpoint wrappers
@@ -250,14 +253,14 @@ def save_model(directory: str | Path, model: SSAModel, config: dict) -> Path:
     return directory
 
 
-def load_weights(model: SSAModel, path: str | Path) -> None:
-    """Load a ``save_model`` weights file into ``model`` strictly.
+def load_weights(model: SSAModel, path: str | Path, data: bytes | None = None) -> None:
+    """Load a ``save_model`` weights file (or ``data``, its bytes) into ``model`` strictly.
 
     Raises DataError naming missing/unexpected keys and mismatched shapes when the file was
     saved by a model of a different configuration, and naming the tensors when some hold NaN
     or infinite values (such weights only give NaN descriptors).
     """
-    state = _read_state_dict(Path(path))
+    state = _read_state_dict(Path(path), data)
     own = model.state_dict()
     problems = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                 for k, v in state.items() if k in own and v.shape != own[k].shape]
@@ -278,11 +281,13 @@ def load_weights(model: SSAModel, path: str | Path) -> None:
     model.load_state_dict(state)
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu"
-               ) -> tuple[SSAModel, dict]:
+def load_model(path: str | Path, map_location: str | torch.device = "cpu",
+               data: bytes | None = None) -> tuple[SSAModel, dict]:
     """Rebuild a model saved by ``save_model`` (its directory or weights file) -> (model, config).
 
     The model is built from the saved config (without re-reading ``model.pretrained``).
+    ``data``: the weights file's bytes, when the caller has read them (to hash exactly the
+    weights it loads while the file may be replaced).
     """
     path = Path(path)
     directory = path if path.is_dir() else path.parent
@@ -295,5 +300,5 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"
     scale_init = (config.get("loss") or {}).get("logit_scale_init", 1 / 0.07)
     model = SSAModel(model_cfg, reference_size, query_size, scale_init)
     model.model_cfg = copy.deepcopy(config["model"])
-    load_weights(model, weights)
+    load_weights(model, weights, data)
     return model.to(map_location), config

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ssageo.data.paths import prior_label_path, truth_label_path
-from ssageo.io import DataError, write_image
+from ssageo.io import DataError, OutputError, write_image
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,8 @@ def run_priors(
 
     Tiles whose label already exists are skipped unless ``force``. When a batch fails, its tiles
     are retried one by one so that only the tiles that really fail are reported (by path, on
-    ``console`` as they happen, and in the summary); the run goes on with the next tiles.
+    ``console`` as they happen, and in the summary); the run goes on with the next tiles. An
+    OutputError (disk full, read-only folder) stops it: every next tile would fail the same way.
     """
     console = console or Console(stderr=True)
     summary = PriorSummary()
@@ -172,6 +173,8 @@ def run_priors(
             for tile, label in pairs:
                 try:
                     write(tile, label)
+                except OutputError:  # disk full or read-only: every next tile would fail too
+                    raise
                 except Exception as exc:  # noqa: BLE001 - reported by path, run goes on
                     fail(tile, exc)
             bar.advance(task, len(batch))

@@ -35,8 +35,8 @@ from ssageo.report.runlog import (
     read_summary,
 )
 
-__all__ = ["RunLog", "build_report", "epoch_rows", "final_metrics", "log_table", "read_run_log",
-           "read_summary"]
+__all__ = ["RunLog", "build_report", "epoch_rows", "final_metrics", "is_report", "log_table",
+           "read_run_log", "read_summary"]
 
 DISPLAY_WIDTH = 512  # pixels: panoramas and tiles are shown at most this wide
 
@@ -148,6 +148,17 @@ def _meta(run: Run, found: Retrieval, log: RunLog, summary: dict) -> list[tuple[
         ("training", f"{len(log.steps)} steps logged, {len(log.evals)} evaluations"
                      + (f", {float(seconds):.0f} s" if seconds is not None else "")),
     ]
+
+
+def is_report(path: Path) -> bool:
+    """True for an HTML page written by ``ssageo report`` (its generator tag, or the title of
+    pages written before the tag existed), read from the first 4 kB only."""
+    try:
+        with Path(path).open("rb") as f:
+            head = f.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return html.GENERATOR_TAG in head or "<title>ssageo report: " in head
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None,

@@ -14,6 +14,8 @@ _LABELS = {"median_error_m": "median error (m)", "mean_error_m": "mean error (m)
            "hit_rate": "hit rate (%)", "train_time_s": "training time (s)",
            "epoch": "evaluated after epoch"}
 
+GENERATOR_TAG = '<meta name="generator" content="ssageo report">'
+
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
        max-width: 1200px; color: #222; padding: 0 1rem; }
@@ -82,6 +84,7 @@ def page(title: str, subtitle: str, sections: Sequence[Section]) -> str:
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
+        GENERATOR_TAG,  # how `ssageo report` recognises a page it may replace
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{escape(title)}</h1><p class=\"note\">{escape(subtitle)}</p>",

@@ -2,8 +2,10 @@
 
 Resume and overwrite: an output folder whose ``world.json`` holds the same parameters is resumed
 (images already on disk are kept, the rest are rendered, index files are rewritten). Any other
-non-empty folder is refused unless ``overwrite`` is set, which first removes what a previous
-``ssageo synth`` wrote there (and nothing else).
+non-empty folder is refused unless ``overwrite`` is set. Every run first records the files it
+will write in ``synth_files.txt``; ``overwrite`` removes exactly the files that record lists
+and refuses (removing nothing) when the folder holds anything else: files synth did not
+write, or symbolic links (whose targets may be the user's own data).
 """
 
 from __future__ import annotations
@@ -11,14 +13,13 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ssageo.config import ConfigError
-from ssageo.io import atomic_write_text, read_image, write_image
+from ssageo.io import atomic_write_text, read_image, write_error, write_image
 from ssageo.synth.layouts import VIGOR_CITIES, Job, Plan, plan_cvact, plan_cvusa, plan_vigor
 from ssageo.synth.places import world_for_places
 from ssageo.synth.render import (
@@ -46,10 +47,10 @@ LAYOUTS = ("cvusa", "cvact", "vigor")
 SPLITS = ("same-area", "cross-area")
 MIN_PLACES = 8
 MAX_PLACES = 200_000
-# Everything a run may create at the top of OUT (what --overwrite removes).
-_OUTPUTS = ("world.json", "preview.png", "bingmap", "streetview", "splits", "split_locations",
-            "sat_BEV_label", "synth_truth", "ACT_data.mat", "ANU_data_small", "ANU_data_test",
-            *VIGOR_CITIES)
+# The record of every file a run writes (read by --overwrite); its first line says what it is.
+FILE_RECORD = "synth_files.txt"
+_RECORD_HEADER = "# ssageo synth: the files this run writes (--overwrite removes these only)"
+_CACHE = ".ssageo_cache"  # derived files of the readers (keyed by content): neither ours nor theirs
 _PALETTE = np.array([[176, 164, 120], [90, 90, 96], [214, 64, 56], [46, 150, 52],
                      [52, 96, 214], [150, 190, 235]], np.uint8)  # classes + sky, for previews
 
@@ -104,7 +105,6 @@ def generate(out: Path, layout: str = "cvusa", places: int = 200, seed: int = 0,
               "pano_size": list(pano_size), "split": split, "origin": list(origin)}
     _prepare(out, params, overwrite)
     meta = _metadata(params)
-    atomic_write_text(out / "world.json", json.dumps({**meta, "complete": False}, indent=2))
 
     if layout == "vigor":
         per_city = np.full(4, places // 4) + (np.arange(4) < places % 4)
@@ -116,12 +116,19 @@ def generate(out: Path, layout: str = "cvusa", places: int = 200, seed: int = 0,
         world, pts = world_for_places(places, seed, origin)
         worlds = [world]
         plan = (plan_cvusa if layout == "cvusa" else plan_cvact)(world, pts, split, seed)
+    planned = ["world.json", *(["preview.png"] if preview else []),
+               *(p for job in plan.jobs for p in (job.image, *job.labels))]
+    _write_record(out, planned)  # before anything else, so an interrupted run is removable too
+    atomic_write_text(out / "world.json", json.dumps({**meta, "complete": False}, indent=2))
 
     rendered = _render_all(out, worlds, plan, seed, sat_size, pano_size, progress, workers)
+    # The layout's index files are known once written: recorded as they are (a kill between
+    # the two leaves them unrecorded, so --overwrite refuses to guess and names them).
     index = plan.finish(out)
+    _write_record(out, [*planned, *index["files"].values()])
     if preview:
         write_preview(out, plan)
-    meta.update(complete=True, counts=index["counts"], files=index["files"],
+    meta.update(complete=True, counts=index["counts"], files=index["files"], record=FILE_RECORD,
                 worlds=[{"cells": list(w.shape), "districts": _district_counts(w)} for w in worlds])
     atomic_write_text(out / "world.json", json.dumps(meta, indent=2))
     return {**meta, "out": str(out), "images_rendered": rendered,
@@ -133,19 +140,84 @@ def generate(out: Path, layout: str = "cvusa", places: int = 200, seed: int = 0,
 def _prepare(out: Path, params: dict, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != _CACHE for p in out.iterdir()):
         if overwrite:
-            for name in _OUTPUTS:
-                p = out / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+            _remove_recorded(out)
         elif not _same_run(out, params):
             raise FileExistsError(
-                f"{out}: exists and is not empty; pass --overwrite to replace it (a folder "
-                "made by `ssageo synth` with the same parameters is resumed instead)")
-    out.mkdir(parents=True, exist_ok=True)
+                f"{out}: exists and is not empty; pass --overwrite to replace what `ssageo synth` "
+                "wrote there (a folder made by `ssageo synth` with the same parameters is resumed "
+                "instead)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(out, exc) from None
+
+
+def _write_record(out: Path, rels: list[str]) -> None:
+    lines = [_RECORD_HEADER, FILE_RECORD, *sorted(set(rels))]
+    atomic_write_text(out / FILE_RECORD, "".join(f"{line}\n" for line in lines))
+
+
+def _read_record(out: Path) -> set[str]:
+    """The relative paths ``synth_files.txt`` lists; empty when there is no such record."""
+    path = out / FILE_RECORD
+    if not path.is_file() or path.is_symlink():
+        return set()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return set()
+    return set(lines[1:]) if lines and lines[0] == _RECORD_HEADER else set()
+
+
+def _our_temporary(rel: str, recorded: set[str]) -> bool:
+    """True for ``dir/.name.XXXXXXXX.ext``: the temporary file of a recorded ``dir/name.ext``
+    that an interrupted write left (see ssageo.io.atomic_write)."""
+    path = Path(rel)
+    name, suffix = path.name, path.suffix
+    if not name.startswith(".") or len(name) < 11 + len(suffix):
+        return False
+    original = name[1:len(name) - len(suffix) - 9]
+    return original.endswith(suffix) and (path.parent / original).as_posix() in recorded
+
+
+def _remove_recorded(out: Path) -> None:
+    """--overwrite: delete the files synth's record lists, after checking that nothing else is
+    there; refuse (deleting nothing) when the folder holds a symlink or a file synth did not
+    write. Folders that held recorded files and are left empty are removed."""
+    recorded = _read_record(out)
+    ours, foreign = [], []
+    for base, dirs, files in os.walk(out):
+        here = Path(base)
+        if here == out:
+            dirs[:] = [d for d in dirs if d != _CACHE]
+        for name in sorted(dirs + files):
+            path = here / name
+            rel = path.relative_to(out).as_posix()
+            if path.is_symlink():
+                raise FileExistsError(
+                    f"{path}: is a symbolic link; --overwrite removes only files `ssageo synth` "
+                    f"wrote, never through a link - remove the link yourself or use another folder")
+            if name in dirs:
+                continue
+            (ours if rel in recorded or _our_temporary(rel, recorded) else foreign).append(path)
+    if foreign:
+        why = (f"not listed in {out / FILE_RECORD}" if recorded
+               else f"{out} has no {FILE_RECORD} record of what `ssageo synth` wrote")
+        more = f" and {len(foreign) - 1} other files" if len(foreign) > 1 else ""
+        raise FileExistsError(
+            f"{foreign[0]}{more}: --overwrite refused, not written by `ssageo synth` ({why}); "
+            "nothing was removed - move them away or use another folder")
+    for path in ours:
+        if path.name != FILE_RECORD:
+            path.unlink()
+    # folders that held recorded files and are now empty (never one synth did not write into)
+    folders = {parent for path in ours for parent in path.parents if out in parent.parents}
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    (out / FILE_RECORD).unlink(missing_ok=True)  # last: an interrupted removal can be redone
 
 
 def _same_run(out: Path, params: dict) -> bool:
