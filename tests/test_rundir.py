@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from faults import needs_namespaces
 from ssageo.config import load_config
 from ssageo.demo import run_demo
 from ssageo.io import DataError
@@ -316,16 +317,9 @@ def test_corrupt_demo_state_is_one_error_naming_it(tmp_path, case):
 # --- disk full, read-only disk ----------------------------------------------------------
 
 
-def _can_mount():
-    try:
-        return subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "tmpfs", "/mnt"],
-                              capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-# Inside a private mount namespace: a tmpfs big enough for the start check, training into it,
-# and once the run has started, the disk is filled up or remounted read-only.
+# Inside a private mount namespace: a tmpfs, training into it, and once the run has started,
+# the disk is filled up or remounted read-only (faults.run_faulty sets its fault up before the
+# command starts; these faults must come after the start-of-run checks).
 FAULT_SCRIPT = """
 set -u
 mount -t tmpfs -o size="$SIZE" tmpfs "$DISK"
@@ -346,7 +340,7 @@ wait $pid
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _can_mount(), reason="needs `unshare -rm` to mount a small tmpfs")
+@needs_namespaces
 # A disk with room for one checkpoint (45 MiB here) but not for best + last + the swap copy is
 # refused at start. Later, a full disk (2 MiB left) fails at the checkpoint; a read-only one at
 # the first file written then, the log, which goes first so that it is never behind the
@@ -354,8 +348,8 @@ wait $pid
 @pytest.mark.parametrize(("fault", "size", "failed"), [
     ("none", "150m", r"only 150 MiB free on its disk; checkpoints \(best, last and the copy "
                      r"written while one is replaced\) need about 2\d\d MiB"),
-    ("full", "400m", r"checkpoints/last: cannot write the checkpoint \(no space left on device\)"),
-    ("read-only", "400m", r"metrics.jsonl: cannot write \(read-only file system\)")])
+    ("full", "400m", r"checkpoints/last/model.safetensors: cannot write: no space left on device"),
+    ("read-only", "400m", r"metrics.jsonl: cannot write: read-only file system")])
 def test_checkpoint_write_on_a_small_full_or_read_only_disk_is_one_line(synth_world, tmp_path,
                                                                         fault, size, failed):
     disk = tmp_path / "disk"

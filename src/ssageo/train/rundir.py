@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ssageo.io import DataError, atomic_write_text
 from ssageo.report.runlog import read_records
-from ssageo.train.state import PROGRESS_FILE, RESUMABLE, tidy_checkpoints, write_error
+from ssageo.train.state import PROGRESS_FILE, RESUMABLE, tidy_checkpoints
 
 LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
@@ -71,7 +71,7 @@ def lock_run_dir(directory: Path) -> RunLock:
         # read-only, and flock needs no write access.
         fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise DataError(f"{directory}: run directory is not writable ({write_error(exc)})"
+        raise DataError(f"{directory}: run directory is not writable ({exc.strerror or exc})"
                         ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -89,7 +89,7 @@ def lock_run_dir(directory: Path) -> RunLock:
             handle.write(f"{os.getpid()}\n")
     except OSError as exc:
         os.close(fd)
-        raise DataError(f"{directory}: run directory is not writable ({write_error(exc)})"
+        raise DataError(f"{directory}: run directory is not writable ({exc.strerror or exc})"
                         ) from None
     _HELD.add(fd)
     return RunLock(directory, fd)
@@ -97,7 +97,8 @@ def lock_run_dir(directory: Path) -> RunLock:
 
 def open_run_dir(out: Path, resume: bool) -> RunLock:
     """Lock the run directory ``out`` and check it can take this run: new (or resumed),
-    writable. On resume, what a killed run left half-written in ``checkpoints/`` is tidied.
+    writable (the lock's pid was written there). On resume, what a killed run left
+    half-written in ``checkpoints/`` is tidied.
 
     Returns the lock; raises FileExistsError for an existing run without ``resume``, DataError
     for a busy or unwritable directory.
@@ -112,13 +113,6 @@ def open_run_dir(out: Path, resume: bool) -> RunLock:
                 f"{out}` (it restarts from step 0 when no complete checkpoint is there) or "
                 "choose another --out"
             )
-        probe = out / ".write-probe"
-        try:
-            atomic_write_text(probe, "ok")
-            probe.unlink()
-        except OSError as exc:
-            raise DataError(f"{out}: run directory is not writable ({write_error(exc)})"
-                            ) from None
         if resume:
             tidy_checkpoints(checkpoints)
     except BaseException:
@@ -171,9 +165,7 @@ class MetricsLog:
                     self.board.add_scalar(f"{record['kind']}/{key}", value, record["step"])
 
     def flush(self) -> None:
-        try:
-            atomic_write_text(self.path, "\n".join(self.lines) + "\n")
-        except OSError as exc:
-            raise DataError(f"{self.path}: cannot write ({write_error(exc)})") from None
+        """Rewrite the file with every record so far (OutputError naming it on failure)."""
+        atomic_write_text(self.path, "\n".join(self.lines) + "\n")
         if self.board is not None:
             self.board.flush()

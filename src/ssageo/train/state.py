@@ -27,7 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssageo.io import DataError, atomic_write_bytes, atomic_write_text
+from ssageo.io import (
+    DataError,
+    OutputError,
+    atomic_write_bytes,
+    atomic_write_text,
+    write_error,
+)
 
 STATE_FILE = "training_state.pt"
 PROGRESS_FILE = "progress.json"
@@ -122,24 +128,29 @@ def save_checkpoint(
     except BaseException as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = write_error(exc)
-        if reason is None:
+        error = _write_failure(exc, folder, tmp)
+        if error is None:
             raise
-        raise DataError(f"{folder}: cannot write the checkpoint ({reason})") from None
+        raise error from None
 
 
-def write_error(exc: BaseException) -> str | None:
-    """Why a write failed, in lower case ("no space left on device", "read-only file system"),
-    for an OSError or a library error that carries one (safetensors: "... (os error 28)");
-    None for anything else."""
-    if isinstance(exc, OSError):
-        text = exc.strerror or str(exc)
-    else:
+def _write_failure(exc: BaseException, folder: Path, tmp: Path | None) -> OutputError | None:
+    """The one-line error of a checkpoint write that the file system refused (disk full,
+    read-only, ...), naming the file at its place in ``folder`` rather than in the temporary
+    folder it was being written to; None for any other exception."""
+    from ssageo.model.ssa import WEIGHTS_FILE
+
+    if isinstance(exc, OutputError):  # from the atomic writes of the files inside
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        text = str(write_error(folder, exc))
+    else:  # safetensors reports the OS error in its text: "... (os error 28)"
         found = re.search(r"\(os error (\d+)\)", str(exc))
         if found is None:
             return None
-        text = os.strerror(int(found.group(1)))
-    return text[:1].lower() + text[1:]
+        code = int(found.group(1))
+        text = str(write_error(folder / WEIGHTS_FILE, OSError(code, os.strerror(code))))
+    return OutputError(text.replace(str(tmp), str(folder)) if tmp is not None else text)
 
 
 def _first_line(exc: BaseException) -> str:
