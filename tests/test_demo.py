@@ -50,6 +50,23 @@ def test_demo_runs_every_stage_prints_the_table_and_reuses_stages_on_rerun(tmp_p
     assert "epoch 1/" not in second.stdout + second.stderr  # nothing was trained again
     assert json.loads((out / "demo.json").read_text())["results"] == state["results"]
 
+    # Killed between the baseline's first `best` and its first `last` (a half-written `last`
+    # left behind): the rerun continues from `best` and ends with the same results.
+    baseline = out / "runs" / "baseline"
+    os.replace(baseline / "checkpoints" / "last", baseline / "checkpoints" / ".last.k9x2ab")
+    for name in ("eval.json", "summary.json"):
+        (baseline / name).unlink()
+    state["done"].remove("baseline")
+    (out / "demo.json").write_text(json.dumps(state))
+    third = _demo(out, "--budget-minutes", "1", "--seed", "3")
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert f"resumed from {baseline / 'checkpoints' / 'best'}" in third.stdout.replace("\n", "")
+    again = json.loads((out / "demo.json").read_text())
+    assert again["done"] == ["world", "priors", "ssa", "baseline"]
+    for key in ("R@1", "R@5", "R@10", "R@1%", "steps"):
+        assert again["results"]["no-SSA baseline"][key] == state["results"]["no-SSA baseline"][key]
+    assert sorted(p.name for p in (baseline / "checkpoints").iterdir()) == ["best", "last"]
+
     other = _demo(out, "--budget-minutes", "1", "--seed", "4")
     assert other.returncode == 2
     assert "seed 3" in other.stderr and str(out) in other.stderr.replace("\n", "")

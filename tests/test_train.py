@@ -90,7 +90,7 @@ def test_resume_refuses_overrides_and_a_folder_without_a_run(tmp_path):
 
     from ssageo.cli import app
 
-    with pytest.raises(DataError, match="no complete checkpoint"):
+    with pytest.raises(DataError, match="no training run here"):
         train(None, tmp_path, resume=True)
     result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path), "train.epochs=3"])
     assert isinstance(result.exception, ConfigError)

@@ -8,7 +8,7 @@ import pytest
 from ssageo.config import load_config
 from ssageo.io import DataError
 from ssageo.model import load_model
-from ssageo.train import NonFiniteLossError, check_run_dir, train
+from ssageo.train import NonFiniteLossError, check_free_space, open_run_dir, train
 
 # An absurd learning rate blows the weights up after the first update: a real non-finite loss.
 EXPLODE = ["model.backbone=convnext_atto",
@@ -47,9 +47,10 @@ def test_unwritable_or_full_run_directory_fails_at_start(synth_world, tmp_path):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
         with pytest.raises(DataError, match="not writable"):
-            check_run_dir(locked / "run", resume=False, need_bytes=0)
-    # A disk that cannot hold a checkpoint swap: the real free space of this disk is too small
-    # for what we ask, so the check must refuse before any work.
-    with pytest.raises(DataError, match="MiB free on its disk"):
-        check_run_dir(tmp_path / "big", resume=False, need_bytes=2**62)
+            open_run_dir(locked / "run", resume=False)
+    # A disk that cannot hold best + last + the swap copy: the real free space of this disk is
+    # too small for what we ask, so the check must refuse before any work.
+    (tmp_path / "big").mkdir()
+    with pytest.raises(DataError, match=r"MiB free on its disk; checkpoints \(best, last and "):
+        check_free_space(tmp_path / "big", checkpoint_bytes=2**61)
     assert not (tmp_path / "run").exists()

@@ -36,7 +36,7 @@ def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(synt
     # Only rank 0 wrote: one run directory, each step logged once, no temporary leftovers.
     assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["best", "last"]
     assert sorted(p.name for p in ddp.iterdir()) == [
-        "checkpoints", "config.yaml", "metrics.jsonl", "summary.json"]
+        ".lock", "checkpoints", "config.yaml", "metrics.jsonl", "summary.json"]
     two, one = steps(ddp), steps(single)
     assert [r["step"] for r in two] == [1, 2]
     assert json.loads((ddp / "summary.json").read_text())["world_size"] == 2
@@ -49,3 +49,18 @@ def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(synt
     assert two[0]["infonce"] == pytest.approx(one[0]["infonce"], rel=1e-4)
     assert two[0]["bev"] == pytest.approx(one[0]["bev"], rel=2e-3)
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=2e-4)
+
+
+@pytest.mark.slow
+def test_a_batch_the_processes_cannot_share_is_one_message_from_rank_0(synth_world, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "ssageo", "train", "--out", str(tmp_path / "run"), "--data",
+           str(synth_world("cvusa")), *ARGS, "train.batch_size=5"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # torchrun reports its failed group with its own launcher traceback and exit status 1;
+    # ssageo's part is one message, from rank 0, and exit status 2.
+    ours = [line for line in (done.stdout + done.stderr).splitlines() if "divisible" in line]
+    assert ours == ["error: train.batch_size=5 (the global batch) must be divisible by the "
+                    "number of processes (2)"]
+    assert done.returncode != 0 and "exitcode  : 2" in done.stderr
+    assert not (tmp_path / "run").exists()

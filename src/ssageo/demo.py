@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ssageo.config import ConfigError, load_config
-from ssageo.io import atomic_write_text
+from ssageo.io import DataError, atomic_write_text
 
 DONE = "demo.json"
 # The oracle corruption that stands in for a vision foundation model's errors.
@@ -100,15 +100,44 @@ def plan_budget(budget_minutes: float, seed: int, root: Path) -> Plan:
                 similarity_every=max(1, math.ceil(epochs / 3)), seconds_per_step=cost)
 
 
+def read_state(path: Path) -> dict:
+    """A demo folder's ``demo.json`` ({} when absent); DataError naming it when malformed."""
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); remove it to redo the demo") from None
+    fields = set(Plan.__dataclass_fields__)
+    problem = None
+    if not isinstance(state, dict):
+        problem = "not a JSON object"
+    elif not isinstance(state.get("done", []), list):
+        problem = "'done' is not a list of stages"
+    elif "plan" in state and (not isinstance(state["plan"], dict)
+                              or set(state["plan"]) != fields):
+        problem = f"'plan' does not have exactly the keys {', '.join(sorted(fields))}"
+    if problem:
+        raise DataError(f"{path}: {problem}; remove it to redo the demo")
+    return state
+
+
 def run_demo(out: Path, budget_minutes: float = 10.0, seed: int = 0,
              console: Console | None = None) -> dict:
-    """Run every stage into ``out`` (reusing finished ones); returns the final results."""
-    console = console or Console()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Run every stage into ``out`` (reusing finished ones); returns the final results.
+
+    ``out`` is locked for the whole demo: a second demo into it is refused (DataError).
+    """
+    from ssageo.train.rundir import lock_run_dir
+
+    with lock_run_dir(out):
+        return _run_demo(Path(out), budget_minutes, seed, console or Console())
+
+
+def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> dict:
     started = time.perf_counter()
     state_file = out / DONE
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    state = read_state(state_file)
     if state and (state.get("budget_minutes"), state.get("seed")) != (budget_minutes, seed):
         raise FileExistsError(
             f"{out}: holds a demo made with budget {state.get('budget_minutes')} min, seed "
@@ -170,7 +199,8 @@ def run_demo(out: Path, budget_minutes: float = 10.0, seed: int = 0,
                 f"eval.every={plan.eval_every}",
                 f"train.sampling.similarity_every={plan.similarity_every}",
             ])
-            resume = (run / "checkpoints" / "last").is_dir()
+            # a run a killed demo started: continue it (from step 0 when it has no checkpoint)
+            resume = (run / "config.yaml").is_file()
             train(None if resume else config, run, resume=resume)
             finish(run.name)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ def train_command(
     data: Path = typer.Option(None, "--data", help="Dataset folder (sets data.root)."),
     out: Path = typer.Option(None, "--out", "-o", help="Run directory (sets train.out)."),
     resume: Path = typer.Option(
-        None, "--resume", help="Continue the run in this directory from checkpoints/last."
+        None, "--resume", help="Continue the run in this directory from its newest checkpoint."
     ),
 ) -> None:
     """Train (or resume) with hard-negative batches, checkpoints and validation.
@@ -33,6 +32,7 @@ def train_command(
     Launch with `torchrun --nproc_per_node N -m ssageo train ...` for several processes.
     """
     from ssageo.train import NonFiniteLossError, train
+    from ssageo.train.distributed import env_rank
 
     console = Console(stderr=True)
     if resume is not None:
@@ -53,9 +53,10 @@ def train_command(
     try:
         summary = train(cfg, run_dir, resume=resume is not None)
     except NonFiniteLossError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        if env_rank() == 0:  # every rank stops at the same step; one message
+            console.print(f"[red]error:[/red] {exc}")
         sys.exit(1)
-    if os.environ.get("RANK", "0") == "0":
+    if env_rank() == 0:
         console.print(f"[green]done[/green]: {summary['steps']} steps; run directory {run_dir}")
         if summary["best_val_R@1"] is not None:
             console.print(f"best val R@1 {summary['best_val_R@1']:.2f} % at epoch "

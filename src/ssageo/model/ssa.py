@@ -257,7 +257,8 @@ def load_weights(model: SSAModel, path: str | Path, data: bytes | None = None) -
     """Load a ``save_model`` weights file (or ``data``, its bytes) into ``model`` strictly.
 
     Raises DataError naming missing/unexpected keys and mismatched shapes when the file was
-    saved by a model of a different configuration.
+    saved by a model of a different configuration, and naming the tensors when some hold NaN
+    or infinite values (such weights only give NaN descriptors).
     """
     state = _read_state_dict(Path(path), data)
     own = model.state_dict()
@@ -273,6 +274,10 @@ def load_weights(model: SSAModel, path: str | Path, data: bytes | None = None) -
     if problems:
         raise DataError(f"{path}: saved by a different model configuration: "
                         + "; ".join(problems))
+    broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise DataError(f"{path}: non-finite weights (NaN or inf) in {len(broken)} tensor(s): "
+                        + ", ".join(broken[:5]) + (" ..." if len(broken) > 5 else ""))
     model.load_state_dict(state)
 
 

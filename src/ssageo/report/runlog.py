@@ -47,6 +47,45 @@ class RunLog:
         return xs, ys
 
 
+def read_records(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, record)`` for each record of a ``metrics.jsonl`` file.
+
+    Raises DataError naming ``path:line`` for a line that is not JSON (or not UTF-8), not an
+    object, of an unknown ``kind``, or whose ``step``/``epoch`` is not a whole number.
+    """
+    path = Path(path)
+    records = []
+    # Decoded line by line, so that an error names the line that is not text.
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{number}: not UTF-8 text (is this a metrics.jsonl "
+                            "file?)") from None
+        if line.strip():
+            records.append((number, _record(path, number, line)))
+    return records
+
+
+def _record(path: Path, number: int, line: str) -> dict:
+    where = f"{path}:{number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {line.strip()[:80]!r}")
+    kind = record.get("kind", "step")
+    if not isinstance(kind, str) or kind not in _KINDS:
+        raise DataError(f"{where}: unknown record kind {kind!r} "
+                        f"(expected one of {', '.join(_KINDS)})")
+    for key in ("step", "epoch"):
+        value = record.get(key, 0)
+        if type(value) is not int or value < 0:
+            raise DataError(f"{where}: {key} must be a whole number >= 0, got {value!r}")
+    return record
+
+
 def read_run_log(run_dir: Path) -> RunLog:
     """Parse ``RUN_DIR/metrics.jsonl``; a missing file or a malformed line raises DataError."""
     run_dir = Path(run_dir)
@@ -56,21 +95,8 @@ def read_run_log(run_dir: Path) -> RunLog:
     if not path.is_file():
         raise DataError(f"{path}: metrics file not found (is {run_dir} a training run?)")
     log = RunLog(run_dir)
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {line.strip()!r}")
-            kind = record.get("kind", "step")
-            if kind not in _KINDS:
-                raise DataError(f"{path}:{number}: unknown record kind {kind!r} "
-                                f"(expected one of {', '.join(_KINDS)})")
-            getattr(log, _KINDS[kind]).append(record)
+    for _, record in read_records(path):
+        getattr(log, _KINDS[record.get("kind", "step")]).append(record)
     return log
 
 

@@ -1,15 +1,18 @@
 """Training: hard-negative sampler, the loop, checkpoints/resume, torchrun/DDP setup."""
 
-from ssageo.train.loop import NonFiniteLossError, check_run_dir, lr_at, train
+from ssageo.train.loop import NonFiniteLossError, lr_at, train
+from ssageo.train.rundir import check_free_space, lock_run_dir, open_run_dir
 from ssageo.train.sampler import HardNegativeSampler, plan_epoch, similarity_neighbours
 from ssageo.train.state import load_checkpoint, save_checkpoint, seed_everything
 
 __all__ = [
     "HardNegativeSampler",
     "NonFiniteLossError",
-    "check_run_dir",
+    "check_free_space",
     "load_checkpoint",
+    "lock_run_dir",
     "lr_at",
+    "open_run_dir",
     "plan_epoch",
     "save_checkpoint",
     "seed_everything",

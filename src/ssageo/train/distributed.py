@@ -7,13 +7,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ssageo.config import ConfigError
 from ssageo.device import resolve_device
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     name = resolve_device(device, "train.device")
     use_cuda = name.startswith("cuda")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size > 1 and name not in ("cpu", "cuda"):
         raise ConfigError(f"train.device={device}: with several processes use cuda (each takes "
@@ -89,12 +93,6 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    """Wait for every process (a no-op in a single process)."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def all_true(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` holds on every process, so all ranks take the same branch."""
     if not dist.is_initialized():
@@ -102,3 +100,36 @@ def all_true(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item() > 0.5)
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun), readable before setup."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def fail_once(error: Exception) -> NoReturn:
+    """Stop every process on an error all of them found, with one message: the main process
+    raises ``error`` (the CLI prints it), the others exit with the same status 2, silently."""
+    if env_rank() == 0:
+        raise error
+    raise SystemExit(2)
+
+
+def on_main(work: Callable[[], T], info: DistInfo) -> T | None:
+    """Run ``work`` on the main process only, and let every process know how it went.
+
+    Returns its result on the main process (None on the others). When it raises, the main
+    process re-raises and the others exit with status 2 without a message, instead of waiting
+    forever at the next collective call for a process that has stopped.
+    """
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = work()
+        except Exception as exc:  # re-raised below, once every rank knows
+            error = exc
+    if not all_true(error is None, info.device):
+        if error is not None:
+            raise error
+        raise SystemExit(2)
+    return result

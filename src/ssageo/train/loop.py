@@ -9,15 +9,16 @@
   ``checkpoints/best`` at the best validation R@1; ``summary.json`` at the end.
 
 Everything that decides the future (weights, optimizer, sampler position, RNG states) is in
-``last``, and every random choice is a function of it, so ``train(..., resume=True)`` after a
-crash continues exactly as an uninterrupted run would. Only rank 0 writes.
+every checkpoint, and every random choice is a function of it, so ``train(..., resume=True)``
+after a crash continues from the newest of ``last`` and ``best`` exactly as an uninterrupted run
+would. Only rank 0 writes, holding the run directory's lock (``ssageo.train.rundir``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
 import time
 from pathlib import Path
 
@@ -30,9 +31,22 @@ from ssageo.config import ConfigError, load_config, save_config
 from ssageo.data.datasets import PairDataset
 from ssageo.io import DataError, atomic_write_text
 from ssageo.train import precision
-from ssageo.train.distributed import all_true, barrier, cpu_threads, setup_distributed
+from ssageo.train.distributed import (
+    DistInfo,
+    all_true,
+    cpu_threads,
+    fail_once,
+    on_main,
+    setup_distributed,
+)
+from ssageo.train.rundir import CHECKPOINTS, MetricsLog, check_free_space, open_run_dir
 from ssageo.train.sampler import HardNegativeSampler, epoch_neighbours, first_source
-from ssageo.train.state import find_checkpoint, load_checkpoint, save_checkpoint, seed_everything
+from ssageo.train.state import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -49,65 +63,6 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> flo
         return base_lr * (step + 1) / warmup_steps
     done = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
-
-
-def check_run_dir(out: Path, resume: bool, need_bytes: int) -> None:
-    """Fail at start, not after an hour: the run directory must be new (or resumable),
-    writable, and its disk must have room for a checkpoint swap (``need_bytes``)."""
-    out = Path(out)
-    if not resume and (out / "checkpoints").exists():
-        raise FileExistsError(
-            f"{out}: already holds a training run; resume it with `ssageo train --resume {out}` "
-            "or choose another --out"
-        )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-probe"
-        atomic_write_text(probe, "ok")
-        probe.unlink()
-    except OSError as exc:
-        raise DataError(f"{out}: run directory is not writable ({exc.strerror or exc})") from None
-    free = shutil.disk_usage(out).free
-    if free < need_bytes:
-        raise DataError(
-            f"{out}: only {free / 2**20:.0f} MiB free on its disk; checkpoints need about "
-            f"{need_bytes / 2**20:.0f} MiB"
-        )
-
-
-class MetricsLog:
-    """``metrics.jsonl`` kept consistent with the last checkpoint: records are buffered and the
-    file is rewritten atomically at each checkpoint, so a crash never leaves records of steps
-    that a resumed run will redo."""
-
-    def __init__(self, path: Path, keep_until_step: int | None = None,
-                 tensorboard: bool = False) -> None:
-        self.path = Path(path)
-        self.lines: list[str] = []
-        self.board = None
-        if tensorboard:
-            try:  # optional: TensorBoard event files beside metrics.jsonl when installed
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                pass
-            else:
-                self.board = SummaryWriter(str(self.path.parent / "tensorboard"))
-        if keep_until_step is not None and self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= keep_until_step:
-                    self.lines.append(line)
-
-    def add(self, record: dict) -> None:
-        self.lines.append(json.dumps(record))
-        if self.board is not None:
-            for key, value in record.items():
-                if isinstance(value, float) and key not in ("step", "epoch"):
-                    self.board.add_scalar(f"{record['kind']}/{key}", value, record["step"])
-
-    def flush(self) -> None:
-        atomic_write_text(self.path, "\n".join(self.lines) + "\n")
-        if self.board is not None:
-            self.board.flush()
 
 
 _FLOATS = ("lr", "weight_decay", "warmup_epochs", "clip_grad_norm", "clip_grad_value")
@@ -149,24 +104,50 @@ def _validation_manifest(train_manifest, config: dict):
 def train(config: dict | None, out: Path, resume: bool = False) -> dict:
     """Train per ``config`` into run directory ``out`` (or resume the run in ``out``).
 
+    Resuming continues from the newest complete checkpoint (``last`` or ``best``), or starts
+    the run over from step 0 with its saved config when it has none. The run directory is
+    locked for the whole run (only one process trains into it).
+
     Returns the run summary (also written to ``summary.json``). Raises DataError/ConfigError
-    for bad input, FileExistsError for an existing run without ``resume``, and
-    NonFiniteLossError when the loss or gradient is non-finite more than
+    for bad input or a run directory in use, FileExistsError for an existing run without
+    ``resume``, and NonFiniteLossError when the loss or gradient is non-finite more than
     ``train.max_nonfinite_skips`` times.
     """
+    out = Path(out)
+    if resume:
+        if not (out / CONFIG_FILE).is_file():
+            raise DataError(f"{out}: no training run here ({CONFIG_FILE} is missing; nothing "
+                            "to resume)")
+        config = load_config(out / CONFIG_FILE)
+    t, d = _numbers(config["train"]), config["data"]
+    if d.get("root") is None:
+        raise DataError("no dataset: set data.root=FOLDER (or `ssageo train --data FOLDER`)")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if t["batch_size"] % world_size:
+        fail_once(ConfigError(
+            f"train.batch_size={t['batch_size']} (the global batch) must be divisible by the "
+            f"number of processes ({world_size})"))
+    if not resume:
+        # Absolute, so that `--resume` and `report` read the same data from any directory.
+        config = {**config, "data": {**d, "root": str(Path(d["root"]).expanduser().resolve())}}
+        d = config["data"]
+    dist_info = setup_distributed(t["device"])
+    lock = on_main(lambda: open_run_dir(out, resume), dist_info)
+    try:
+        return _train(config, out, resume, t, dist_info)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: dict, out: Path, resume: bool, t: dict, dist_info: DistInfo) -> dict:
+    """``train`` once the run directory is locked."""
     from ssageo.data.manifest import load_manifest
     from ssageo.evaluate.embed import evaluate_model
     from ssageo.model import build_model
     from ssageo.model.losses import ssa_loss
 
-    out = Path(out)
-    if resume:
-        find_checkpoint(out / "checkpoints" / "last")
-        config = load_config(out / CONFIG_FILE)
-    t, d = _numbers(config["train"]), config["data"]
-    if d.get("root") is None:
-        raise DataError("no dataset: set data.root=FOLDER (or `ssageo train --data FOLDER`)")
-    dist_info = setup_distributed(t["device"])
+    d = config["data"]
     main, device = dist_info.is_main, dist_info.device
     log = (lambda msg: tqdm.write(f"[train] {msg}")) if main else (lambda msg: None)
     if device.type == "cpu":
@@ -181,12 +162,14 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
     model = build_model(dict(config["model"], pretrained=None) if resume else config["model"],
                         d["reference_size"], d["query_size"],
                         config["loss"]["logit_scale_init"]).to(device)
-    need = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) + 64 * 2**20
-    if main:
-        check_run_dir(out, resume, need)
+
+    def prepare() -> None:
+        # weights + AdamW's two moments, all of the parameters' size
+        check_free_space(out, 3 * sum(p.numel() * p.element_size() for p in model.parameters()))
         if not resume:
             save_config(config, out / CONFIG_FILE)
-    barrier()
+
+    on_main(prepare, dist_info)
     val_manifest, val_note = _validation_manifest(manifest, config)
     log(f"validation: {val_note}")
     if t["channels_last"]:
@@ -204,13 +187,20 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
     scaler = precision.make_scaler(amp_dtype, device)
     progress = {"epoch": 0, "batch": 0, "step": 0, "best_r1": None, "best_epoch": None,
                 "nonfinite_skips": 0}
-    if resume:
-        sampler_state, progress = load_checkpoint(out / "checkpoints" / "last", model, optimizer,
-                                                  scaler)
-        sampler.load_state_dict(sampler_state)
-        log(f"resumed at epoch {progress['epoch'] + 1}, batch {progress['batch']}, "
+    try:  # every rank reads the checkpoint; a bad one is reported once
+        start = latest_checkpoint(out / CHECKPOINTS) if resume else None
+        if start is not None:
+            sampler_state, progress = load_checkpoint(start, model, optimizer, scaler)
+            sampler.load_state_dict(sampler_state)
+        metrics = MetricsLog(out / METRICS_FILE, progress["step"] if resume else None, main)
+    except DataError as exc:
+        fail_once(exc)
+    if start is not None:
+        log(f"resumed from {start} at epoch {progress['epoch'] + 1}, batch {progress['batch']}, "
             f"step {progress['step']}")
-    metrics = MetricsLog(out / METRICS_FILE, progress["step"] if resume else None, main)
+    elif resume:
+        log(f"{out}: no complete checkpoint (killed before the first one was written, or only "
+            "a debug checkpoint); starting the run over from step 0 with its config.yaml")
     net = DistributedDataParallel(model) if dist_info.world_size > 1 else model
     norm = model.data_config()
     # Augmentation depends only on (seed, epoch, index): each place is drawn at most once per
@@ -222,14 +212,19 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
     total_steps = t["epochs"] * steps_per_epoch
     warmup_steps = max(1, round(t["warmup_epochs"] * steps_per_epoch))
 
-    def checkpoint(folder: str, sync: bool = True) -> None:
-        if main:
-            save_checkpoint(out / "checkpoints" / folder, model, config, optimizer,
-                            sampler.state_dict(progress["batch"]), progress, scaler)
+    def checkpoint(folder: str) -> None:
+        """Write ``checkpoints/folder`` (main process); every process learns that it worked."""
+        def write() -> None:
+            # The log first: a kill between the two leaves records past the checkpoint, which
+            # a resumed run drops; the other order would lose the records up to it.
             metrics.flush()
-        if sync:
-            barrier()
+            save_checkpoint(out / CHECKPOINTS / folder, model, config, optimizer,
+                            sampler.state_dict(progress["batch"]), progress, scaler)
 
+        on_main(write, dist_info)
+
+    if start is not None and start.name != "last":
+        checkpoint("last")  # resumed from `best`: it is the last state now (and may stay so)
     started = time.perf_counter()
     for epoch in range(progress["epoch"], t["epochs"]):
         if progress["batch"] == 0:
@@ -291,7 +286,7 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
         sampler.set_epoch(epoch + 1)
         last_epoch = epoch + 1 == t["epochs"]
         if val_manifest is not None and ((epoch + 1) % config["eval"]["every"] == 0 or last_epoch):
-            result = evaluate_model(model, val_manifest, config) if main else {}
+            result = on_main(lambda: evaluate_model(model, val_manifest, config), dist_info)
             if main:
                 metrics.add({"kind": "eval", "split": "val", "step": progress["step"],
                              "epoch": epoch + 1, **result})
@@ -299,8 +294,9 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
                     f"{k} {result[k]:.2f}" for k in ("R@1", "R@5", "R@10", "R@1%")))
                 if progress["best_r1"] is None or result["R@1"] > progress["best_r1"]:
                     progress["best_r1"], progress["best_epoch"] = result["R@1"], epoch + 1
-                    checkpoint("best", sync=False)
-            barrier()
+            # the main process decides (only it evaluated); the others follow its decision
+            if all_true(progress["best_epoch"] == epoch + 1 or not main, device):
+                checkpoint("best")
         checkpoint("last")
 
     summary = {
@@ -309,13 +305,12 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
         "best_epoch": progress["best_epoch"], "nonfinite_skips": progress["nonfinite_skips"],
         "neighbours": sampler.neighbour_source,
         "train_seconds_this_session": round(time.perf_counter() - started, 2),
-        "last_checkpoint": str(out / "checkpoints" / "last"),
-        "best_checkpoint": str(out / "checkpoints" / "best") if progress["best_r1"] is not None
+        "last_checkpoint": str(out / CHECKPOINTS / "last"),
+        "best_checkpoint": str(out / CHECKPOINTS / "best") if progress["best_r1"] is not None
         else None,
     }
-    if main:
-        atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1))
-    barrier()
+    on_main(lambda: atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1)),
+            dist_info)
     return summary
 
 

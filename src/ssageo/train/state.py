@@ -14,9 +14,12 @@ Directories are replaced atomically: written under a dot-prefixed temporary name
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,10 +27,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssageo.io import DataError, atomic_write, atomic_write_text
+from ssageo.io import (
+    DataError,
+    OutputError,
+    atomic_write_bytes,
+    atomic_write_text,
+    write_error,
+)
 
 STATE_FILE = "training_state.pt"
 PROGRESS_FILE = "progress.json"
+# Checkpoints a run can continue from, in order of preference at equal steps.
+RESUMABLE = ("last", "best")
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -90,45 +101,123 @@ def save_checkpoint(
     """Write a complete checkpoint directory atomically (replacing any previous one).
 
     ``scaler``'s state (loss scale and growth counter; empty when disabled) is saved with the
-    optimizer's, so a resumed fp16 run scales its losses exactly as an uninterrupted one.
+    optimizer's, so a resumed fp16 run scales its losses exactly as an uninterrupted one. A write
+    that fails (disk full, read-only disk) raises DataError naming ``folder`` and the reason;
+    the previous checkpoint stays as it was.
     """
     from ssageo.model import save_model
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = None
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         save_model(tmp, model, config)
         sampler = dict(sampler_state)
         if sampler.get("neighbours") is not None:
             sampler["neighbours"] = torch.from_numpy(np.asarray(sampler["neighbours"]))
         state = {"optimizer": optimizer.state_dict(), "sampler": sampler, "rng": rng_state(),
                  "scaler": {} if scaler is None else scaler.state_dict()}
-        atomic_write(tmp / STATE_FILE, lambda path: torch.save(state, path))
+        # Serialised in memory first: torch.save to a file reports a full disk as an opaque
+        # RuntimeError of its zip writer, a plain write reports the OSError.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(tmp / STATE_FILE, buffer.getbuffer())
         atomic_write_text(tmp / PROGRESS_FILE, json.dumps(progress, indent=1))
         _replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        error = _write_failure(exc, folder, tmp)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _write_failure(exc: BaseException, folder: Path, tmp: Path | None) -> OutputError | None:
+    """The one-line error of a checkpoint write that the file system refused (disk full,
+    read-only, ...), naming the file at its place in ``folder`` rather than in the temporary
+    folder it was being written to; None for any other exception."""
+    from ssageo.model.ssa import WEIGHTS_FILE
+
+    if isinstance(exc, OutputError):  # from the atomic writes of the files inside
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        text = str(write_error(folder, exc))
+    else:  # safetensors reports the OS error in its text: "... (os error 28)"
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found is None:
+            return None
+        code = int(found.group(1))
+        text = str(write_error(folder / WEIGHTS_FILE, OSError(code, os.strerror(code))))
+    return OutputError(text.replace(str(tmp), str(folder)) if tmp is not None else text)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def _replace_dir(new: Path, target: Path) -> None:
     """Swap ``new`` into ``target``; a crash in between leaves ``.<name>.old`` to fall back on."""
-    old = target.parent / f".{target.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
+    old = _old(target)
     if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def find_checkpoint(folder: Path) -> Path:
-    """The checkpoint at ``folder``, or the previous one a crash mid-swap left behind."""
-    folder = Path(folder)
-    for candidate in (folder, folder.parent / f".{folder.name}.old"):
-        if (candidate / PROGRESS_FILE).is_file():
-            return candidate
-    raise DataError(f"{folder}: no complete checkpoint here (nothing to resume from)")
+def _old(folder: Path) -> Path:
+    return folder.parent / f".{folder.name}.old"
+
+
+def read_progress(folder: Path) -> dict:
+    """``folder/progress.json`` (epoch, batch, step, ...); DataError naming it when malformed."""
+    path = Path(folder) / PROGRESS_FILE
+    try:
+        progress = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the checkpoint's progress ({_first_line(exc)})"
+                        ) from None
+    if not isinstance(progress, dict) or not all(
+            type(progress.get(k)) is int and progress[k] >= 0 for k in ("epoch", "batch", "step")):
+        raise DataError(f"{path}: not a checkpoint progress record (needs epoch, batch and step "
+                        "as non-negative integers)")
+    return progress
+
+
+def tidy_checkpoints(checkpoints: Path) -> list[Path]:
+    """Undo what a killed run left in ``checkpoints``: a ``.<name>.old`` whose ``<name>`` is
+    missing (killed mid-swap) is renamed back, half-written temporary folders (``.last.*``,
+    ``.best.*``, ``.debug-step*.*``) are deleted. Returns the deleted folders."""
+    checkpoints = Path(checkpoints)
+    removed: list[Path] = []
+    if not checkpoints.is_dir():
+        return removed
+    for path in sorted(checkpoints.glob(".*.old")):
+        target = path.parent / path.name[1:-len(".old")]
+        if not target.exists() and (path / PROGRESS_FILE).is_file():
+            os.replace(path, target)
+    for path in sorted(checkpoints.iterdir()):
+        if path.name.startswith(".") and path.is_dir():
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The checkpoint a resumed run continues from: the newest (highest step) complete one of
+    ``last`` and ``best`` (``last`` on a tie), or None when there is none.
+
+    ``debug-step*`` folders are never resumed from: they hold the state that produced a
+    non-finite loss, kept for inspection, and resuming from it would only repeat the failure.
+    """
+    complete = [Path(checkpoints) / name for name in RESUMABLE
+                if (Path(checkpoints) / name / PROGRESS_FILE).is_file()]
+    if not complete:
+        return None
+    return max(complete, key=lambda c: read_progress(c)["step"])  # max keeps the first of ties
 
 
 def load_checkpoint(
@@ -139,22 +228,36 @@ def load_checkpoint(
     states.
 
     Returns ``(sampler_state, progress)``; the sampler's neighbours come back as a NumPy array.
+    Raises DataError naming the file and what is wrong when a file is missing, truncated,
+    not what it should be (a pickle payload in ``training_state.pt`` is refused unread:
+    ``weights_only``), or holds non-finite weights.
     """
-    from safetensors.torch import load_file
+    from ssageo.model.ssa import WEIGHTS_FILE, load_weights
 
-    folder = find_checkpoint(folder)
+    folder = Path(folder)
+    progress = read_progress(folder)
+    load_weights(model, folder / WEIGHTS_FILE)
+    path = folder / STATE_FILE
     try:
-        weights = load_file(str(folder / "model.safetensors"))
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        progress = json.loads((folder / PROGRESS_FILE).read_text(encoding="utf-8"))
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise DataError(f"{folder}: checkpoint cannot be read ({exc})") from None
-    model.load_state_dict(weights)
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state.get("scaler"):  # empty: saved by a disabled scaler
-        scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    sampler = dict(state["sampler"])
+        if path.is_file() and path.stat().st_size == 0:
+            raise DataError(f"{path}: training state file is empty (0 bytes)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError(f"{path}: not a training state saved by ssageo (it holds objects other "
+                        "than tensors and plain values; not loaded)") from None
+    except DataError:
+        raise
+    except Exception as exc:  # torch.load raises many types; all mean "not readable"
+        raise DataError(f"{path}: cannot read the training state ({_first_line(exc)})") from None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):  # empty: saved by a disabled scaler
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        sampler = dict(state["sampler"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+        raise DataError(f"{path}: not a training state for this model and optimizer "
+                        f"({_first_line(exc)})") from None
     if sampler.get("neighbours") is not None:
         sampler["neighbours"] = sampler["neighbours"].numpy()
     return sampler, progress

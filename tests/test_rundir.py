@@ -1,0 +1,384 @@
+"""The run directory under faults a user meets: two processes on one folder, runs killed before
+their first checkpoint, damaged checkpoint and log files, a disk that fills up or turns
+read-only, and another working directory. Real processes where the fault is about processes."""
+
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from faults import needs_namespaces
+from ssageo.config import load_config
+from ssageo.demo import run_demo
+from ssageo.io import DataError
+from ssageo.model import build_model, load_model, save_model
+from ssageo.report.runlog import read_run_log
+from ssageo.train import NonFiniteLossError, lock_run_dir, train
+
+TINY = ["model.backbone=convnext_atto", "data.workers=0", "train.batch_size=4",
+        "train.epochs=2", "train.max_steps_per_epoch=3"]
+
+
+def cli(*args, cwd=None, **kwargs):
+    env = dict(os.environ, COLUMNS="400")  # one error line, not wrapped
+    return [sys.executable, "-m", "ssageo", *map(str, args)], dict(env=env, cwd=cwd, **kwargs)
+
+
+def run_cli(*args, cwd=None, timeout=600):
+    cmd, kw = cli(*args, cwd=cwd)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def start_cli(*args):
+    cmd, kw = cli(*args)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            **kw)
+
+
+def wait_for(path: Path, proc, seconds=300):
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+def steps(run):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "step"]
+
+
+def same_weights(a: Path, b: Path) -> None:
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert x.keys() == y.keys()
+    for key in x:
+        assert torch.equal(x[key], y[key]), key
+
+
+# --- one process per run directory -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_second_train_on_a_busy_run_directory_is_refused_and_kill_9_leaves_no_stale_lock(
+        synth_world, tmp_path):
+    world, run = synth_world("cvusa"), tmp_path / "run"
+    # a data-loader worker too: a forked child must not keep the lock after the trainer dies
+    args = ["--data", world, *TINY, "train.epochs=20", "data.workers=1"]
+    first = start_cli("train", "--out", run, *args)
+    try:
+        wait_for(run / "config.yaml", first)  # written while holding the lock
+        second = run_cli("train", "--out", run, *args)
+        assert first.poll() is None  # still training: the refusal was not a stale leftover
+        assert second.returncode == 2
+        assert error_lines(second.stderr) == [
+            f"error: {run}: in use by another ssageo process (pid {first.pid}, lock "
+            f"{run / '.lock'}); wait for it to end or use another output folder"]
+    finally:
+        first.kill()  # SIGKILL: the kernel drops the lock with the process
+        first.wait()
+    assert first.returncode == -signal.SIGKILL
+    # The lock is not stale: the next process gets it at once.
+    with lock_run_dir(run):
+        assert (run / ".lock").read_text().strip() == str(os.getpid())
+
+
+@pytest.mark.slow
+def test_second_demo_on_a_busy_folder_is_refused_with_the_holders_pid(tmp_path):
+    out = tmp_path / "demo"
+    first = start_cli("demo", "--out", out, "--budget-minutes", "1")
+    try:
+        lock = out / ".lock"
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and lock.read_text().strip() == str(first.pid)):
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(DataError, match=rf"in use by another ssageo process \(pid {first.pid}"):
+            run_demo(out, budget_minutes=1)
+    finally:
+        first.kill()
+        first.wait()
+
+
+# --- resume after a kill before the first `last`, or after a non-finite stop -------------
+
+
+@pytest.mark.slow
+def test_killed_between_first_best_and_first_last_resumes_from_best_exactly(synth_world,
+                                                                            tmp_path):
+    world = synth_world("cvusa")
+    args = [f"data.root={world}", *TINY, "train.checkpoint_every=1000"]  # first last: epoch end
+    straight = tmp_path / "straight"
+    train(load_config("synth-cpu", args), straight)
+
+    killed = tmp_path / "killed"
+    proc = start_cli("train", "--out", killed, *args)
+    best = killed / "checkpoints" / "best"
+    wait_for(best / "progress.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((best / "progress.json").read_text())["step"] == 3  # epoch 1's
+    last = killed / "checkpoints" / "last"
+    half_written = killed / "checkpoints" / ".last.k9x2ab"
+    if last.exists():  # the kill came a little late: put `last` back to its temporary name
+        os.replace(last, half_written)
+    else:  # or it came mid-write, which leaves a temporary folder of its own
+        half_written.mkdir(exist_ok=True)
+    rerun = run_cli("train", "--out", killed, *args)
+    assert rerun.returncode == 2 and f"--resume {killed}" in rerun.stderr
+
+    done = run_cli("train", "--resume", killed)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {best} at epoch 2, batch 0, step 3" in done.stdout
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["best", "last"]
+    same_weights(straight / "checkpoints" / "last", last)
+    assert [r["loss"] for r in steps(killed)] == [r["loss"] for r in steps(straight)]
+
+
+@pytest.mark.slow
+def test_non_finite_stop_with_only_a_debug_checkpoint_restarts_from_step_0(synth_world,
+                                                                           tmp_path):
+    explode = ["train.epochs=1", "train.max_steps_per_epoch=4", "train.warmup_epochs=0",
+               "train.lr=1e30", "train.clip_grad_norm=null"]
+    cfg = load_config("synth-cpu", [f"data.root={synth_world('cvusa')}", *TINY, *explode])
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"at step 2 "):
+        train(cfg, run)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["debug-step2"]
+    with pytest.raises(FileExistsError, match="restarts from step 0 when no complete checkpoint"):
+        train(cfg, run)
+    # debug-step2 is not resumed from (it would be step 3 next): the run starts over, and the
+    # log holds this session's records only.
+    with pytest.raises(NonFiniteLossError, match=r"at step 2 "):
+        train(None, run, resume=True)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [("step", 1), ("nonfinite", 2)]
+
+
+# --- damaged files: one line naming the file and what is wrong ---------------------------
+
+
+class Payload:
+    """Unpickling this creates a file: proof that a pickle ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture(scope="module")
+def finished_run(synth_world, tmp_path_factory):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train(load_config("synth-cpu", [f"data.root={synth_world('cvusa')}", *TINY,
+                                    "train.epochs=1", "train.max_steps_per_epoch=2"]), run)
+    shutil.rmtree(run / "checkpoints" / "best")
+    return run
+
+
+def test_killed_mid_swap_resumes_from_the_previous_last(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    checkpoints = run / "checkpoints"
+    # between the two renames of a swap: the old `last` put aside, the new one still temporary
+    os.replace(checkpoints / "last", checkpoints / ".last.old")
+    (checkpoints / ".last.x7c9qz").mkdir()
+    summary = train(None, run, resume=True)
+    assert summary["steps"] == 2
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last"]
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _nan(path):
+    weights = load_file(path)
+    name = sorted(weights)[3]
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, path)
+    return name
+
+
+def _payload(path):
+    with path.open("wb") as handle:
+        pickle.dump(Payload(path.parent / "PWNED"), handle, protocol=2)
+
+
+DAMAGE = {
+    "truncated weights": ("model.safetensors", _truncate, "cannot read weights"),
+    "garbage weights": ("model.safetensors", lambda p: p.write_bytes(os.urandom(4096)),
+                        "cannot read weights"),
+    "pickle as weights": ("model.safetensors", _payload, "cannot read weights"),
+    "NaN weights": ("model.safetensors", _nan, r"non-finite weights \(NaN or inf\) in 1 "),
+    "empty state": ("training_state.pt", lambda p: p.write_bytes(b""), "empty"),
+    "truncated state": ("training_state.pt", _truncate, "cannot read the training state"),
+    "pickle payload state": ("training_state.pt", _payload, "objects other than tensors"),
+    "tensor file, not a state": ("training_state.pt",
+                                 lambda p: torch.save({"x": torch.zeros(1)}, p),
+                                 "not a training state for this model"),
+    "bad progress": ("progress.json", lambda p: p.write_text('{"step": "two"}'),
+                     "not a checkpoint progress record"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_damaged_checkpoint_on_resume_is_one_error_naming_the_file(finished_run, tmp_path, case):
+    name, damage, message = DAMAGE[case]
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    path = run / "checkpoints" / "last" / name
+    tensor = damage(path)
+    with pytest.raises(DataError, match=message) as err:
+        train(None, run, resume=True)
+    text = str(err.value)
+    assert text.startswith(f"{path}: ") and "\n" not in text
+    if case == "NaN weights":
+        assert tensor in text
+    assert not (path.parent / "PWNED").exists()  # the pickle never ran
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_from_the_cli_exits_2_with_one_line(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    path = run / "checkpoints" / "last" / "training_state.pt"
+    _payload(path)
+    done = run_cli("train", "--resume", run)
+    assert done.returncode == 2
+    assert error_lines(done.stderr)[-1].startswith(f"error: {path}: not a training state saved")
+    assert "Traceback" not in done.stderr and not (path.parent / "PWNED").exists()
+
+
+MALFORMED_LOG = {
+    "not JSON": ("{oops", ":2: not valid JSON"),
+    "not an object": ("[1, 2]", ":2: expected a JSON object"),
+    "kind not a string": ('{"kind": ["step"], "step": 3}', ":2: unknown record kind"),
+    "step not a number": ('{"kind": "step", "step": "3"}', ":2: step must be a whole number"),
+    "binary": (b"\xff\xfe\x00garbage", ":2: not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_LOG)
+def test_malformed_metrics_log_on_resume_and_in_log(finished_run, tmp_path, case):
+    line, message = MALFORMED_LOG[case]
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    path = run / "metrics.jsonl"
+    first = path.read_bytes().splitlines()[0]
+    path.write_bytes(first + b"\n" + (line if isinstance(line, bytes) else line.encode()) + b"\n")
+    for read in (lambda: read_run_log(run), lambda: train(None, run, resume=True)):
+        with pytest.raises(DataError, match=f"^{path}{message}"):
+            read()
+
+
+def test_non_finite_weights_are_refused_at_evaluation(tmp_path):
+    cfg = load_config("synth-cpu", ["model.backbone=convnext_atto"])
+    model = build_model(cfg["model"], cfg["data"]["reference_size"], cfg["data"]["query_size"])
+    with torch.no_grad():
+        model.logit_scale.fill_(float("inf"))
+    save_model(tmp_path / "ckpt", model, cfg)
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'ckpt' / 'model.safetensors'}: "
+                                        r"non-finite weights .* 1 tensor\(s\): logit_scale$"):
+        load_model(tmp_path / "ckpt")
+
+
+BAD_DEMO_STATE = {
+    "truncated": ('{"budget_minutes": 1, "se', "not valid JSON"),
+    "a list": ("[]", "not a JSON object"),
+    "plan of another version": ('{"plan": {"places": 200}}', "'plan' does not have exactly"),
+    "done not a list": ('{"done": "world"}', "'done' is not a list"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DEMO_STATE)
+def test_corrupt_demo_state_is_one_error_naming_it(tmp_path, case):
+    text, message = BAD_DEMO_STATE[case]
+    (tmp_path / "demo.json").write_text(text)
+    with pytest.raises(DataError, match=f"^{tmp_path / 'demo.json'}: .*{message}"):
+        run_demo(tmp_path, budget_minutes=1)
+
+
+# --- disk full, read-only disk ----------------------------------------------------------
+
+
+# Inside a private mount namespace: a tmpfs, training into it, and once the run has started,
+# the disk is filled up or remounted read-only (faults.run_faulty sets its fault up before the
+# command starts; these faults must come after the start-of-run checks).
+FAULT_SCRIPT = """
+set -u
+mount -t tmpfs -o size="$SIZE" tmpfs "$DISK"
+"$@" &
+pid=$!
+while [ ! -f "$DISK/run/config.yaml" ]; do
+  kill -0 $pid 2>/dev/null || break
+  sleep 0.05
+done
+# full: 2 MiB left, room for the small log files but not for a checkpoint
+if [ "$FAULT" = none ]; then :
+elif [ "$FAULT" = full ]; then
+  head -c $(( $(df --output=avail -B1 "$DISK" | tail -1) - 2097152 )) /dev/zero > "$DISK/filler"
+else mount -o remount,ro "$DISK" || echo "remount failed" >&2
+fi
+wait $pid
+"""
+
+
+@pytest.mark.slow
+@needs_namespaces
+# A disk with room for one checkpoint (45 MiB here) but not for best + last + the swap copy is
+# refused at start. Later, a full disk (2 MiB left) fails at the checkpoint; a read-only one at
+# the first file written then, the log, which goes first so that it is never behind the
+# checkpoint.
+@pytest.mark.parametrize(("fault", "size", "failed"), [
+    ("none", "150m", r"only 150 MiB free on its disk; checkpoints \(best, last and the copy "
+                     r"written while one is replaced\) need about 2\d\d MiB"),
+    ("full", "400m", r"checkpoints/last/model.safetensors: cannot write: no space left on device"),
+    ("read-only", "400m", r"metrics.jsonl: cannot write: read-only file system")])
+def test_checkpoint_write_on_a_small_full_or_read_only_disk_is_one_line(synth_world, tmp_path,
+                                                                        fault, size, failed):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    cmd, kw = cli("train", "--out", disk / "run", "--data", synth_world("cvusa"), *TINY,
+                  "train.checkpoint_every=1")
+    kw["env"].update(DISK=str(disk), FAULT=fault, SIZE=size)
+    done = subprocess.run(["unshare", "-rm", "bash", "-c", FAULT_SCRIPT, "fault", *cmd],
+                          capture_output=True, text=True, timeout=600, **kw)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.fullmatch(f"error: {disk / 'run'}[:/]( )?{failed}", error_lines(done.stderr)[-1])
+    assert "Traceback" not in done.stderr
+
+
+# --- the dataset a run used, whatever the working directory ------------------------------
+
+
+def test_resume_from_another_directory_reads_the_runs_dataset(synth_world, tmp_path,
+                                                               monkeypatch):
+    (tmp_path / "here").mkdir()
+    shutil.copytree(synth_world("cvusa"), tmp_path / "here" / "world")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "world").mkdir(parents=True)  # a folder of the same name, not a dataset
+    monkeypatch.chdir(tmp_path / "here")
+    cfg = load_config("synth-cpu", ["data.root=world", *TINY, "train.epochs=1",
+                                    "train.max_steps_per_epoch=1"])
+    train(cfg, tmp_path / "run")
+    monkeypatch.chdir(elsewhere)
+    # config.yaml is what `report` reads too
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved["data"]["root"] == str((tmp_path / "here" / "world").resolve())
+    assert train(None, tmp_path / "run", resume=True)["steps"] == 1  # not ./world from here
