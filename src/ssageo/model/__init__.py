@@ -5,6 +5,7 @@ from ssageo.model.losses import InfoNCE, bev_loss, dice_loss, ssa_loss
 from ssageo.model.ssa import (
     SSAModel,
     build_model,
+    ensure_weights,
     load_model,
     load_pretrained,
     load_weights,
@@ -19,6 +20,7 @@ __all__ = [
     "bev_loss",
     "build_model",
     "dice_loss",
+    "ensure_weights",
     "load_model",
     "load_pretrained",
     "load_weights",

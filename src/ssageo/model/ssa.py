@@ -145,6 +145,17 @@ def pretrained_source(value: object) -> str | Path | None:
                       f"model.backbone), a weights file path or none, not {value!r}")
 
 
+def ensure_weights(model_cfg: dict) -> None:
+    """Fail now, before anything is written, when ``model.pretrained`` cannot be had: hub
+    weights not in the cache are fetched into it (WeightsUnavailable when they cannot be), a
+    local file must exist. ``build_model`` then reads them from there."""
+    source = pretrained_source(model_cfg.get("pretrained"))
+    if source == HUB_WEIGHTS and not hub_cached(model_cfg["backbone"]):
+        hub_weights(model_cfg["backbone"])
+    elif source not in (None, HUB_WEIGHTS) and not Path(source).is_file():
+        raise DataError(f"{source}: model.pretrained weights file not found")
+
+
 def describe_weights(model_cfg: dict) -> str:
     """Where ``build_model`` takes the weights from, said without reading or fetching them."""
     source = pretrained_source(model_cfg.get("pretrained"))

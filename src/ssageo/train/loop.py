@@ -132,6 +132,10 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
         config = {**config, "data": {**d, "root": str(Path(d["root"]).expanduser().resolve())}}
         d = config["data"]
     dist_info = setup_distributed(t["device"])
+    if not resume:  # weights that cannot be had stop the run before its directory exists
+        from ssageo.model import ensure_weights
+
+        on_main(lambda: ensure_weights(config["model"]), dist_info)
     lock = on_main(lambda: open_run_dir(out, resume), dist_info)
     try:
         return _train(config, out, resume, t, dist_info)
