@@ -53,12 +53,12 @@ _HEAD_CHILDREN = ("head", "global_pool", "fc", "head_drop", "classifier")
 _CHECK_SHAPE = (1, 3, 32, 64)
 
 
-def create_backbone(source: str, **timm_kwargs) -> nn.Module:
+def create_backbone(source: str, name: str = "", **timm_kwargs) -> nn.Module:
     """``timm.create_model(source, num_classes=0)`` built to take any input size (see above).
 
     The model's class decides the size options, so a weight-free copy is first built on the
-    meta device (no memory, no weights) to look at it. ``timm_kwargs`` go to both builds'
-    ``create_model`` (e.g. ``pretrained=True``).
+    meta device (no memory, no weights) to look at it. ``name``: the user's model name
+    for messages; ``timm_kwargs`` go to both builds' ``create_model`` (e.g. ``pretrained=True``).
     """
     with torch.device("meta"):
         probe = timm.create_model(source, num_classes=0, **dict(timm_kwargs, pretrained=False))
@@ -76,8 +76,8 @@ def create_backbone(source: str, **timm_kwargs) -> nn.Module:
         return timm.create_model(source, num_classes=0, **options, **timm_kwargs)
     except (AssertionError, TypeError, ValueError) as exc:  # the class refuses an option
         raise ConfigError(
-            f"model.backbone '{source}': timm's {type(probe).__name__} cannot be built with "
-            f"{options} ({_first_line(exc)}), which the split at its stride-16 map needs"
+            f"model.backbone '{name or source}': timm's {type(probe).__name__} cannot be built "
+            f"with {options} ({_first_line(exc)}), which the split at its stride-16 map needs"
         ) from None
 
 
@@ -127,9 +127,12 @@ class Encoder(nn.Module):
 
     def __init__(self, name: str) -> None:
         super().__init__()
+        source = _offline_name(name)
         try:
             # Never weights and never the network here: hub weights are loaded by hub_weights().
-            backbone = create_backbone(_offline_name(name), pretrained=False)
+            backbone = create_backbone(source, name, pretrained=False)
+        except ConfigError:
+            raise
         except (RuntimeError, ValueError, OSError, TypeError) as exc:  # "Unknown model (...)"
             raise ConfigError(f"model.backbone: {exc}") from None
         self.name = name
