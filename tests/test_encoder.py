@@ -25,6 +25,8 @@ FAMILIES = {
     "vit_tiny_patch16_224": (_VIT, (192, 9, 48)),  # 140 rows padded to 144: 9 patches
     "swin_tiny_patch4_window7_224": ({"dynamic_img_size": True}, (384, 9, 48)),
     "vit_small_patch14_dinov2": (_VIT, (384, 10, 55)),  # stride 14 (see encoder.py)
+    # beyond the named families: forward_head has a conv after pooling (descriptor 1024-d)
+    "mobilenetv3_small_100": ({}, (48, 9, 48)),
 }
 
 

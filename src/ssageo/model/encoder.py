@@ -47,7 +47,7 @@ from ssageo.io import DataError
 TRUNK_REDUCTION = 16
 # Patch sizes whose grid a plain ViT's trunk may end on (see the module docstring).
 PATCH_GRID_REDUCTIONS = (14, 16)
-# Top-level children that belong to the classifier, not to forward_features.
+# Top-level children where forward_head's part of a model begins (pooling, classifier).
 _HEAD_CHILDREN = ("head", "global_pool", "fc", "head_drop", "classifier")
 # The build-time check's image (B,3,H,W): small, non-square, a multiple of every stride.
 _CHECK_SHAPE = (1, 3, 32, 64)
@@ -101,14 +101,19 @@ def _split_index(name: str, backbone: nn.Module, patch_grid: bool) -> int:
     return hits[-1]
 
 
-def _rest_modules(backbone: nn.Module, split: str) -> list[str]:
+def _rest_modules(name: str, backbone: nn.Module, split: str) -> list[str]:
     """Paths of the feature modules after ``split`` (a feature_info module), in forward order:
-    the later entries of its container (``stages.3``) then the later top-level children."""
+    the later entries of its container (``stages.3``) then the later top-level children up to
+    the first one of forward_head."""
     top, *sub = split.split(".")
-    names = [n for n, _ in backbone.named_children() if n not in _HEAD_CHILDREN]
+    names = []
+    for child, _ in backbone.named_children():
+        if child in _HEAD_CHILDREN:  # forward_head's part begins (MobileNetV3: pool, conv_head)
+            break
+        names.append(child)
     if top not in names or len(sub) > 1:
-        raise ConfigError(f"model.backbone: timm's {type(backbone).__name__} cannot be split "
-                          f"after its module '{split}'")
+        raise ConfigError(f"model.backbone '{name}': timm's {type(backbone).__name__} cannot "
+                          f"be split after its module '{split}' (not a top-level stage)")
     rest = names[names.index(top) + 1:]
     if sub:  # the split is inside a container of stages, e.g. stages.2
         count = len(getattr(backbone, top))
@@ -151,8 +156,10 @@ class Encoder(nn.Module):
         self.trunk_stride = int(split["reduction"])
         self.trunk_channels = int(split["num_chs"])
         self._nhwc = getattr(backbone, "output_fmt", "NCHW") == "NHWC"
-        self._rest = [] if self._tokens else _rest_modules(backbone, split["module"])
-        self.descriptor_dim = int(backbone.num_features)
+        self._rest = [] if self._tokens else _rest_modules(name, backbone, split["module"])
+        # forward_head's width (MobileNetV3's head has a conv after pooling), else the trunk's end
+        self.descriptor_dim = int(getattr(backbone, "head_hidden_size", None)
+                                  or backbone.num_features)
         if not any(p.is_meta for p in backbone.parameters()):
             self._check_split()
 
@@ -165,7 +172,8 @@ class Encoder(nn.Module):
             with torch.no_grad():
                 expected = model.forward_head(model.forward_features(image), pre_logits=True)
                 ours = self.head(self.trunk(image))
-            ok = ours.shape == expected.shape and torch.allclose(ours, expected, atol=1e-4)
+            ok = (ours.shape == expected.shape == (1, self.descriptor_dim)
+                  and torch.allclose(ours, expected, atol=1e-4))
             why = "does not give timm's own descriptor"
         except Exception as exc:  # any failure of the model on this image is the reason
             ok, why = False, (f"fails on a {_CHECK_SHAPE[2]} x {_CHECK_SHAPE[3]} image "
@@ -231,6 +239,8 @@ class Encoder(nn.Module):
     def data_config(self) -> dict:
         """timm's data config for this backbone: mean, std, interpolation, input_size."""
         return timm.data.resolve_data_config({}, model=self.backbone)
+
+
 # ``model.pretrained`` value: timm's weights for the ``model.backbone`` name (its pretrained tag),
 # fetched by timm's own hub code and cached by huggingface_hub, as ``pretrained=True`` does.
 HUB_WEIGHTS = "timm"
