@@ -83,17 +83,22 @@ def test_gradient_checkpointing_keeps_values_and_gradients():
     encoder = Encoder("vit_tiny_patch16_224").train()
     images = torch.randn(2, 3, 32, 64, generator=torch.Generator().manual_seed(3))
 
+    calls = []
+    encoder.backbone.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+
     def run():
         encoder.zero_grad()
+        calls.clear()
         out = encoder(images)
         out.square().sum().backward()
         return out.detach(), encoder.backbone.blocks[0].attn.qkv.weight.grad.clone()
 
     plain = run()
+    assert len(calls) == 1
     encoder.backbone.set_grad_checkpointing(True)
-    assert encoder.backbone.grad_checkpointing
     for a, b in zip(plain, run(), strict=True):
         torch.testing.assert_close(a, b)
+    assert len(calls) == 2  # the trunk's block ran again in the backward pass: checkpointed
 
 
 @pytest.mark.parametrize("name", ["convnext_atto", "vit_tiny_patch16_224"])
