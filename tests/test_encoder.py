@@ -79,6 +79,17 @@ def test_models_without_a_usable_stride_16_map_are_refused_with_the_reason():
             Encoder("deit_tiny_distilled_patch16_224")
 
 
+def test_a_size_the_patch_embedding_cannot_take_is_refused_naming_the_key():
+    cfg = dict(load_config("synth-cpu")["model"], backbone="swin_tiny_patch4_window7_224")
+    with torch.device("meta"):
+        with pytest.raises(ConfigError, match=r"data.query_size \[138, 768\]: swin_tiny_patch4"
+                                              r"_window7_224 takes .* multiples of its patch size"):
+            build_model(cfg, (384, 384), (138, 768))
+        build_model(cfg, (384, 384), (140, 768))
+        # a ViT pads to its patch size instead
+        build_model(dict(cfg, backbone="vit_tiny_patch16_224"), (384, 384), (138, 770))
+
+
 def test_gradient_checkpointing_keeps_values_and_gradients():
     encoder = Encoder("vit_tiny_patch16_224").train()
     images = torch.randn(2, 3, 32, 64, generator=torch.Generator().manual_seed(3))

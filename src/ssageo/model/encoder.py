@@ -188,6 +188,16 @@ class Encoder(nn.Module):
                 f"efficientnet_b0, vit_base_patch16_224, swin_tiny_patch4_window7_224)"
             )
 
+    def check_size(self, size: tuple[int, int], key: str) -> None:
+        """ConfigError naming config key ``key`` when images of ``size`` (H, W) cannot enter
+        the model: a patch embedding that does not pad (Swin: patch 4) needs multiples."""
+        embed = getattr(self.backbone, "patch_embed", None)
+        patch = tuple(getattr(embed, "patch_size", ()) or ())
+        if patch and not getattr(embed, "dynamic_img_pad", True) and any(
+                v % p for v, p in zip(size, patch, strict=True)):
+            raise ConfigError(f"{key} {list(size)}: {self.name} takes images whose height and "
+                              f"width are multiples of its patch size {list(patch)}")
+
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) normalised images -> (B,C,h,w) feature map (timm's forward_intermediates)."""
         return self.backbone.forward_intermediates(

@@ -54,6 +54,8 @@ class SSAModel(nn.Module):
             self.encoders = nn.ModuleDict({"shared": Encoder(backbone)})
         else:
             self.encoders = nn.ModuleDict({view: Encoder(backbone) for view in VIEWS})
+        for view, size in (("query", self.query_size), ("reference", self.reference_size)):
+            self.encoder(view).check_size(size, f"data.{view}_size")
         bev = model_cfg.get("bev") or {}
         self.bev_enabled = bool(bev.get("enabled", False))
         self.bev = None
