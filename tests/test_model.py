@@ -1,4 +1,4 @@
-"""The SSA model: encoder split, forward/embed, paper-size shapes, save/load, pretrained weights."""
+"""The SSA model: forward/embed, paper-size shapes, save/load, pretrained weights."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from ssageo.config import ConfigError, load_config
 from ssageo.io import DataError
-from ssageo.model import Encoder, build_model, load_model, load_pretrained, load_weights, save_model
+from ssageo.model import build_model, load_model, load_pretrained, load_weights, save_model
 
 REF, QUERY = (64, 64), (64, 256)
 
@@ -30,27 +30,6 @@ def _model(config: dict, **changes):
         node[last] = value
     torch.manual_seed(0)
     return build_model(cfg, REF, QUERY)
-
-
-@pytest.mark.parametrize("name", ["convnext_atto", "resnet18"])
-def test_trunk_then_head_reproduces_timm_forward(name):
-    encoder = Encoder(name).eval()
-    images = torch.randn(2, 3, 64, 128)
-    features = encoder.trunk(images)
-    # stride 16, the channels of timm's last stride-16 stage
-    assert features.shape == (2, encoder.trunk_channels, 4, 8)
-    expected = encoder.backbone.forward_head(
-        encoder.backbone.forward_features(images), pre_logits=True
-    )
-    torch.testing.assert_close(encoder.head(features), expected)
-    assert expected.shape == (2, encoder.descriptor_dim)
-
-
-def test_unsupported_backbone_is_refused_with_the_supported_list():
-    with pytest.raises(ConfigError, match="supported families: ConvNeXt, ResNet"):
-        Encoder("vit_tiny_patch16_224")
-    with pytest.raises(ConfigError, match="Unknown model"):
-        Encoder("no_such_net")
 
 
 def test_forward_gives_normalised_descriptors_and_bev_only_in_training(config):

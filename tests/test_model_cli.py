@@ -29,15 +29,15 @@ def test_model_info_parameters_match_the_built_model():
     assert model_info(cfg)["parameters"] == sum(p.numel() for p in model.parameters())
 
 
-def test_cli_prints_the_table_and_refuses_unknown_families():
+def test_cli_prints_the_table_and_refuses_a_model_without_a_stride_16_map():
     runner = CliRunner()
     result = runner.invoke(app, ["model", "info", "--config", "synth-cpu",
                                  "model.backbone=resnet18", "model.bev.enabled=false"])
     assert result.exit_code == 0, result.output
     assert "resnet18 (ResNet)" in result.output and "layer3" in result.output
     assert "256 x 4 x 16" in result.output  # layer3 of a 64 x 256 panorama
-    bad = runner.invoke(app, ["model", "info", "model.backbone=vit_tiny_patch16_224"])
-    assert bad.exit_code != 0 and "supported families" in str(bad.exception)
+    bad = runner.invoke(app, ["model", "info", "model.backbone=vit_small_patch32_224"])
+    assert bad.exit_code != 0 and "no stride-16 feature map" in str(bad.exception)
 
 
 def test_cli_names_where_the_weights_come_from_without_reading_them(tmp_path):

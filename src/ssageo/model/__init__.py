@@ -1,6 +1,6 @@
 """The SSA model: timm encoder split, BEV head, losses, weights load/save."""
 
-from ssageo.model.encoder import SUPPORTED_FAMILIES, Encoder
+from ssageo.model.encoder import Encoder
 from ssageo.model.losses import InfoNCE, bev_loss, dice_loss, ssa_loss
 from ssageo.model.ssa import (
     SSAModel,
@@ -13,7 +13,6 @@ from ssageo.model.ssa import (
 )
 
 __all__ = [
-    "SUPPORTED_FAMILIES",
     "Encoder",
     "InfoNCE",
     "SSAModel",

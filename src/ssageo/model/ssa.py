@@ -54,6 +54,8 @@ class SSAModel(nn.Module):
             self.encoders = nn.ModuleDict({"shared": Encoder(backbone)})
         else:
             self.encoders = nn.ModuleDict({view: Encoder(backbone) for view in VIEWS})
+        for view, size in (("query", self.query_size), ("reference", self.reference_size)):
+            self.encoder(view).check_size(size, f"data.{view}_size")
         bev = model_cfg.get("bev") or {}
         self.bev_enabled = bool(bev.get("enabled", False))
         self.bev = None
@@ -211,7 +213,10 @@ def load_pretrained(model: SSAModel, path: str | Path) -> dict[str, list[str]]:
             name = name.removeprefix(prefix)
         renamed[name] = value
     scale = renamed.pop("logit_scale", None)
-    classifier = {k for k in renamed if k.startswith(("head.fc.", "fc."))} - set(own)
+    # timm names its classifier module(s) in the pretrained config: "head.fc", "fc", "head"...
+    names = backbone.pretrained_cfg.get("classifier") or ()
+    prefixes = tuple(f"{n}." for n in ([names] if isinstance(names, str) else names))
+    classifier = {k for k in renamed if k.startswith(prefixes + ("head.fc.", "fc."))} - set(own)
     mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in renamed.items() if k in own and v.shape != own[k].shape]
     if mismatched:

@@ -41,17 +41,11 @@ def model_info(config: dict) -> dict:
 
 def _stage_shapes(model: SSAModel, sizes: dict) -> list[dict]:
     encoder = model.encoder("query")
-    x = {view: torch.empty(1, 3, *sizes[view]) for view in VIEWS}
+    stages = {view: model.encoder(view).stages(torch.empty(1, 3, *sizes[view])) for view in VIEWS}
     rows = []
-    for path, part in encoder.stage_modules():
-        row = {"module": path, "part": f"encoder {part}"}
-        for view in VIEWS:
-            x[view] = model.encoder(view).backbone.get_submodule(path)(x[view])
-            row[view] = tuple(x[view].shape[1:])
-        rows.append(row)
-    descriptor = {v: tuple(model.encoder(v).backbone.forward_head(x[v], pre_logits=True).shape[1:])
-                  for v in VIEWS}
-    rows.append({"module": "forward_head (pool + norm)", "part": "descriptor", **descriptor})
+    for i, (module, part, _) in enumerate(stages["query"]):
+        rows.append({"module": module, "part": part if part == "descriptor" else f"encoder {part}",
+                     **{view: tuple(stages[view][i][2].shape[1:]) for view in VIEWS}})
     if model.bev is not None:
         trunk = encoder.trunk(torch.empty(1, 3, *sizes["query"]))
         polar = model.bev.projection(trunk)
