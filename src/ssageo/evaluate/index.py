@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -181,6 +182,10 @@ class GeoIndex:
         atomic_write(path, write)
         return path
 
+    def search(self, queries: np.ndarray, k: int, **_: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact (cosine scores, rows) of the ``k`` best tiles per query (B, D), best first."""
+        return exact_topk(queries, [(0, self.descriptors)], k)
+
     @classmethod
     def load(cls, path: str | Path) -> GeoIndex:
         """Read and check an index file; DataError naming it when it is not a usable index."""
@@ -254,6 +259,56 @@ def _check_index(path: Path, arrays: dict[str, np.ndarray], metadata: dict) -> N
         )
 
 
+def index_metadata(
+    checkpoint: str | Path, config: dict, weights_sha256: str, dim: int, count: int, source: str
+) -> dict:
+    """The metadata every index kind records: model identity, weights hash, sizes, source."""
+    return {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "model_hash": model_identity(config),
+        "model": config["model"],
+        "reference_size": list(config["data"]["reference_size"]),
+        "query_size": list(config["data"]["query_size"]),
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "weights_sha256": weights_sha256,
+        "descriptor_dim": int(dim),
+        "count": int(count),
+        "source": source,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ssageo": __version__,
+    }
+
+
+def exact_topk(
+    queries: np.ndarray, blocks: Iterable[tuple[int, np.ndarray]], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(cosine scores, row ids) of the ``k`` best rows per query over ``blocks`` of
+    (first row id, (n, D) descriptors), best first; one block in memory at a time."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(q), 0), dtype=np.int64)
+    for first, block in blocks:  # numpy, not torch: memory-mapped shards are read-only arrays
+        scores = q @ np.asarray(block, dtype=np.float32).T
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < len(block) else \
+            np.broadcast_to(np.arange(len(block)), scores.shape)
+        best_s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], axis=1)
+        best_i = np.concatenate([best_i, top + first], axis=1)
+        keep = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+    return best_s, best_i
+
+
+def open_index(path: str | Path):
+    """A :class:`GeoIndex` (one ``.npz`` file) or a sharded index (a folder with a manifest)."""
+    path = Path(path)
+    if path.is_dir():
+        from ssageo.evaluate.shards import ShardedIndex
+
+        return ShardedIndex.load(path)
+    return GeoIndex.load(path)
+
+
 def build_index(
     checkpoint: str | Path,
     tiles: Sequence[str | Path],
@@ -274,21 +329,9 @@ def build_index(
     descriptors = embed_paths(
         model, tiles, config["data"]["reference_size"], "reference", batch_size, workers, progress
     )
-    metadata = {
-        "format": INDEX_FORMAT,
-        "version": INDEX_VERSION,
-        "model_hash": model_identity(config),
-        "model": config["model"],
-        "reference_size": list(config["data"]["reference_size"]),
-        "query_size": list(config["data"]["query_size"]),
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "weights_sha256": weights_sha256,
-        "descriptor_dim": int(descriptors.shape[1]),
-        "count": len(tiles),
-        "source": source,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "ssageo": __version__,
-    }
+    metadata = index_metadata(
+        checkpoint, config, weights_sha256, descriptors.shape[1], len(tiles), source
+    )
     index = GeoIndex(descriptors, coords, [str(t) for t in tiles], metadata)
     index.path = index.save(out)
     return index
@@ -308,7 +351,7 @@ class Localizer:
         checkpoint: str | Path | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
-        self.index = GeoIndex.load(index_path)
+        self.index = open_index(index_path)
         meta, where = self.index.metadata, self.index.path
         checkpoint = Path(checkpoint or meta["checkpoint"])
         if not weights_file(checkpoint).is_file():
@@ -331,7 +374,7 @@ class Localizer:
                 f"than those index {where} was built with; rebuild the index"
             )
         self.model.eval()
-        self._reference = torch.from_numpy(self.index.descriptors)
+        self.timings: list[dict] = []  # per query of the last locate_many: embed_s, search_s
         self.query_size = tuple(self.config["data"]["query_size"])
 
     def _query_tensor(self, image: str | Path | np.ndarray) -> torch.Tensor:
@@ -350,32 +393,38 @@ class Localizer:
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             desc = self.model.embed(x.to(device), view="query").float().cpu()
-        if desc.shape[1] != self._reference.shape[1]:
+        if desc.shape[1] != self.index.metadata["descriptor_dim"]:
             raise DataError(
                 f"{self.index.path}: descriptor dimension mismatch: index holds "
-                f"{self._reference.shape[1]}, the model gives {desc.shape[1]}"
+                f"{self.index.metadata['descriptor_dim']}, the model gives {desc.shape[1]}"
             )
         return desc.numpy()
 
     def locate_many(
-        self, images: Sequence[str | Path | np.ndarray], top_k: int = 5, batch_size: int = 16
+        self, images: Sequence[str | Path | np.ndarray], top_k: int = 5, batch_size: int = 16,
+        nprobe: int = 32, rerank: int = 100,
     ) -> list[list[dict]]:
-        """:meth:`locate` for several images, embedded ``batch_size`` at a time."""
+        """:meth:`locate` for several images, embedded ``batch_size`` at a time.
+
+        A compressed index visits ``nprobe`` inverted lists and re-scores its ``rerank`` best
+        candidates exactly when it stores float descriptors (both ignored by exact indexes).
+        ``self.timings`` then holds each query's share of its batch's embed and search time.
+        """
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        results = []
+        results, self.timings = [], []
         for start in range(0, len(images), batch_size):
-            desc = torch.from_numpy(self.embed(images[start : start + batch_size]))
-            scores = desc @ self._reference.T  # (b, N)
-            k = min(top_k, scores.shape[1])
-            best = scores.topk(k, dim=1)
-            for values, indices in zip(best.values.tolist(), best.indices.tolist(), strict=True):
-                results.append(
-                    [
-                        self._hit(r, i, v)
-                        for r, (v, i) in enumerate(zip(values, indices, strict=True))
-                    ]
-                )
+            batch = images[start : start + batch_size]
+            t0 = time.perf_counter()
+            desc = self.embed(batch)
+            t1 = time.perf_counter()
+            scores, rows = self.index.search(desc, top_k, nprobe=nprobe, rerank=rerank)
+            t2 = time.perf_counter()
+            for values, indices in zip(scores.tolist(), rows.tolist(), strict=True):
+                hits = zip(values, indices, strict=True)
+                results.append([self._hit(r, i, v) for r, (v, i) in enumerate(hits) if i >= 0])
+                self.timings.append({"embed_s": (t1 - t0) / len(batch),
+                                     "search_s": (t2 - t1) / len(batch)})
         return results
 
     def _hit(self, rank: int, i: int, score: float) -> dict:
