@@ -1,6 +1,8 @@
 """The geo index (satellite tile descriptors + coordinates) and :class:`Localizer`.
 
-An index is ONE uncompressed ``.npz`` file, written atomically:
+An index is ONE uncompressed ``.npz`` file (below), or, for large areas, a folder of shards
+(exact or faiss IVF-PQ, :mod:`ssageo.evaluate.shards`); :func:`open_index` opens either, and
+both answer ``search(queries, k)``, which :class:`Localizer` uses. The file, written atomically:
 
 - ``descriptors``: (N, D) float32 L2-normalised descriptors of the satellite tiles
 - ``coords``: (N, 2) float64 tile-centre (lat, lon) in degrees
