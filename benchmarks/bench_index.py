@@ -134,7 +134,9 @@ def main() -> None:
         t0 = time.perf_counter()
         x = db.chunk(start // args.shard_size, stop - start)
         t1 = time.perf_counter()
-        s, i = exact_topk(q, [(start, x)], 10)  # exact ground truth, one chunk at a time
+        # exact ground truth, one chunk and 100 queries at a time (bounded score matrices)
+        parts = [exact_topk(q[a: a + 100], [(start, x)], 10) for a in range(0, len(q), 100)]
+        s, i = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         both_s, both_i = np.concatenate([truth_s, s], 1), np.concatenate([truth_i, i], 1)
         keep = np.argsort(-both_s, 1, kind="stable")[:, :10]
         truth_s, truth_i = (np.take_along_axis(t, keep, 1) for t in (both_s, both_i))

@@ -88,6 +88,31 @@ def test_extending_an_index_keeps_the_old_tiles(tmp_path):
         build(tmp_path / "ivf", desc[:2000], kind="ivfpq", shard_size=1000, lists=8, pq_bytes=8)
 
 
+def test_an_interrupted_ivfpq_build_resumes_with_its_trained_quantiser(tmp_path):
+    desc = structured(2400, seed=2)
+    calls = []
+
+    def failing(a, b):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # interrupted while embedding the second shard
+        return desc[a:b]
+
+    kw = {"kind": "ivfpq", "shard_size": 800, "lists": 8, "pq_bytes": 8}
+    tiles = [f"t{i}.png" for i in range(2400)]
+    with pytest.raises(KeyboardInterrupt):
+        build_sharded(tmp_path / "a", tiles, np.zeros((2400, 2)), failing, meta(), **kw)
+    trained = (tmp_path / "a" / "ivfpq.trained").read_bytes()
+    calls.clear()
+    build_sharded(tmp_path / "a", tiles, np.zeros((2400, 2)), lambda a, b: (calls.append(a),
+                  desc[a:b])[1], meta(), **kw)
+    assert calls == [800, 1600]  # the first shard was kept, not embedded again
+    assert (tmp_path / "a" / "ivfpq.trained").read_bytes() == trained
+    build_sharded(tmp_path / "b", tiles, np.zeros((2400, 2)), lambda a, b: desc[a:b], meta(), **kw)
+    a, b = (json.loads((tmp_path / d / MANIFEST).read_text()) for d in "ab")
+    assert a["shards"] == b["shards"] and a["trained"] == b["trained"]
+
+
 def test_other_tiles_or_checkpoint_cannot_resume_an_index(tmp_path):
     desc = structured(100)
     build(tmp_path / "x", desc, shard_size=40)

@@ -174,7 +174,7 @@ def index_build(
     ),
     vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
     kind: str = typer.Option(
-        "auto", help="auto | exact | ivfpq (auto: exact up to 1,000,000 tiles, ivfpq above)"
+        "auto", help="auto | exact | ivfpq (auto: exact up to 250,000 tiles, ivfpq above)"
     ),
     shard_size: int = typer.Option(65536, min=1, help="Tiles per shard (folder indexes)."),
     lists: int | None = typer.Option(

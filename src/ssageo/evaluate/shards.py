@@ -296,7 +296,7 @@ class ShardedIndex:
         return scores[:, :k], ids[:, :k]
 
 
-AUTO_EXACT_MAX = 1_000_000  # --kind auto: exact up to here (benchmarks/RESULTS.md, issue 21)
+AUTO_EXACT_MAX = 250_000  # --kind auto: exact up to here (benchmarks/RESULTS.md, "Sharded index")
 
 
 def build_tile_index(
