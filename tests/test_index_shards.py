@@ -197,3 +197,27 @@ def test_a_build_killed_after_its_first_shard_resumes_to_the_same_index(tile_csv
         assert err.strip().splitlines() == [
             f"error: {shard}: index shard is {damage} (" + err.split(f"is {damage} (", 1)[1]
             .strip()]
+
+
+@pytest.mark.slow
+def test_cli_builds_an_ivfpq_index_and_locates_with_reranking(tile_csv, tmp_path):
+    root, checkpoint = tile_csv
+    rows = ["path,lat,lon"] + [f"{root}/t{i % 12}.png,{i * 1e-3},0" for i in range(300)]
+    (tmp_path / "big.csv").write_text("\n".join(rows) + "\n")
+    built = cli("index", "build", "--checkpoint", checkpoint, "--tiles", tmp_path / "big.csv",
+                "--out", tmp_path / "ivf", "--kind", "ivfpq", "--lists", 2, "--pq-bytes", 8,
+                "--shard-size", 300, "--device", "cpu")
+    out, err = built.communicate()
+    assert built.returncode == 0, err
+    assert "indexed 300 tiles (ivfpq, D = 320)" in " ".join(out.split())
+    manifest = json.loads((tmp_path / "ivf" / MANIFEST).read_text())
+    assert manifest["params"] == {"shard_size": 300, "lists": 2, "pq_bytes": 8,
+                                  "rerank_store": True}
+    located = cli("locate", root / "t5.png", root / "t7.png", "--index", tmp_path / "ivf",
+                  "--json", "--rerank", 20, "--nprobe", 2, "--top-k", 3, "--device", "cpu")
+    out, err = located.communicate()
+    assert located.returncode == 0, err
+    for image, hits in zip(("t5.png", "t7.png"), json.loads(out), strict=True):
+        assert hits["results"][0]["tile"] == str(root / image)
+        assert hits["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)  # exact re-score
+        assert set(hits["time_s"]) == {"embed_s", "search_s"}
