@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ssageo.evaluate import ann
-from ssageo.evaluate.index import exact_topk
+from ssageo.evaluate.ann import exact_topk
 from ssageo.evaluate.shards import ShardedIndex, build_sharded
 
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from ssageo.evaluate.index import exact_topk
+from ssageo.evaluate.ann import exact_topk
 from ssageo.evaluate.shards import MANIFEST, ShardedIndex, build_sharded
 from ssageo.io import DataError, write_image
 from test_index import make_checkpoint

@@ -1,14 +1,17 @@
-"""Approximate nearest-neighbour search with faiss IVF-PQ (the ``ivfpq`` index kind).
+"""Nearest-neighbour search: exact blockwise top-k, and faiss IVF-PQ (the ``ivfpq`` kind).
 
 A coarse quantiser of ``lists`` centroids splits the descriptor space into inverted lists; each
 descriptor is stored as its list number plus a product-quantised code of its residual
 (``pq_bytes`` bytes). The L2 metric is used: on unit vectors it ranks exactly as the cosine
 (``cos = 1 - d^2 / 2``), and residual PQ is most accurate under it.
 
-faiss is an optional dependency (``pip install 'ssageo[index]'``); only this module imports it.
+faiss is an optional dependency (``pip install 'ssageo[index]'``); only this module imports it,
+and only when an IVF-PQ index is built or opened.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -17,6 +20,25 @@ from ssageo.io import DataError
 
 MIN_TRAIN_PER_LIST = 39  # faiss's own k-means warns below 39 training points per centroid
 PQ_CENTROIDS = 256  # 8-bit product quantiser codes
+
+
+def exact_topk(
+    queries: np.ndarray, blocks: Iterable[tuple[int, np.ndarray]], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(cosine scores, row ids) of the ``k`` best rows per query over ``blocks`` of
+    (first row id, (n, D) descriptors), best first; one block in memory at a time."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(q), 0), dtype=np.int64)
+    for first, block in blocks:  # numpy, not torch: memory-mapped shards are read-only arrays
+        scores = q @ np.asarray(block, dtype=np.float32).T
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < len(block) else \
+            np.broadcast_to(np.arange(len(block)), scores.shape)
+        best_s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], axis=1)
+        best_i = np.concatenate([best_i, top + first], axis=1)
+        keep = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+    return best_s, best_i
 
 
 def faiss_module():

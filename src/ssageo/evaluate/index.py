@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +36,7 @@ from ssageo.config import config_hash
 from ssageo.data.datasets import ImageDataset
 from ssageo.data.textfile import read_csv_rows
 from ssageo.data.transforms import resize, to_tensor
+from ssageo.evaluate.ann import exact_topk
 from ssageo.evaluate.embed import DEFAULT_BATCH_SIZE, embed_paths
 from ssageo.io import DataError, atomic_write
 
@@ -280,25 +281,6 @@ def index_metadata(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "ssageo": __version__,
     }
-
-
-def exact_topk(
-    queries: np.ndarray, blocks: Iterable[tuple[int, np.ndarray]], k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(cosine scores, row ids) of the ``k`` best rows per query over ``blocks`` of
-    (first row id, (n, D) descriptors), best first; one block in memory at a time."""
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
-    best_i = np.zeros((len(q), 0), dtype=np.int64)
-    for first, block in blocks:  # numpy, not torch: memory-mapped shards are read-only arrays
-        scores = q @ np.asarray(block, dtype=np.float32).T
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < len(block) else \
-            np.broadcast_to(np.arange(len(block)), scores.shape)
-        best_s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], axis=1)
-        best_i = np.concatenate([best_i, top + first], axis=1)
-        keep = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
-        best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
-    return best_s, best_i
 
 
 def open_index(path: str | Path):

@@ -29,7 +29,7 @@ import numpy as np
 
 from ssageo.config import ConfigError
 from ssageo.evaluate import ann
-from ssageo.evaluate.index import exact_topk
+from ssageo.evaluate.ann import exact_topk
 from ssageo.io import DataError, OutputError, atomic_write, atomic_write_bytes, atomic_write_text
 
 SHARDED_FORMAT = "ssageo-sharded-index"
