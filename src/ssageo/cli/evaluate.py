@@ -163,7 +163,9 @@ def embed(
 @index_app.command("build")
 def index_build(
     checkpoint: Path = typer.Option(..., help="Checkpoint folder."),
-    out: Path = typer.Option(..., help="Index file to write (.npz)."),
+    out: Path = typer.Option(
+        ..., help="Index to write: FILE.npz (one exact file) or a folder (sharded, any kind)."
+    ),
     data: Path | None = typer.Option(None, help="Dataset folder: index its satellite tiles."),
     tiles: Path | None = typer.Option(None, help="CSV of path,lat,lon rows: index these tiles."),
     dataset: str = typer.Option("auto", help=DATASET_HELP),
@@ -171,18 +173,34 @@ def index_build(
         None, "--split", help="With --data: only these splits' tiles (repeatable); default all."
     ),
     vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
+    kind: str = typer.Option(
+        "auto", help="auto | exact | ivfpq (auto: exact up to 250,000 tiles, ivfpq above)"
+    ),
+    shard_size: int = typer.Option(65536, min=1, help="Tiles per shard (folder indexes)."),
+    lists: int | None = typer.Option(
+        None, min=1, help="ivfpq: inverted lists (default about 4 sqrt(tiles))."),
+    pq_bytes: int = typer.Option(32, min=1, help="ivfpq: code bytes per tile."),
+    rerank_store: bool = typer.Option(
+        True, help="ivfpq: also store float descriptors for exact re-ranking (locate --rerank)."
+    ),
+    extend: bool = typer.Option(False, "--extend", help="Add these tiles to an existing folder."),
     batch_size: int = typer.Option(64, min=1, help="Tiles per batch."),
     workers: int = typer.Option(0, min=0, help="Loader processes."),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP + " (.npz only)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
-    """Embed every satellite tile with its coordinates into one geo index file."""
+    """Embed satellite tiles with their coordinates into a geo index (a file or shards)."""
     from ssageo.evaluate.index import build_index, dataset_tiles, is_index_file, read_tiles_csv
+    from ssageo.evaluate.shards import AUTO_EXACT_MAX, build_tile_index
 
     if (data is None) == (tiles is None):
         raise typer.BadParameter("give exactly one of --data ROOT or --tiles TILES.csv")
     device = _device(device)
-    check_output(out, "an ssageo index", is_index_file, force)
+    single = out.suffix == ".npz"
+    if single:
+        if kind == "ivfpq" or extend:
+            raise typer.BadParameter("--kind ivfpq and --extend need a folder --out, not .npz")
+        check_output(out, "an ssageo index", is_index_file, force)
     if tiles is not None:
         paths, coords = read_tiles_csv(tiles)
         source = str(tiles.resolve())
@@ -190,32 +208,44 @@ def index_build(
         paths, coords, described = dataset_tiles(data, dataset, split or None, vigor_mode)
         source = f"{data.resolve()} ({described})"
         Console().print(f"{described}: {len(paths)} distinct satellite tiles", highlight=False)
-    index = build_index(
-        checkpoint, paths, coords, out, source, batch_size, workers, device=_device(device)
-    )
-    Console().print(
-        f"indexed {len(paths)} tiles (D = {index.descriptors.shape[1]}, model "
-        f"{index.metadata['model_hash']}) into {out}"
-    )
+    if single:
+        index = build_index(checkpoint, paths, coords, out, source, batch_size, workers,
+                            device=device)
+        count, dim, what = len(paths), index.descriptors.shape[1], "exact"
+    else:
+        if kind == "auto":
+            kind = "exact" if len(paths) <= AUTO_EXACT_MAX else "ivfpq"
+        manifest = build_tile_index(
+            checkpoint, paths, coords, out, source, kind, shard_size, lists, pq_bytes,
+            rerank_store, extend, batch_size, workers, device, log=Console().print,
+        )
+        count, dim, what = manifest["count"], manifest["metadata"]["descriptor_dim"], kind
+    Console().print(f"indexed {count} tiles ({what}, D = {dim}) into {out}")
 
 
 @app.command("locate")
 def locate(
     images: list[Path] = typer.Argument(..., help="Query panoramas."),
-    index: Path = typer.Option(..., help="Index file from `ssageo index build`."),
+    index: Path = typer.Option(..., help="Index file or folder from `ssageo index build`."),
     checkpoint: Path | None = typer.Option(
         None, help="Checkpoint (default: the one the index was built from)."
     ),
     top_k: int = typer.Option(5, min=1, help="Tiles to list per image."),
+    nprobe: int = typer.Option(32, min=1, help="ivfpq: inverted lists visited per query."),
+    rerank: int = typer.Option(
+        100, min=0, help="ivfpq: candidates re-scored exactly from stored floats (0: none)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Rank the index's tiles for each image: lat, lon and cosine score of the best ones."""
     from ssageo.evaluate.index import Localizer
 
-    results = Localizer(index, checkpoint, _device(device)).locate_many(images, top_k)
+    localizer = Localizer(index, checkpoint, _device(device))
+    results = localizer.locate_many(images, top_k, nprobe=nprobe, rerank=rerank)
     if as_json:
-        payload = [{"image": str(p), "results": r} for p, r in zip(images, results, strict=True)]
+        payload = [{"image": str(p), "results": r, "time_s": t}
+                   for p, r, t in zip(images, results, localizer.timings, strict=True)]
         typer.echo(json.dumps(payload, indent=2))
         return
     console = Console()

@@ -1,6 +1,8 @@
 """The geo index (satellite tile descriptors + coordinates) and :class:`Localizer`.
 
-An index is ONE uncompressed ``.npz`` file, written atomically:
+An index is ONE uncompressed ``.npz`` file (below), or, for large areas, a folder of shards
+(exact or faiss IVF-PQ, :mod:`ssageo.evaluate.shards`); :func:`open_index` opens either, and
+both answer ``search(queries, k)``, which :class:`Localizer` uses. The file, written atomically:
 
 - ``descriptors``: (N, D) float32 L2-normalised descriptors of the satellite tiles
 - ``coords``: (N, 2) float64 tile-centre (lat, lon) in degrees
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,6 +36,7 @@ from ssageo.config import config_hash
 from ssageo.data.datasets import ImageDataset
 from ssageo.data.textfile import read_csv_rows
 from ssageo.data.transforms import resize, to_tensor
+from ssageo.evaluate.ann import exact_topk
 from ssageo.evaluate.embed import DEFAULT_BATCH_SIZE, embed_paths
 from ssageo.io import DataError, atomic_write
 
@@ -181,6 +185,10 @@ class GeoIndex:
         atomic_write(path, write)
         return path
 
+    def search(self, queries: np.ndarray, k: int, **_: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact (cosine scores, rows) of the ``k`` best tiles per query (B, D), best first."""
+        return exact_topk(queries, [(0, self.descriptors)], k)
+
     @classmethod
     def load(cls, path: str | Path) -> GeoIndex:
         """Read and check an index file; DataError naming it when it is not a usable index."""
@@ -254,6 +262,37 @@ def _check_index(path: Path, arrays: dict[str, np.ndarray], metadata: dict) -> N
         )
 
 
+def index_metadata(
+    checkpoint: str | Path, config: dict, weights_sha256: str, dim: int, count: int, source: str
+) -> dict:
+    """The metadata every index kind records: model identity, weights hash, sizes, source."""
+    return {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "model_hash": model_identity(config),
+        "model": config["model"],
+        "reference_size": list(config["data"]["reference_size"]),
+        "query_size": list(config["data"]["query_size"]),
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "weights_sha256": weights_sha256,
+        "descriptor_dim": int(dim),
+        "count": int(count),
+        "source": source,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ssageo": __version__,
+    }
+
+
+def open_index(path: str | Path):
+    """A :class:`GeoIndex` (one ``.npz`` file) or a sharded index (a folder with a manifest)."""
+    path = Path(path)
+    if path.is_dir():
+        from ssageo.evaluate.shards import ShardedIndex
+
+        return ShardedIndex.load(path)
+    return GeoIndex.load(path)
+
+
 def build_index(
     checkpoint: str | Path,
     tiles: Sequence[str | Path],
@@ -274,21 +313,9 @@ def build_index(
     descriptors = embed_paths(
         model, tiles, config["data"]["reference_size"], "reference", batch_size, workers, progress
     )
-    metadata = {
-        "format": INDEX_FORMAT,
-        "version": INDEX_VERSION,
-        "model_hash": model_identity(config),
-        "model": config["model"],
-        "reference_size": list(config["data"]["reference_size"]),
-        "query_size": list(config["data"]["query_size"]),
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "weights_sha256": weights_sha256,
-        "descriptor_dim": int(descriptors.shape[1]),
-        "count": len(tiles),
-        "source": source,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "ssageo": __version__,
-    }
+    metadata = index_metadata(
+        checkpoint, config, weights_sha256, descriptors.shape[1], len(tiles), source
+    )
     index = GeoIndex(descriptors, coords, [str(t) for t in tiles], metadata)
     index.path = index.save(out)
     return index
@@ -308,7 +335,7 @@ class Localizer:
         checkpoint: str | Path | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
-        self.index = GeoIndex.load(index_path)
+        self.index = open_index(index_path)
         meta, where = self.index.metadata, self.index.path
         checkpoint = Path(checkpoint or meta["checkpoint"])
         if not weights_file(checkpoint).is_file():
@@ -331,7 +358,7 @@ class Localizer:
                 f"than those index {where} was built with; rebuild the index"
             )
         self.model.eval()
-        self._reference = torch.from_numpy(self.index.descriptors)
+        self.timings: list[dict] = []  # per query of the last locate_many: embed_s, search_s
         self.query_size = tuple(self.config["data"]["query_size"])
 
     def _query_tensor(self, image: str | Path | np.ndarray) -> torch.Tensor:
@@ -350,32 +377,38 @@ class Localizer:
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             desc = self.model.embed(x.to(device), view="query").float().cpu()
-        if desc.shape[1] != self._reference.shape[1]:
+        if desc.shape[1] != self.index.metadata["descriptor_dim"]:
             raise DataError(
                 f"{self.index.path}: descriptor dimension mismatch: index holds "
-                f"{self._reference.shape[1]}, the model gives {desc.shape[1]}"
+                f"{self.index.metadata['descriptor_dim']}, the model gives {desc.shape[1]}"
             )
         return desc.numpy()
 
     def locate_many(
-        self, images: Sequence[str | Path | np.ndarray], top_k: int = 5, batch_size: int = 16
+        self, images: Sequence[str | Path | np.ndarray], top_k: int = 5, batch_size: int = 16,
+        nprobe: int = 32, rerank: int = 100,
     ) -> list[list[dict]]:
-        """:meth:`locate` for several images, embedded ``batch_size`` at a time."""
+        """:meth:`locate` for several images, embedded ``batch_size`` at a time.
+
+        A compressed index visits ``nprobe`` inverted lists and re-scores its ``rerank`` best
+        candidates exactly when it stores float descriptors (both ignored by exact indexes).
+        ``self.timings`` then holds each query's share of its batch's embed and search time.
+        """
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        results = []
+        results, self.timings = [], []
         for start in range(0, len(images), batch_size):
-            desc = torch.from_numpy(self.embed(images[start : start + batch_size]))
-            scores = desc @ self._reference.T  # (b, N)
-            k = min(top_k, scores.shape[1])
-            best = scores.topk(k, dim=1)
-            for values, indices in zip(best.values.tolist(), best.indices.tolist(), strict=True):
-                results.append(
-                    [
-                        self._hit(r, i, v)
-                        for r, (v, i) in enumerate(zip(values, indices, strict=True))
-                    ]
-                )
+            batch = images[start : start + batch_size]
+            t0 = time.perf_counter()
+            desc = self.embed(batch)
+            t1 = time.perf_counter()
+            scores, rows = self.index.search(desc, top_k, nprobe=nprobe, rerank=rerank)
+            t2 = time.perf_counter()
+            for values, indices in zip(scores.tolist(), rows.tolist(), strict=True):
+                hits = zip(values, indices, strict=True)
+                results.append([self._hit(r, i, v) for r, (v, i) in enumerate(hits) if i >= 0])
+                self.timings.append({"embed_s": (t1 - t0) / len(batch),
+                                     "search_s": (t2 - t1) / len(batch)})
         return results
 
     def _hit(self, rank: int, i: int, score: float) -> dict:

@@ -1,0 +1,323 @@
+"""Sharded geo indexes for large areas: a folder of shards and one ``manifest.json``.
+
+Layout of an index folder (every file written atomically, the manifest last):
+
+- ``manifest.json``: ``format`` ("ssageo-sharded-index"), ``version``, ``kind`` ("exact" or
+  "ivfpq"), ``params`` (shard size, lists, PQ bytes, float store), ``metadata`` (the same
+  model identity / weights hash / sizes as a single-file index), ``count``, ``complete``,
+  ``build_first`` (row where the running build's input starts), ``trained`` and ``shards``: per
+  shard its row range and each file's size and SHA-256.
+- ``shard-NNNNN.npz``: the shard's tile paths, (n, 2) lat/lon and, for ``ivfpq``, its (n, C)
+  uint8 codes (inverted-list number + PQ code).
+- ``shard-NNNNN.f32.npy``: the shard's (n, D) float32 descriptors (always for ``exact``; for
+  ``ivfpq`` only with the re-ranking store), memory-mapped when searched.
+- ``ivfpq.trained``: the trained, empty faiss IVF-PQ index every shard is encoded against.
+
+A build writes shard after shard and rewrites the manifest after each, so an interrupted build
+rerun with the same input keeps (after verifying) the shards already written; ``extend`` adds
+the tiles of a new input after the existing ones, without touching them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ssageo.config import ConfigError
+from ssageo.evaluate import ann
+from ssageo.evaluate.ann import exact_topk
+from ssageo.io import DataError, OutputError, atomic_write, atomic_write_bytes, atomic_write_text
+
+SHARDED_FORMAT = "ssageo-sharded-index"
+SHARDED_VERSION = 1
+MANIFEST = "manifest.json"
+TRAINED = "ivfpq.trained"
+DEFAULT_SHARD_SIZE = 65536  # tiles per shard: 256 MB of float32 at 1024-d, 2 MB of codes
+KINDS = ("exact", "ivfpq")
+_IDENTITY = ("model_hash", "weights_sha256", "descriptor_dim")  # must match to resume/extend
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _verify(folder: Path, name: str, record: dict, what: str) -> Path:
+    """DataError naming the file when it is missing or differs from its manifest record."""
+    path = folder / name
+    if not path.is_file():
+        raise DataError(f"{path}: {what} is missing (listed in {folder / MANIFEST}); rebuild "
+                        "the index or restore the file")
+    if path.stat().st_size != record["bytes"] or _sha256(path) != record["sha256"]:
+        raise DataError(f"{path}: {what} is corrupt (size or SHA-256 differs from "
+                        f"{folder / MANIFEST}); rebuild the index or restore the file")
+    return path
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of an index folder, None when there is none; DataError when unreadable."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable index manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != SHARDED_FORMAT:
+        raise DataError(f"{path}: not an ssageo sharded index manifest")
+    if manifest.get("version") != SHARDED_VERSION:
+        raise DataError(f"{path}: sharded index version {manifest.get('version')}; this ssageo "
+                        f"reads version {SHARDED_VERSION} - rebuild the index")
+    return manifest
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def _start(folder: Path, metadata: dict, kind: str, params: dict, extend: bool) -> dict:
+    """The manifest to build on: a new one, an interrupted build's, or a complete index's to
+    extend. Refuses what would mix descriptor spaces or parameters."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        if extend:
+            raise DataError(f"{folder}: no index to extend ({MANIFEST} not found)")
+        if folder.exists() and any(folder.iterdir()):
+            raise OutputError(f"{folder}: exists and is not an ssageo index folder; refusing to "
+                              "write into it (choose another --out)")
+        return {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "kind": kind,
+                "params": params, "metadata": metadata, "count": 0, "complete": False,
+                "build_first": 0, "trained": None, "shards": []}
+    old = manifest["metadata"]
+    changed = [k for k in _IDENTITY if old.get(k) != metadata.get(k)]
+    changed += ["kind"] if manifest["kind"] != kind else []
+    changed += [k for k in params if manifest["params"].get(k) != params[k]]
+    if changed:
+        raise DataError(f"{folder}: existing index differs in {', '.join(changed)}; resume or "
+                        "extend it with the same checkpoint and options, or choose another --out")
+    if manifest["complete"]:
+        if not extend:
+            raise OutputError(f"{folder}: index already complete; pass --extend to add tiles, "
+                              "or choose another --out")
+        manifest.update(complete=False, build_first=manifest["count"])
+    return manifest
+
+
+def _resume_point(folder: Path, manifest: dict, tiles: Sequence[str]) -> int:
+    """Rows of ``tiles`` already written by an interrupted build (its shards verified)."""
+    first = manifest["build_first"]
+    for shard in manifest["shards"]:
+        for name, record in shard["files"].items():
+            _verify(folder, name, record, "index shard")
+        if shard["first"] < first:
+            continue
+        start, stop = shard["first"] - first, shard["first"] - first + shard["count"]
+        with np.load(folder / shard["name"], allow_pickle=False) as npz:
+            written = npz["tiles"].tolist()
+        if written != [str(t) for t in tiles[start:stop]]:
+            raise DataError(f"{folder / shard['name']}: holds other tiles than rows {start + 1}.."
+                            f"{stop} of this input; an interrupted build must be rerun with the "
+                            "same tiles (or choose another --out)")
+    return manifest["count"] - first
+
+
+def build_sharded(
+    out: str | Path,
+    tiles: Sequence[str | Path],
+    coords: np.ndarray,
+    embed: Callable[[int, int], np.ndarray],
+    metadata: dict,
+    kind: str = "exact",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    lists: int | None = None,
+    pq_bytes: int = 32,
+    rerank_store: bool = True,
+    extend: bool = False,
+    train_size: int = 262144,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict:
+    """Write (or resume, or ``extend``) the sharded index ``out`` of ``tiles`` with (N, 2)
+    ``coords``; ``embed(start, stop)`` gives the (n, D) unit descriptors of ``tiles[start:stop]``,
+    called once per shard still to write, so memory holds one shard. Returns the manifest.
+
+    ``ivfpq`` trains its quantisers on the first shard's (up to ``train_size``) descriptors;
+    ``lists`` defaults to about 4 sqrt(N) (a power of two, at most what that sample trains).
+    """
+    out = Path(out)
+    if kind not in KINDS:
+        raise ConfigError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if shard_size < 1 or len(tiles) != len(coords) or not len(tiles):
+        raise DataError(f"{out}: nothing to index ({len(tiles)} tiles, shard size {shard_size})")
+    params: dict = {"shard_size": shard_size}
+    existing = read_manifest(out) if extend else None
+    if existing is not None:  # an extension keeps the kind and parameters it was built with
+        kind, params = existing["kind"], existing["params"]
+    elif kind == "ivfpq":
+        ann.faiss_module()  # refuse now, before any embedding, when faiss is not installed
+        if lists is None:
+            sample = min(shard_size, train_size, len(tiles))
+            lists = int(2 ** np.round(np.log2(max(4 * np.sqrt(len(tiles)), 1))))
+            lists = max(1, min(lists, sample // ann.MIN_TRAIN_PER_LIST))
+        ann.check_params(metadata["descriptor_dim"], lists, pq_bytes)
+        params.update(lists=lists, pq_bytes=pq_bytes, rerank_store=rerank_store)
+    manifest = _start(out, metadata, kind, params, extend)
+    out.mkdir(parents=True, exist_ok=True)
+    done = _resume_point(out, manifest, tiles)
+    if done:
+        log(f"resuming: {done} tiles already in verified shards")
+    index = None
+    if manifest["trained"] is not None:
+        index = ann.load(np.fromfile(_verify(out, TRAINED, manifest["trained"], "trained "
+                                             "IVF-PQ quantiser"), dtype=np.uint8))
+    for start in range(done, len(tiles), manifest["params"]["shard_size"]):
+        stop = min(start + manifest["params"]["shard_size"], len(tiles))
+        desc = np.ascontiguousarray(embed(start, stop), dtype=np.float32)
+        if kind == "ivfpq" and index is None:
+            trained = ann.train(desc[:train_size], manifest["params"]["lists"],
+                                manifest["params"]["pq_bytes"])
+            atomic_write_bytes(out / TRAINED, trained.tobytes())
+            manifest["trained"] = _record(out / TRAINED)
+            index = ann.load(trained)
+        _write_shard(out, manifest, desc, np.asarray(coords[start:stop], dtype=np.float64),
+                     [str(t) for t in tiles[start:stop]], index)
+        log(f"shard {len(manifest['shards'])}: tiles {start + 1}..{stop} of {len(tiles)}")
+    manifest.update(complete=True, build_first=manifest["count"])
+    _write_manifest(out, manifest)
+    return manifest
+
+
+def _write_shard(folder: Path, manifest: dict, desc: np.ndarray, coords: np.ndarray,
+                 tiles: list[str], index) -> None:
+    """Write one shard's files, then record them in the manifest (written last)."""
+    name = f"shard-{len(manifest['shards']):05d}"
+    arrays = {"coords": coords, "tiles": np.asarray(tiles, dtype=str)}
+    if index is not None:
+        arrays["codes"] = ann.encode(index, desc)
+    files = {f"{name}.npz": lambda f: np.savez(f, **arrays)}
+    if manifest["kind"] == "exact" or manifest["params"].get("rerank_store"):
+        files[f"{name}.f32.npy"] = lambda f: np.save(f, desc)
+    for file, save in files.items():
+        def write(tmp: Path, save=save) -> None:
+            with tmp.open("wb") as f:
+                save(f)
+
+        atomic_write(folder / file, write)
+    manifest["shards"].append({
+        "name": f"{name}.npz", "first": manifest["count"], "count": len(tiles),
+        "files": {file: _record(folder / file) for file in files},
+    })
+    manifest["count"] += len(tiles)
+    manifest["metadata"]["count"] = manifest["count"]
+    _write_manifest(folder, manifest)
+
+
+class ShardedIndex:
+    """A loaded sharded index: coords (N, 2), tiles (N,), metadata, and :meth:`search`.
+
+    Float descriptors stay on disk (memory-mapped); an ``ivfpq`` index holds its codes in
+    memory (``pq_bytes`` + 8 bytes per tile).
+    """
+
+    def __init__(self, folder: Path, manifest: dict) -> None:
+        self.path, self.manifest = folder, manifest
+        self.metadata, self.kind = manifest["metadata"], manifest["kind"]
+        shards = manifest["shards"]
+        self.firsts = np.asarray([s["first"] for s in shards], dtype=np.int64)
+        self.floats: list[np.ndarray] = []
+        coords, tiles = [], []
+        self.ann = None
+        if manifest["trained"] is not None:
+            self.ann = ann.load(np.fromfile(_verify(folder, TRAINED, manifest["trained"],
+                                                    "trained IVF-PQ quantiser"), dtype=np.uint8))
+        for shard in shards:
+            for name, record in shard["files"].items():
+                _verify(folder, name, record, "index shard")
+            with np.load(folder / shard["name"], allow_pickle=False) as npz:
+                coords.append(npz["coords"])
+                tiles.append(npz["tiles"])
+                if self.ann is not None:
+                    ann.add_codes(self.ann, npz["codes"], shard["first"])
+            float_file = shard["name"].replace(".npz", ".f32.npy")
+            if float_file in shard["files"]:
+                self.floats.append(np.load(folder / float_file, mmap_mode="r"))
+        self.coords = np.concatenate(coords)
+        self.tiles = np.concatenate(tiles)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ShardedIndex:
+        """Open an index folder, verifying every file against the manifest (DataError naming
+        the first missing or corrupt one)."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        if manifest is None:
+            raise DataError(f"{folder}: not an ssageo index ({MANIFEST} not found)")
+        if not manifest["complete"]:
+            raise DataError(f"{folder}: index build was interrupted after {manifest['count']} "
+                            "tiles; rerun the same `ssageo index build` to finish it")
+        return cls(folder, manifest)
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        """Float descriptors of the rows ``ids`` (1-D), gathered from the shards' stores."""
+        which = np.searchsorted(self.firsts, ids, side="right") - 1
+        out = np.empty((len(ids), self.metadata["descriptor_dim"]), dtype=np.float32)
+        for s in np.unique(which):
+            mask = which == s
+            out[mask] = self.floats[s][ids[mask] - self.firsts[s]]
+        return out
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int = 32,
+               rerank: int = 100) -> tuple[np.ndarray, np.ndarray]:
+        """(cosine scores, rows) of the ``k`` best tiles per query, best first (rows -1 when
+        fewer were found). ``ivfpq``: the best ``max(k, rerank)`` candidates of ``nprobe``
+        lists, re-scored exactly from the float store when there is one."""
+        if self.ann is None:
+            return exact_topk(queries, zip(self.firsts.tolist(), self.floats, strict=True), k)
+        use_store = bool(self.floats) and rerank > 0
+        scores, ids = ann.search(self.ann, queries, max(k, rerank) if use_store else k, nprobe)
+        if not use_store:
+            return scores, ids
+        for q in range(len(queries)):
+            found = ids[q][ids[q] >= 0]
+            exact = self._rows(found) @ np.asarray(queries[q], dtype=np.float32)
+            order = np.argsort(-exact, kind="stable")
+            scores[q], ids[q] = -np.inf, -1
+            scores[q, : len(order)], ids[q, : len(order)] = exact[order], found[order]
+        return scores[:, :k], ids[:, :k]
+
+
+AUTO_EXACT_MAX = 250_000  # --kind auto: exact up to here (benchmarks/RESULTS.md, "Sharded index")
+
+
+def build_tile_index(
+    checkpoint: str | Path, tiles: Sequence[str | Path], coords: np.ndarray, out: str | Path,
+    source: str, kind: str = "exact", shard_size: int = DEFAULT_SHARD_SIZE,
+    lists: int | None = None, pq_bytes: int = 32, rerank_store: bool = True,
+    extend: bool = False, batch_size: int = 64, workers: int = 0, device: str = "cpu",
+    log: Callable[[str], None] = lambda _: None,
+) -> dict:
+    """:func:`build_sharded` of image tiles embedded by ``checkpoint``'s model, shard by shard."""
+    from ssageo.evaluate.embed import embed_paths
+    from ssageo.evaluate.index import index_metadata, load_checkpoint
+
+    model, config, weights_sha256 = load_checkpoint(checkpoint, device)
+    size = config["data"]["reference_size"]
+
+    def embed(start: int, stop: int) -> np.ndarray:
+        return embed_paths(model, tiles[start:stop], size, "reference", batch_size, workers,
+                           progress=False)
+
+    dim = int(embed(0, 1).shape[1])  # one tile tells the descriptor size before any shard
+    metadata = index_metadata(checkpoint, config, weights_sha256, dim, 0, source)
+    return build_sharded(out, tiles, coords, embed, metadata, kind, shard_size, lists, pq_bytes,
+                         rerank_store, extend, log=log)

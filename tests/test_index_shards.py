@@ -1,0 +1,223 @@
+"""Sharded geo indexes (exact and faiss IVF-PQ): agreement, resume, extend, damaged shards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ssageo.evaluate.ann import exact_topk
+from ssageo.evaluate.shards import MANIFEST, ShardedIndex, build_sharded
+from ssageo.io import DataError, write_image
+from test_index import make_checkpoint
+
+DIM = 64
+
+
+def structured(n, seed=0, centres=40):
+    """Unit vectors from a mixture of low-rank clusters, like real descriptors (not uniform)."""
+    rng = np.random.default_rng(seed)
+    means = np.random.default_rng(123).normal(size=(centres, DIM))
+    basis = np.random.default_rng(321).normal(size=(centres, 8, DIM))
+    c = rng.integers(0, centres, n)
+    x = means[c] + np.einsum("nk,nkd->nd", rng.normal(size=(n, 8)), basis[c]) * 0.3
+    x += rng.normal(size=(n, DIM)) * 0.2
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def meta(dim=DIM):
+    return {"model_hash": "synthetic", "weights_sha256": "none", "descriptor_dim": dim,
+            "checkpoint": "none", "model": {}, "count": 0}
+
+
+def build(folder, desc, **kw):
+    tiles = [f"t{i}.png" for i in range(len(desc))]
+    coords = np.column_stack([np.linspace(-60, 60, len(desc)), np.zeros(len(desc))])
+    return build_sharded(folder, tiles, coords, lambda a, b: desc[a:b], meta(desc.shape[1]), **kw)
+
+
+def recall_at_1(index, queries, truth, **kw):
+    _, ids = index.search(queries, 10, **kw)
+    return float(np.mean(ids[:, 0] == truth))
+
+
+def test_ivfpq_agrees_with_exact_search_on_structured_vectors(tmp_path):
+    desc = structured(4000)
+    rng = np.random.default_rng(7)
+    queries = desc[:300] + rng.normal(size=(300, DIM)).astype(np.float32) * 0.05
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    truth = np.argmax(queries @ desc.T, axis=1)  # exact nearest tile, by brute force
+
+    build(tmp_path / "exact", desc, kind="exact", shard_size=1500)
+    exact = ShardedIndex.load(tmp_path / "exact")
+    assert len(exact.manifest["shards"]) == 3
+    scores, ids = exact.search(queries, 5)
+    np.testing.assert_array_equal(ids[:, 0], truth)
+    np.testing.assert_allclose(scores[:, 0], np.max(queries @ desc.T, axis=1), rtol=1e-5)
+
+    build(tmp_path / "ivf", desc, kind="ivfpq", shard_size=1500, lists=16, pq_bytes=8)
+    ivf = ShardedIndex.load(tmp_path / "ivf")
+    reranked = recall_at_1(ivf, queries, truth, nprobe=8, rerank=50)
+    codes_only = recall_at_1(ivf, queries, truth, nprobe=8, rerank=0)
+    assert reranked >= 0.99, (reranked, codes_only)
+    assert codes_only < reranked  # 8-byte codes alone are approximate: re-ranking matters
+    s, i = ivf.search(queries[:5], 3, nprobe=8, rerank=50)  # re-ranked scores are exact cosines
+    np.testing.assert_allclose(s, np.take_along_axis(queries[:5] @ desc.T, i, 1), rtol=1e-5)
+
+
+def test_extending_an_index_keeps_the_old_tiles(tmp_path):
+    desc = structured(3000, seed=1)
+    build(tmp_path / "ivf", desc[:2000], kind="ivfpq", shard_size=1000, lists=8, pq_bytes=8)
+    before = json.loads((tmp_path / "ivf" / MANIFEST).read_text())
+    old_mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ivf").glob("shard-*")}
+    tiles = [f"new{i}.png" for i in range(1000)]
+    coords = np.full((1000, 2), 10.0)
+    build_sharded(tmp_path / "ivf", tiles, coords, lambda a, b: desc[2000 + a: 2000 + b],
+                  meta(), extend=True)
+    after = ShardedIndex.load(tmp_path / "ivf")
+    assert after.manifest["count"] == 3000 and after.manifest["shards"][:2] == before["shards"]
+    assert {p: (tmp_path / "ivf" / p).stat().st_mtime_ns for p in old_mtimes} == old_mtimes
+    assert after.tiles[0] == "t0.png" and after.tiles[2500] == "new500.png"
+    _, ids = after.search(desc[[5, 1500, 2100, 2999]], 1, nprobe=8, rerank=20)
+    assert ids[:, 0].tolist() == [5, 1500, 2100, 2999]
+    with pytest.raises(DataError, match="already complete; pass --extend"):
+        build(tmp_path / "ivf", desc[:2000], kind="ivfpq", shard_size=1000, lists=8, pq_bytes=8)
+
+
+def test_an_interrupted_ivfpq_build_resumes_with_its_trained_quantiser(tmp_path):
+    desc = structured(2400, seed=2)
+    calls = []
+
+    def failing(a, b):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # interrupted while embedding the second shard
+        return desc[a:b]
+
+    kw = {"kind": "ivfpq", "shard_size": 800, "lists": 8, "pq_bytes": 8}
+    tiles = [f"t{i}.png" for i in range(2400)]
+    with pytest.raises(KeyboardInterrupt):
+        build_sharded(tmp_path / "a", tiles, np.zeros((2400, 2)), failing, meta(), **kw)
+    trained = (tmp_path / "a" / "ivfpq.trained").read_bytes()
+    calls.clear()
+    build_sharded(tmp_path / "a", tiles, np.zeros((2400, 2)), lambda a, b: (calls.append(a),
+                  desc[a:b])[1], meta(), **kw)
+    assert calls == [800, 1600]  # the first shard was kept, not embedded again
+    assert (tmp_path / "a" / "ivfpq.trained").read_bytes() == trained
+    build_sharded(tmp_path / "b", tiles, np.zeros((2400, 2)), lambda a, b: desc[a:b], meta(), **kw)
+    a, b = (json.loads((tmp_path / d / MANIFEST).read_text()) for d in "ab")
+    assert a["shards"] == b["shards"] and a["trained"] == b["trained"]
+
+
+def test_other_tiles_or_checkpoint_cannot_resume_an_index(tmp_path):
+    desc = structured(100)
+    build(tmp_path / "x", desc, shard_size=40)
+    other = meta() | {"weights_sha256": "other"}
+    with pytest.raises(DataError, match="differs in weights_sha256"):
+        build_sharded(tmp_path / "x", ["a"], np.zeros((1, 2)), lambda a, b: desc[:1], other,
+                      extend=True)
+    got = exact_topk(desc[:3], [(0, desc[:50]), (50, desc[50:])], 2)[1]
+    assert got[:, 0].tolist() == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def tile_csv(tmp_path_factory):
+    """60 rows over 12 small tile images, and a checkpoint of a small model."""
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    lines = ["path,lat,lon"]
+    for i in range(60):
+        if i < 12:
+            tile = np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((16, 16, 1))).astype(np.uint8)
+            write_image(root / f"t{i}.png", tile)
+        lines.append(f"t{i % 12}.png,{47 + i * 1e-3},{8 + i * 1e-3}")
+    (root / "tiles.csv").write_text("\n".join(lines) + "\n")
+    return root, make_checkpoint(root / "ckpt")
+
+
+def cli(*args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ssageo", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def build_args(root, checkpoint, out):
+    return ("index", "build", "--checkpoint", checkpoint, "--tiles", root / "tiles.csv",
+            "--out", out, "--kind", "exact", "--shard-size", 2, "--device", "cpu")
+
+
+@pytest.mark.slow
+def test_a_build_killed_after_its_first_shard_resumes_to_the_same_index(tile_csv):
+    root, checkpoint = tile_csv
+    proc = cli(*build_args(root, checkpoint, root / "killed"))
+    manifest = root / "killed" / MANIFEST
+    while proc.poll() is None and not (manifest.is_file() and
+                                       json.loads(manifest.read_text())["shards"]):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads(manifest.read_text())
+    assert not state["complete"] and 1 <= len(state["shards"]) < 30
+    with pytest.raises(DataError, match="interrupted after"):
+        ShardedIndex.load(root / "killed")
+
+    resumed = cli(*build_args(root, checkpoint, root / "killed"))
+    out, err = resumed.communicate()
+    assert resumed.returncode == 0, err
+    assert "resuming:" in out and "indexed 60 tiles" in out
+    whole = cli(*build_args(root, checkpoint, root / "whole"))
+    assert whole.wait() == 0
+    a, b = (json.loads((root / d / MANIFEST).read_text()) for d in ("killed", "whole"))
+    assert a["shards"] == b["shards"] and a["count"] == 60  # byte-identical shard files
+    assert ShardedIndex.load(root / "killed").tiles.tolist() == [
+        str(root / f"t{i % 12}.png") for i in range(60)]
+
+    image = root / "t3.png"
+    located = cli("locate", image, "--index", root / "killed", "--json", "--device", "cpu")
+    out, err = located.communicate()
+    assert located.returncode == 0, err
+    hits = json.loads(out)[0]
+    assert hits["results"][0]["tile"] == str(image) and hits["time_s"]["search_s"] >= 0
+
+    # a damaged shard is named in one line (exit 2): first corrupt, then missing
+    shard = root / "killed" / "shard-00004.f32.npy"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    for damage in ("corrupt", "missing"):
+        if damage == "missing":
+            shard.unlink()
+        located = cli("locate", image, "--index", root / "killed", "--device", "cpu")
+        _, err = located.communicate()
+        assert located.returncode == 2
+        assert err.strip().splitlines() == [
+            f"error: {shard}: index shard is {damage} (" + err.split(f"is {damage} (", 1)[1]
+            .strip()]
+
+
+@pytest.mark.slow
+def test_cli_builds_an_ivfpq_index_and_locates_with_reranking(tile_csv, tmp_path):
+    root, checkpoint = tile_csv
+    rows = ["path,lat,lon"] + [f"{root}/t{i % 12}.png,{i * 1e-3},0" for i in range(300)]
+    (tmp_path / "big.csv").write_text("\n".join(rows) + "\n")
+    built = cli("index", "build", "--checkpoint", checkpoint, "--tiles", tmp_path / "big.csv",
+                "--out", tmp_path / "ivf", "--kind", "ivfpq", "--lists", 2, "--pq-bytes", 8,
+                "--shard-size", 300, "--device", "cpu")
+    out, err = built.communicate()
+    assert built.returncode == 0, err
+    assert "indexed 300 tiles (ivfpq, D = 320)" in " ".join(out.split())
+    manifest = json.loads((tmp_path / "ivf" / MANIFEST).read_text())
+    assert manifest["params"] == {"shard_size": 300, "lists": 2, "pq_bytes": 8,
+                                  "rerank_store": True}
+    located = cli("locate", root / "t5.png", root / "t7.png", "--index", tmp_path / "ivf",
+                  "--json", "--rerank", 20, "--nprobe", 2, "--top-k", 3, "--device", "cpu")
+    out, err = located.communicate()
+    assert located.returncode == 0, err
+    for image, hits in zip(("t5.png", "t7.png"), json.loads(out), strict=True):
+        assert hits["results"][0]["tile"] == str(root / image)
+        assert hits["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)  # exact re-score
+        assert set(hits["time_s"]) == {"embed_s", "search_s"}
