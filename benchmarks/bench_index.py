@@ -42,7 +42,8 @@ def fit_mixture(data: Path, checkpoint: Path | None, config: str, rank: int, com
 
     from ssageo.config import load_config
     from ssageo.evaluate.embed import embed_paths
-    from ssageo.evaluate.index import dataset_tiles, load_checkpoint
+    from ssageo.evaluate.index import load_checkpoint
+    from ssageo.evaluate.tiles import dataset_tiles
     from ssageo.model import build_model
 
     if checkpoint is not None:

@@ -15,8 +15,9 @@ from ssageo.cli import app
 from ssageo.config import load_config
 from ssageo.data.manifest import Manifest, load_manifest
 from ssageo.evaluate.embed import embed_manifest, embed_paths, evaluate_model
-from ssageo.evaluate.index import GeoIndex, Localizer, read_tiles_csv
+from ssageo.evaluate.index import GeoIndex, Localizer
 from ssageo.evaluate.metrics import rank_queries
+from ssageo.evaluate.tiles import read_tiles_csv
 from ssageo.io import DataError, read_image, write_image
 from ssageo.model import build_model, load_model, save_model
 

@@ -190,8 +190,9 @@ def index_build(
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Embed satellite tiles with their coordinates into a geo index (a file or shards)."""
-    from ssageo.evaluate.index import build_index, dataset_tiles, is_index_file, read_tiles_csv
+    from ssageo.evaluate.index import build_index, is_index_file
     from ssageo.evaluate.shards import AUTO_EXACT_MAX, build_tile_index
+    from ssageo.evaluate.tiles import dataset_tiles, read_tiles_csv
 
     if (data is None) == (tiles is None):
         raise typer.BadParameter("give exactly one of --data ROOT or --tiles TILES.csv")

@@ -34,7 +34,6 @@ import torch
 from ssageo import __version__
 from ssageo.config import config_hash
 from ssageo.data.datasets import ImageDataset
-from ssageo.data.textfile import read_csv_rows
 from ssageo.data.transforms import resize, to_tensor
 from ssageo.evaluate.ann import exact_topk
 from ssageo.evaluate.embed import DEFAULT_BATCH_SIZE, embed_paths
@@ -89,73 +88,6 @@ def is_index_file(path: Path) -> bool:
             return json.loads(str(npz["metadata"])).get("format") == INDEX_FORMAT
     except Exception:  # noqa: BLE001 - anything unreadable is simply not an index
         return False
-
-
-def dataset_tiles(
-    root: str | Path, dataset: str = "auto", splits: Sequence[str] | None = None,
-    vigor_mode: str = "same-area",
-) -> tuple[list[Path], np.ndarray, str]:
-    """Every satellite tile of a dataset's ``splits`` (default: all it has), each once.
-
-    Returns (paths, (N, 2) lat/lon, a description such as "cvusa train+val"). DataError when
-    the dataset gives no tile coordinates (CVACT) or a split cannot be read.
-    """
-    from ssageo.data import load_manifest
-    from ssageo.data.check import SPLITS_OF
-    from ssageo.data.manifest import resolve_dataset
-
-    root = Path(root)
-    kind = resolve_dataset(root, dataset, vigor_mode)
-    splits = list(splits or SPLITS_OF[kind])
-    seen: dict[Path, tuple[float, float]] = {}
-    for split in splits:
-        try:
-            manifest = load_manifest(root, kind, split, vigor_mode)
-        except DataError as exc:
-            hint = "" if len(splits) == 1 else f" (indexing splits {'+'.join(splits)}; give " \
-                "--split to index only some)"
-            raise DataError(f"{exc}{hint}") from None
-        if manifest.reference_coords is None:
-            raise DataError(
-                f"{root}: {manifest.dataset} gives no latitude/longitude for its satellite tiles; "
-                "list them in a CSV and use --tiles"
-            )
-        for tile, (lat, lon) in zip(manifest.reference_paths, manifest.reference_coords.tolist(),
-                                    strict=True):
-            seen.setdefault(Path(tile), (lat, lon))
-    described = f"{kind} {'+'.join(splits)}" + (f" ({vigor_mode})" if kind == "vigor" else "")
-    return list(seen), np.asarray(list(seen.values()), dtype=np.float64), described
-
-
-def read_tiles_csv(path: str | Path) -> tuple[list[Path], np.ndarray]:
-    """Rows ``path,lat,lon`` (an optional header row ``path,lat,lon``) -> (paths, (N, 2) coords).
-
-    Relative paths are relative to the CSV's folder. DataError names the file and line of any
-    malformed row.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: tiles CSV not found")
-    paths, coords = [], []
-    for line, row in read_csv_rows(path, "tiles CSV"):
-        if line == 1 and [c.strip().lower() for c in row] == ["path", "lat", "lon"]:
-            continue
-        if len(row) != 3:
-            raise DataError(f"{path}:{line}: expected 3 columns path,lat,lon, got {len(row)}")
-        try:
-            lat, lon = float(row[1]), float(row[2])
-        except ValueError:
-            raise DataError(
-                f"{path}:{line}: lat/lon are not numbers: {row[1]!r}, {row[2]!r}"
-            ) from None
-        if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-            raise DataError(f"{path}:{line}: lat/lon out of range: {lat}, {lon}")
-        tile = Path(row[0].strip())
-        paths.append(tile if tile.is_absolute() else path.parent / tile)
-        coords.append((lat, lon))
-    if not paths:
-        raise DataError(f"{path}: no tiles listed")
-    return paths, np.asarray(coords, dtype=np.float64)
 
 
 @dataclass
