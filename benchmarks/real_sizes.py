@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import ssageo.data.datasets as datasets
 from ssageo.config import load_config
 from ssageo.data import PairDataset, load_manifest
-from ssageo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, label_to_classes, resize_label
+from ssageo.data.transforms import label_to_classes, resize_label
 
 DATASETS = {  # name: (preset, layout, places, tile side, panorama (W, H))
     "cvusa": ("cvusa", "cvusa", 16, 750, (1232, 224)),
@@ -41,17 +41,6 @@ DATASETS = {  # name: (preset, layout, places, tile side, panorama (W, H))
 }
 H100_BF16_DENSE = 990e12  # FLOP/s, NVIDIA's dense bf16 figure for the H100 SXM
 GPU_EFFICIENCY = 0.40     # the fraction of it a convnext_base training step is assumed to reach
-
-
-class _Repeat(Dataset):
-    def __init__(self, base: Dataset, n: int):
-        self.base, self.n = base, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        return self.base[i % len(self.base)]
 
 
 # --- the code the library ran before (the baseline) -----------------------------------------
@@ -128,14 +117,16 @@ def step_costs(ds: PairDataset, pairs: int) -> dict[str, float]:
             images[name] = x
         label = timed("label resize + classes", lambda p: label_to_classes(
             resize_label(p, ds.prior_size), ds.classes), prior)
-        timed("to-tensor", lambda: (datasets.to_tensor(images["query"], ds.mean, ds.std),
-                                    datasets.to_tensor(images["reference"], ds.mean, ds.std),
-                                    torch.from_numpy(label)))
+        timed("to-tensor", lambda q, r, lab: (datasets.to_tensor(q, ds.mean, ds.std),
+                                              datasets.to_tensor(r, ds.mean, ds.std),
+                                              torch.from_numpy(lab)),
+              images["query"], images["reference"], label)
     return {k: 1e3 * v / pairs for k, v in cost.items()}
 
 
 def one_worker(ds: PairDataset, samples: int, batch: int = 32) -> tuple[float, float]:
     """(pairs per CPU second of the single worker process, pairs per wall second)."""
+    from bench_data import _Repeat  # this folder is on sys.path when bench_data.py runs
     loader = DataLoader(_Repeat(ds, samples), batch_size=batch, shuffle=True, num_workers=1)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -147,7 +138,7 @@ def one_worker(ds: PairDataset, samples: int, batch: int = 32) -> tuple[float, f
 
 
 def _load() -> str:
-    return "load %.1f" % os.getloadavg()[0]
+    return f"load {os.getloadavg()[0]:.1f}"
 
 
 def _world(tmp: Path, name: str) -> Path:
@@ -234,8 +225,9 @@ def flops() -> None:
         total = (sum(ops.values()) - ops.get("aten.convolution_backward", 0)
                  + 2 * ops.get("aten.convolution", 0))
         per_s = GPU_EFFICIENCY * H100_BF16_DENSE / total
-        print(f"{preset}, BEV head {'on' if bev else 'off'}: {cfg['model']['backbone']}, query {d['query_size']}, reference "
-              f"{d['reference_size']}: {total / 1e9:.0f} GFLOP per pair (forward + backward); "
+        print(f"{preset}, BEV head {'on' if bev else 'off'}: {cfg['model']['backbone']}, "
+              f"query {d['query_size']}, reference {d['reference_size']}: "
+              f"{total / 1e9:.0f} GFLOP per pair (forward + backward); "
               f"one H100 at {GPU_EFFICIENCY:.0%} of {H100_BF16_DENSE / 1e12:.0f} TFLOP/s: "
               f"{per_s:.0f} pairs/s = {per_s / 100:.1f} loader cores at 100 pairs/s")
 

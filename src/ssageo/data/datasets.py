@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from ssageo.config import ConfigError
 from ssageo.data.manifest import MAX_EXAMPLES, Manifest
@@ -92,7 +91,6 @@ class PairDataset(Dataset):
         self._views = self._train_pipelines(aug.get("hole_size_from", "reference")) \
             if self.photometric else {}
         self._draws = 0
-        self._threads_unset = True
 
     def _train_pipelines(self, hole_size_from: str) -> dict:
         """Per-view photometric pipelines (resize included). CoarseDropout holes are sized from
@@ -118,9 +116,6 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         m = self.manifest
         ref = int(m.positive[index])
-        if self._threads_unset and get_worker_info() is not None:
-            cv2.setNumThreads(1)  # one OpenCV thread per loader worker: workers fill the cores
-            self._threads_unset = False
         query = read_image(m.query_paths[index], min_size=self._min_sizes[0])
         tile = read_image(m.reference_paths[ref], min_size=self._min_sizes[1])
         prior = read_image(m.prior_paths[ref], mode="L") if self.use_priors else None
