@@ -5,11 +5,11 @@ mode), on in-memory random images of each view's configured size (image decoding
 bench_data.py), random weights (``model.pretrained=null``: nothing is downloaded). Settings
 take turns batch by batch in the same process, so machine load hits them alike; each figure is
 the median batch time, and each ratio is against the baseline setting (the first row:
-contiguous tensors, inference mode, 1 thread). "channels_last input" converts only the batch,
-as ``ssageo.evaluate.embed`` does on CPU: the convolutions then run channels_last without
-touching the model's weights.
+contiguous tensors, inference mode, 1 thread). "channels_last input" converts only the batch:
+the convolutions then run channels_last without touching the model's weights.
 
     python benchmarks/bench_embed.py                     # paper sizes: cvusa preset, convnext_base
+    python benchmarks/bench_embed.py --views reference   # the satellite view only
     python benchmarks/bench_embed.py --config synth-cpu --batch 64 --batches 8
 """
 
@@ -36,6 +36,7 @@ def settings(batch: int) -> list[tuple[str, int, int, str, bool]]:
         ("channels_last input", batch, 1, "input", True),
         ("channels_last model + input", batch, 1, "model", True),
         ("channels_last input, no_grad", batch, 1, "input", False),
+        ("contiguous, batch 1", 1, 1, "contiguous", True),
         ("channels_last input, batch 1", 1, 1, "input", True),
         (f"channels_last input, batch {2 * batch}", 2 * batch, 1, "input", True),
         ("contiguous, 2 threads", batch, 2, "contiguous", True),
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--config", default="cvusa")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--batches", type=int, default=2, help="timed batches per setting")
+    parser.add_argument("--views", nargs="+", default=["reference", "query"],
+                        choices=["reference", "query"])
     parser.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = parser.parse_args()
     cfg = load_config(args.config, ["model.pretrained=null", *args.overrides])
@@ -70,7 +73,8 @@ def main() -> None:
     print(f"{cfg['model']['backbone']} (random weights), {args.batches} timed batches per "
           f"setting after one warm-up, torch {torch.__version__}, load average "
           f"{os.getloadavg()[0]:.1f} at the start")
-    for view, size in (("reference", d["reference_size"]), ("query", d["query_size"])):
+    for view in args.views:
+        size = d[f"{view}_size"]
         images = torch.randn(max(s[1] for s in table), 3, *size)
         times: dict[str, list[float]] = {s[0]: [] for s in table}
         for i in range(args.batches + 1):  # round 0 warms each setting up
