@@ -3,6 +3,8 @@
     python benchmarks/bench_data.py                      # 200 places, 256 px tiles, 512x128 panos
     python benchmarks/bench_data.py --root WORLD         # an existing `ssageo synth` CVUSA world
     python benchmarks/bench_data.py --photometric        # with the real-data presets' colour ops
+    python benchmarks/bench_data.py --real-sizes         # the datasets' real image sizes, 1 worker
+    python benchmarks/bench_data.py --flops              # FLOPs of one paper-size training step
 
 A CVUSA-layout world is generated at the `ssageo synth` default image sizes (256x256 tiles,
 512x128 panoramas), then each configuration loads the whole training split (repeated to
@@ -10,6 +12,10 @@ A CVUSA-layout world is generated at the `ssageo synth` default image sizes (256
 Baseline, in the same run: decoding the two JPEGs of each pair and nothing else, in the main
 process. Ratios are against it. Last, the consumer: training steps of the synth-cpu model on
 one loaded batch (pairs/s), and the ratio of the 2-worker loader's rate to it.
+
+``--real-sizes`` (real_sizes.py): the distributed sizes and formats through the cvusa /
+vigor-same presets' training transforms in one worker process; ``--flops``: what one GPU step
+of the paper's model costs, to size the loader against.
 """
 
 from __future__ import annotations
@@ -100,7 +106,16 @@ def main() -> None:
     ap.add_argument("--photometric", action="store_true",
                     help="add the photometric augmentations (on in the real-data presets, off in "
                          "synth-cpu)")
+    ap.add_argument("--real-sizes", action="store_true",
+                    help="CVUSA 750 px JPEG tiles + 1232x224 panoramas, VIGOR 640 px PNG tiles + "
+                         "2048x1024 panoramas, through the cvusa / vigor-same presets")
+    ap.add_argument("--flops", action="store_true",
+                    help="FLOPs of one cvusa / vigor-same training step (forward + backward)")
     args = ap.parse_args()
+    if args.real_sizes or args.flops:
+        import real_sizes
+
+        return real_sizes.main(args.real_sizes, args.flops)
     overrides = ["data.augment.photometric=true"] if args.photometric else []
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

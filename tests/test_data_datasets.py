@@ -93,3 +93,41 @@ def test_seeded_augmentation_depends_only_on_seed_epoch_and_index(manifest):
     assert sum(not torch.equal(a[i]["query"], b[i]["query"]) for i in range(8)) >= 6
     other = PairDataset(manifest, cfg, train=True, seed=8)
     assert sum(not torch.equal(a[i]["reference"], other[i]["reference"]) for i in range(8)) >= 6
+
+
+def test_reduced_decoding_is_an_option_close_to_full_decoding(tmp_path):
+    from ssageo.config import ConfigError
+    from ssageo.io import read_image
+    from ssageo.synth import generate
+
+    generate(tmp_path / "w", layout="cvusa", places=8, seed=0, sat_size=256, pano_size=(512, 128))
+    manifest = load_manifest(tmp_path / "w")
+    full = PairDataset(manifest, load_config()["data"], train=False)
+    cfg = load_config(overrides=["data.decode=reduced"])["data"]
+    reduced = PairDataset(manifest, cfg, train=False)
+    # 256 px tiles and 512x128 panoramas decode at 1/4 and 1/2 for 64x64 / 64x256
+    assert read_image(manifest.reference_paths[0], min_size=reduced._min_sizes[1]).shape[0] == 64
+    assert read_image(manifest.query_paths[0], min_size=reduced._min_sizes[0]).shape[0] == 64
+    a, b = full[0], reduced[0]
+    for view in ("query", "reference"):
+        assert a[view].shape == b[view].shape
+        diff = (a[view] - b[view]).abs().mean().item()  # normalised units (1 grey level ~ 0.017)
+        assert diff < 0.15, (view, diff)
+    # the query's exact 2x reduction equals the bilinear 2x resize; the tile's 4x one does not
+    assert not torch.equal(a["reference"], b["reference"])
+    assert torch.equal(a["prior"], b["prior"])  # labels always decode in full
+    with pytest.raises(ConfigError, match="data.decode must be 'full' or 'reduced'"):
+        PairDataset(manifest, {**cfg, "decode": "half"}, train=False)
+    with pytest.raises(ConfigError, match="decode"):
+        load_config(overrides=["data.decode=half"])
+
+
+def test_samples_are_the_normalised_pixels_channels_first():
+    from ssageo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    x = to_tensor(rgb, IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    expected = ((torch.from_numpy(rgb).float() / 255 - mean) / std).permute(2, 0, 1)
+    assert x.shape == (3, 48, 80) and x.is_contiguous() and x.dtype == torch.float32
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)

@@ -256,6 +256,7 @@ SCHEMA: dict[str, Callable[[Any], Any]] = {
     "data.query_size": _size(),
     "data.prior_size": _size(optional=True),
     "data.workers": _integer(0),
+    "data.decode": _choice("full", "reduced"),
     "data.augment.flip": _real(0, 1),
     "data.augment.rotate": _real(0, 1),
     "data.augment.photometric": _boolean,

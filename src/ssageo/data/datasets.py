@@ -42,8 +42,9 @@ class PairDataset(Dataset):
     """(query, positive reference[, prior]) per query of a manifest.
 
     ``data_cfg`` is the config's ``data`` section: ``query_size``, ``reference_size`` (H, W),
-    optional ``prior_size`` (default: the reference size) and ``augment`` (``flip``, ``rotate``
-    probabilities, ``photometric`` bool), used when ``train`` is True. A sample is
+    optional ``prior_size`` (default: the reference size), ``decode`` ("full", default, or
+    "reduced": see :func:`ssageo.io.read_image`'s ``min_size``) and ``augment`` (``flip``,
+    ``rotate`` probabilities, ``photometric`` bool), used when ``train`` is True. A sample is
     ``{"query": (3, Hq, Wq) float32, "reference": (3, Hr, Wr) float32, "index": int}`` plus
     ``"prior": (Hp, Wp) int64`` class map when every reference has a prior label: ``classes``
     is ``model.bev.classes``, which decides how a stored label is read (``label_to_classes``).
@@ -67,6 +68,14 @@ class PairDataset(Dataset):
         self.reference_size = _size(data_cfg, "reference_size")
         self.prior_size = (_size(data_cfg, "prior_size") if data_cfg.get("prior_size")
                            else self.reference_size)
+        decode = data_cfg.get("decode", "full")
+        if decode not in ("full", "reduced"):
+            raise ConfigError(f"data.decode must be 'full' or 'reduced', got {decode!r}")
+        # reduced: JPEGs decode at 1/2..1/8 scale while still >= the working size (the tile
+        # may be rotated by 90 degrees, so at least its longer side both ways)
+        side = max(self.reference_size)
+        self._min_sizes = ((self.query_size, (side, side)) if decode == "reduced"
+                           else (None, None))
         aug = data_cfg.get("augment") or {}
         self.p_flip = float(aug.get("flip", 0.0)) if train else 0.0
         self.p_rotate = float(aug.get("rotate", 0.0)) if train else 0.0
@@ -107,8 +116,8 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         m = self.manifest
         ref = int(m.positive[index])
-        query = read_image(m.query_paths[index])
-        tile = read_image(m.reference_paths[ref])
+        query = read_image(m.query_paths[index], min_size=self._min_sizes[0])
+        tile = read_image(m.reference_paths[ref], min_size=self._min_sizes[1])
         prior = read_image(m.prior_paths[ref], mode="L") if self.use_priors else None
         if self.train:
             rng = self._rng(index)
