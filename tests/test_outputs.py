@@ -93,6 +93,11 @@ def test_an_existing_output_is_never_replaced_silently(made, cli, tmp_path, comm
     if target == "folder":
         out = tmp_path / "a-folder"
         out.mkdir()
+        if command == "index build":  # a folder is a sharded index: one with other files is not
+            (out / "notes.txt").write_text("mine")
+            _one_line_error(cli(*argv, out), out, "exists and is not an ssageo index folder")
+            assert [p.name for p in out.iterdir()] == ["notes.txt"]
+            return
         _one_line_error(cli(*argv, out), out, "is a folder")
         return
     source = {"weights": made["checkpoint"] / "model.safetensors",

@@ -89,6 +89,9 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
 def _start(folder: Path, metadata: dict, kind: str, params: dict, extend: bool) -> dict:
     """The manifest to build on: a new one, an interrupted build's, or a complete index's to
     extend. Refuses what would mix descriptor spaces or parameters."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: exists and is not an ssageo index folder; refusing to "
+                          "replace it (choose another --out; a single-file index ends in .npz)")
     manifest = read_manifest(folder)
     if manifest is None:
         if extend:
