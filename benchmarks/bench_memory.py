@@ -6,16 +6,16 @@ the forward pass (the previous step's gradients live through it), backward, grad
 clipping, AdamW step. The step runs under ``FakeTensorMode`` (shapes only, nothing is computed)
 and torch's ``MemTracker`` counts every tensor storage from creation to release: parameters,
 gradients, optimizer states, activations, temporaries. The model is built for real outside the
-fake mode (timm cannot build inside it), then its parameters are swapped for fake ones. A
-warm-up step creates the gradients and AdamW's states, the second step is the one measured
-(the steady state). The peak is what a GPU's ``torch.cuda.max_memory_allocated`` would report,
-less the caching allocator's rounding and the kernels' workspaces (cuDNN), which no tracker
-sees.
+fake mode (timm cannot build inside it), then its parameters are swapped for fake ones. The
+previous step's gradients and AdamW's states are made first (zero gradients, one optimizer
+step), then the step is measured (the steady state). The peak is what a GPU's
+``torch.cuda.max_memory_allocated`` would report, less the caching allocator's rounding and
+the kernels' workspaces (cuDNN), which no tracker sees.
 
 Mixed precision: the presets train with fp16 autocast on CUDA (``train.amp``). Fake CUDA
 tensors cannot take gradients in a CPU build of torch, so the step runs CPU autocast with
 float16, with CUDA's float32 policy applied to the ops of this step that CUDA autocast runs in
-float32 and CPU autocast does not (softmax, log_softmax, layer_norm, group_norm; ``_Fp32Ops``):
+float32 and CPU autocast does not (softmax, log_softmax, layer_norm, group_norm; ``_fp32_ops``):
 the straightforward head's (B,C,D,H,W) softmax is float32 on a GPU. The GradScaler is left out
 (it multiplies the loss and unscales the gradients in place). AdamW runs its foreach
 implementation, CUDA's default.
@@ -32,6 +32,7 @@ the tracker's growth over the same step under fake tensors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -45,7 +46,6 @@ from bench_bev import PINNED
 from peak_rss import MB
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
-from torch.overrides import TorchFunctionMode
 
 GB = 1e9
 SIZES = {"cvusa": ((384, 384), (140, 768)), "vigor": ((384, 384), (384, 768))}
@@ -60,21 +60,33 @@ CONFIGS = {
 }
 # the batch search (SSA with the lean head, and BEV off; each with and without checkpointing)
 SEARCHED = ["lean", "lean + encoder checkpointing", "BEV off", "BEV off + encoder checkpointing"]
-_FP32_OPS = {torch.softmax, torch.Tensor.softmax, F.softmax, torch.log_softmax,
-             torch.Tensor.log_softmax, F.log_softmax, F.layer_norm, F.group_norm}
+_FP32_OPS = [(F, "layer_norm"), (F, "group_norm"), (F, "softmax"), (F, "log_softmax"),
+             (torch.Tensor, "softmax"), (torch.Tensor, "log_softmax")]
 
 
-class _Fp32Ops(TorchFunctionMode):
-    """CUDA autocast's float32 policy for the ops CPU autocast leaves in low precision."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _FP32_OPS and "out" not in kwargs and torch.is_autocast_enabled("cpu"):
-            args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                    for a in args]
-            with torch.autocast("cpu", enabled=False):
+@contextlib.contextmanager
+def _fp32_ops():
+    """CUDA autocast's float32 policy for the ops CPU autocast leaves in low precision: those
+    functions patched for the duration (a function mode would be off during backward, where
+    activation checkpointing recomputes under autocast)."""
+    def policy(func):
+        def run(*args, **kwargs):
+            if not torch.is_autocast_enabled("cpu") or "out" in kwargs:
                 return func(*args, **kwargs)
-        return func(*args, **kwargs)
+            up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                  for a in args]
+            with torch.autocast("cpu", enabled=False):
+                return func(*up, **kwargs)
+        return run
+
+    originals = [(owner, name, getattr(owner, name)) for owner, name in _FP32_OPS]
+    try:
+        for owner, name, func in originals:
+            setattr(owner, name, policy(func))
+        yield
+    finally:
+        for owner, name, func in originals:
+            setattr(owner, name, func)
 
 
 class _Tracker(MemTracker):
@@ -119,16 +131,18 @@ def step(model, optimizer, batch: int, sizes: tuple, cfg: dict, amp: torch.dtype
     r = torch.randn(batch, 3, *ref).contiguous(memory_format=torch.channels_last)
     prior = torch.zeros(batch, grid, grid, dtype=torch.long)
     lc = cfg["loss"]
-    with torch.autocast("cpu", dtype=amp or torch.float16, enabled=amp is not None), _Fp32Ops():
-        out = model(q, r)
-        loss = InfoNCE(lc["label_smoothing"], lc["logit_scale_multiplier"],
-                       lc["logit_scale_max"])(out["query"], out["reference"], out["logit_scale"])
-        if out["bev_logits"] is not None:  # losses.bev_loss without its data-dependent check
-            logits = out["bev_logits"]
-            loss = loss + lc["ssa_weight"] * (0.5 * F.cross_entropy(logits, prior)
-                                              + 0.5 * dice_loss(logits, prior))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    with _fp32_ops():  # also over backward: checkpointing recomputes under autocast there
+        with torch.autocast("cpu", dtype=amp or torch.float16, enabled=amp is not None):
+            out = model(q, r)
+            loss = InfoNCE(lc["label_smoothing"], lc["logit_scale_multiplier"],
+                           lc["logit_scale_max"])(out["query"], out["reference"],
+                                                  out["logit_scale"])
+            if out["bev_logits"] is not None:  # losses.bev_loss without its data check
+                logits = out["bev_logits"]
+                loss = loss + lc["ssa_weight"] * (0.5 * F.cross_entropy(logits, prior)
+                                                  + 0.5 * dice_loss(logits, prior))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["train"]["clip_grad_norm"])
     optimizer.step()
 
@@ -155,7 +169,9 @@ def estimate(config: str, batch: int, sizes: tuple, depth: int = 96, grid: int =
                 if b is not None:
                     module._buffers[name] = fake.from_tensor(b)
         optimizer = _optimizer(model, cfg)
-        step(model, optimizer, batch, sizes, cfg, amp)  # warm-up: gradients, AdamW states
+        for p in model.parameters():  # the previous step's gradients, and AdamW's states
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
         tracker = _Tracker()
         tracker.track_external(model, optimizer)
         with tracker:
@@ -230,6 +246,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="convnext_base.fb_in22k_ft_in1k_384")
     parser.add_argument("--amp", choices=["float16", "bfloat16", "none"], default="float16")
     parser.add_argument("--no-search", action="store_true", help="skip the batch search")
+    parser.add_argument("--datasets", default="cvusa,vigor", help="comma-separated")
     parser.add_argument("--validate", action="store_true",
                         help="compare the estimate with a real CPU step at a small size")
     parser.add_argument("--child-real", action="store_true", help=argparse.SUPPRESS)
@@ -246,7 +263,8 @@ def main() -> None:
           "peak of parameters + gradients + AdamW states + activations (FakeTensorMode + "
           "MemTracker)")
     found: dict[str, dict[str, dict]] = {}
-    for dataset, sizes in SIZES.items():
+    sizes_of = {d: SIZES[d] for d in args.datasets.split(",")}
+    for dataset, sizes in sizes_of.items():
         for config in CONFIGS:
             start = time.perf_counter()
             est = estimate(config, args.batch, sizes, args.depth, args.grid, args.backbone)
@@ -256,13 +274,15 @@ def main() -> None:
             print(f"{dataset} batch {args.batch}, {config}: {est['peak'] / GB:.2f} GB "
                   f"({parts}; {time.perf_counter() - start:.0f} s)", flush=True)
     if not args.no_search:
-        for dataset, sizes in SIZES.items():
+        for dataset, sizes in sizes_of.items():
             for config in SEARCHED:
                 known = {args.batch: found[dataset][config]["peak"],
                          args.batch // 2: estimate(config, args.batch // 2, sizes)["peak"]}
                 fits = {gb: largest_batch(config, sizes, gb * GB, known) for gb in (24, 80)}
                 print(f"{dataset}, {config}: largest batch in 24 GB {fits[24]}, "
                       f"in 80 GB {fits[80]}", flush=True)
+    if "cvusa" not in found:
+        return
     cvusa = found["cvusa"]
     print(f"cvusa batch {args.batch}: lean {cvusa['lean']['peak'] / GB:.2f} GB, "
           f"straightforward {cvusa['straightforward']['peak'] / GB:.2f} GB")
