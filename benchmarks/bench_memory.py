@@ -182,9 +182,10 @@ def estimate(config: str, batch: int, sizes: tuple, depth: int = 96, grid: int =
     return {"peak": peak["Total"], "before": before, "breakdown": peak}
 
 
-def largest_batch(config: str, sizes: tuple, budget: float, known: dict) -> int:
+def largest_batch(config: str, sizes: tuple, budget: float, known: dict,
+                  verify: bool = True) -> int:
     """Largest batch whose estimated peak is <= budget bytes: a linear guess from the known
-    estimates, then checked and stepped one batch at a time to the boundary."""
+    estimates, then (``verify``) checked and stepped one batch at a time to the boundary."""
     def peak(b: int) -> float:
         if b not in known:
             known[b] = estimate(config, b, sizes)["peak"]
@@ -193,6 +194,10 @@ def largest_batch(config: str, sizes: tuple, budget: float, known: dict) -> int:
     (b0, p0), (b1, p1) = sorted(known.items())[:2]
     per_sample = (p1 - p0) / (b1 - b0)
     b = max(1, int((budget - (p0 - b0 * per_sample)) // per_sample))
+    print(f"  {config}, {budget / GB:.0f} GB: {(p0 - b0 * per_sample) / GB:.2f} GB + "
+          f"{per_sample / GB:.3f} GB per pair -> batch {b} (linear), checking", flush=True)
+    if not verify:
+        return b
     while b > 1 and peak(b) > budget:
         b -= 1
     while peak(b + 1) <= budget:
@@ -247,6 +252,8 @@ def main() -> None:
     parser.add_argument("--amp", choices=["float16", "bfloat16", "none"], default="float16")
     parser.add_argument("--no-search", action="store_true", help="skip the batch search")
     parser.add_argument("--datasets", default="cvusa,vigor", help="comma-separated")
+    parser.add_argument("--linear", action="store_true",
+                        help="batch search: the linear fit of batch 16 and 32 only, unchecked")
     parser.add_argument("--validate", action="store_true",
                         help="compare the estimate with a real CPU step at a small size")
     parser.add_argument("--child-real", action="store_true", help=argparse.SUPPRESS)
@@ -278,7 +285,8 @@ def main() -> None:
             for config in SEARCHED:
                 known = {args.batch: found[dataset][config]["peak"],
                          args.batch // 2: estimate(config, args.batch // 2, sizes)["peak"]}
-                fits = {gb: largest_batch(config, sizes, gb * GB, known) for gb in (24, 80)}
+                fits = {gb: largest_batch(config, sizes, gb * GB, known, not args.linear)
+                        for gb in (24, 80)}
                 print(f"{dataset}, {config}: largest batch in 24 GB {fits[24]}, "
                       f"in 80 GB {fits[80]}", flush=True)
     if "cvusa" not in found:
