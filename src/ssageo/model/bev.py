@@ -234,5 +234,6 @@ class BEVHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         polar = self.projection(features)
         n = self.grid_size
-        lean = self.decoder.runs_lean((features.shape[0], features.shape[1], n, n))
+        lean = (self.decoder.runs_lean((features.shape[0], features.shape[1], n, n))
+                if isinstance(self.decoder, BEVDecoder) else self.projection.lean)  # benchmarks
         return self.decoder(polar_to_cartesian(polar, n, lean))
