@@ -195,7 +195,8 @@ def largest_batch(config: str, sizes: tuple, budget: float, known: dict,
     per_sample = (p1 - p0) / (b1 - b0)
     b = max(1, int((budget - (p0 - b0 * per_sample)) // per_sample))
     print(f"  {config}, {budget / GB:.0f} GB: {(p0 - b0 * per_sample) / GB:.2f} GB + "
-          f"{per_sample / GB:.3f} GB per pair -> batch {b} (linear), checking", flush=True)
+          f"{per_sample / GB:.3f} GB per pair -> batch {b} (linear)"
+          + (", checking" if verify else ""), flush=True)
     if not verify:
         return b
     while b > 1 and peak(b) > budget:
