@@ -122,6 +122,68 @@ def test_lean_decoder_functions_pass_gradcheck_in_float64():
     assert torch.autograd.gradcheck(lambda t: refine.lean(t, classifier), (c1,))
 
 
+@pytest.mark.parametrize("group", [1, 3, 16])  # groups crossing top_from .. one group
+def test_up_stage_channel_groups_match_the_plain_stage_in_float64(group, monkeypatch):
+    from ssageo.model import decoder_lean
+
+    monkeypatch.setattr(decoder_lean, "UP_CHANNELS", group)
+    torch.manual_seed(0)
+    stage = UpStage(8, 3, top_from=5).double()  # top-k over the last 3 channels
+    x = torch.randn(2, 8, 3, 4, dtype=torch.float64)
+    target = torch.randn(2, 6, 6, 8, dtype=torch.float64)
+    results = []
+    for run in (stage.lean, lambda t: stage(t, t[:, 5:])[0]):
+        xi = x.clone().requires_grad_()
+        stage.zero_grad()
+        out = run(xi)
+        (out * target).sum().backward()
+        results.append((out, xi.grad, stage.conv[0].weight.grad.clone()))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert torch.autograd.gradcheck(stage.lean, (x[:1].clone().requires_grad_(),))
+
+
+def test_lean_resampling_keeps_only_the_grid_and_matches_grid_sample():
+    torch.manual_seed(0)
+    polar = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    grads = []
+    for lean in (True, False):
+        out = polar_to_cartesian(polar, 6, lean=lean)
+        grads.append((out, *torch.autograd.grad((out * target).sum(), polar)))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda p: polar_to_cartesian(p, 4, lean=True),
+                                    (polar[:1, :1],))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                  lambda t: t):
+        polar_to_cartesian(polar, 6, lean=True)
+    assert (2, 3, 5, 10) not in saved  # the padded polar map is not kept
+
+
+def test_lean_head_trains_under_autocast_like_the_straightforward_one():
+    # a GPU trains with fp16 autocast: the lean pieces' backward steps get low-precision
+    # gradients beside float32 weights (this failed with a dtype error before)
+    torch.manual_seed(0)
+    lean = _lean_at_any_size(BEVHead(16, depth_bins=8, grid_size=6, classes=2))
+    features = torch.randn(2, 16, 4, 12)
+
+    def grads(head, autocast):
+        head.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            logits = head(features)
+        logits.float().square().mean().backward()
+        assert all(p.grad.dtype == torch.float32 for p in head.parameters()
+                   if p.grad is not None)
+        return torch.cat([p.grad.flatten() for p in head.parameters() if p.grad is not None])
+
+    exact = grads(_straightforward(lean), False)
+    errors = [(grads(head, True) - exact).norm() / exact.norm()
+              for head in (lean, _straightforward(lean))]
+    # the same float16 rounding as the straightforward head's (about 6 % here), no more
+    assert errors[0] < 1.5 * errors[1] and errors[1] < 0.2
+
+
 def test_decoder_has_the_reference_size_and_widths():
     # MLSP(backbone_channels=512, classes=2) of the SSA authors' BEV_Layout.py: 3,781,954
     with torch.device("meta"):

@@ -110,7 +110,9 @@ class _Work:
         self.channels, self.depth_bins, self.chunk = cols.shape[0], depth_bins, chunk
         self.shape = cols.shape[1:]
         self.flat = cols.view(self.channels, -1)
-        self.weight2d = weight.reshape(-1, self.channels)
+        # under autocast the features arrive in low precision: the products run in theirs,
+        # as autocast runs the straightforward conv (the weight's gradient is cast back)
+        self.weight2d = weight.reshape(-1, self.channels).to(cols.dtype)
         self.soft = cols.new_empty(min(chunk, self.channels) * depth_bins, self.flat.shape[1])
 
     def chunks(self):
@@ -137,7 +139,7 @@ class PolarProjection(nn.Module):
     """
 
     def __init__(self, channels: int, depth_bins: int, lean: bool = True,
-                 chunk_elements: int = 1 << 23, lean_from: int = 1 << 24) -> None:
+                 chunk_elements: int = 1 << 21, lean_from: int = 1 << 24) -> None:
         super().__init__()
         self.depth_bins = depth_bins
         self.lean = lean
@@ -180,12 +182,37 @@ def polar_sampling_grid(size: int, azimuth_bins: int, device=None) -> torch.Tens
     return torch.stack([gx, gy], dim=-1).unsqueeze(0).float()
 
 
-def polar_to_cartesian(polar: torch.Tensor, size: int) -> torch.Tensor:
-    """(B,C,D,W) polar features -> (B,C,N,N) north-up Cartesian grid (see polar_sampling_grid)."""
+class _Resample(torch.autograd.Function):
+    """``grid_sample`` (bilinear, border padding, corners not aligned) keeping only the grid for
+    the backward pass: the gradient of the input does not read the input's values."""
+
+    @staticmethod
+    def forward(ctx, polar, grid):  # noqa: D102
+        ctx.save_for_backward(grid)
+        ctx.shape, ctx.dtype = polar.shape, polar.dtype
+        return F.grid_sample(polar, grid, mode="bilinear", padding_mode="border",
+                             align_corners=False)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        (grid,) = ctx.saved_tensors
+        values_unread = grad.new_empty(1).expand(ctx.shape)
+        # under autocast grid_sample runs in float32 whatever the polar map's precision
+        grad_polar = torch.ops.aten.grid_sampler_2d_backward(  # 0: bilinear, 1: border
+            grad, values_unread, grid.to(grad.dtype), 0, 1, False, [True, False])[0]
+        return grad_polar.to(ctx.dtype), None
+
+
+def polar_to_cartesian(polar: torch.Tensor, size: int, lean: bool = False) -> torch.Tensor:
+    """(B,C,D,W) polar features -> (B,C,N,N) north-up Cartesian grid (see polar_sampling_grid);
+    ``lean`` keeps only the grid (not the padded polar map) for the backward pass."""
     b, _, _, w = polar.shape
     wrap = torch.arange(-1, w + 1, device=polar.device) % w  # one column more on each side
     padded = polar.index_select(-1, wrap)
     grid = polar_sampling_grid(size, w, polar.device).to(polar.dtype).expand(b, -1, -1, -1)
+    if lean and torch.is_grad_enabled():
+        return _Resample.apply(padded, grid)
     return F.grid_sample(padded, grid, mode="bilinear", padding_mode="border",
                          align_corners=False)
 
@@ -206,4 +233,7 @@ class BEVHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         polar = self.projection(features)
-        return self.decoder(polar_to_cartesian(polar, self.grid_size))
+        n = self.grid_size
+        lean = (self.decoder.runs_lean((features.shape[0], features.shape[1], n, n))
+                if isinstance(self.decoder, BEVDecoder) else self.projection.lean)  # benchmarks
+        return self.decoder(polar_to_cartesian(polar, n, lean))

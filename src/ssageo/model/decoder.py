@@ -111,14 +111,16 @@ class BEVDecoder(nn.Module):
     """(B,C,N,N) -> (B,K,8N,8N): two residual blocks, three UpStages, DoubleConv, 1x1 classifier.
 
     ``lean`` (when gradients are recorded) runs the same layers under activation
-    checkpointing: the low-resolution part (residual blocks, first two UpStages) for the
-    batch, the 8N x 8N part (last UpStage, DoubleConv, classifier) one sample at a time
-    (InstanceNorm is per sample and keeps no running statistics, so values and gradients are
-    unchanged). Between the forward and the backward pass only the decoder input and each
-    sample's 4N x 4N map are kept. When a part is recomputed, its layers keep only conv
-    outputs, block inputs and top-k indices; normalised activations and upsampled maps are
-    recomputed once more in their backward step (``decoder_lean``). Below ``lean_from``
-    output pixels per batch the plain pass runs (same maths, faster there, little memory).
+    checkpointing, one sample at a time (InstanceNorm is per sample and keeps no running
+    statistics, so values and gradients are unchanged), and inside a sample the low-resolution
+    part (residual blocks, first two UpStages) checkpointed again, so that the 8N x 8N part
+    (last UpStage, DoubleConv, classifier) runs its backward step beside the sample's 4N x 4N
+    map only; the last UpStage is checkpointed within that part too. Between the forward and
+    the backward pass only the decoder input is kept. When a part is recomputed, its layers
+    keep only conv outputs, block inputs and top-k indices; normalised activations and
+    upsampled maps are recomputed once more in their backward step (``decoder_lean``). Below
+    ``lean_from`` output pixels per batch the plain pass runs (same maths, faster there,
+    little memory).
     """
 
     def __init__(self, channels: int, classes: int, lean: bool = True,
@@ -136,18 +138,26 @@ class BEVDecoder(nn.Module):
         self.refine = DoubleConv(c_in, widths[-1])
         self.classifier = nn.Conv2d(widths[-1], classes, 1)
 
+    def runs_lean(self, shape: torch.Size) -> bool:
+        """Whether the lean pass runs for an input of ``shape`` (B,C,N,N)."""
+        pixels = shape[0] * (8 * shape[-2]) * (8 * shape[-1])
+        return self.lean and torch.is_grad_enabled() and pixels >= self.lean_from
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pixels = x.shape[0] * (8 * x.shape[-2]) * (8 * x.shape[-1])
-        if not (self.lean and torch.is_grad_enabled() and pixels >= self.lean_from):
+        if not self.runs_lean(x.shape):
             x = top = F.relu(self.blocks(x))
             for stage in self.up:
                 x, top = stage(x, top)
             return self.classifier(self.refine(x))
-        x = checkpoint(self._lean_bottom, x, use_reentrant=False)
-        # split, not slices: each slice's backward would allocate a zero gradient of the whole
-        # batch; split's backward joins the samples' gradients once
-        return torch.cat([checkpoint(self._lean_top, part, use_reentrant=False)
+        # one checkpoint per sample over the whole decoder: between the passes only the
+        # decoder input is kept (a batch-wide low-resolution part would keep every sample's
+        # 4N x 4N map until its backward step). split, not slices: each slice's backward would
+        # allocate a zero gradient of the whole batch; split's backward joins them once
+        return torch.cat([checkpoint(self._lean_sample, part, use_reentrant=False)
                           for part in x.split(1)])
+
+    def _lean_sample(self, x: torch.Tensor) -> torch.Tensor:
+        return self._lean_top(checkpoint(self._lean_bottom, x, use_reentrant=False))
 
     def _lean_bottom(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -158,5 +168,7 @@ class BEVDecoder(nn.Module):
         return x
 
     def _lean_top(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.up[-1].lean(x)
+        # checkpointed once more: the refining DoubleConv's backward step runs without the last
+        # UpStage's conv outputs, which are recomputed for that stage's own backward step
+        x = checkpoint(self.up[-1].lean, x, use_reentrant=False)
         return self.refine.lean(self.refine[0](x), self.classifier)

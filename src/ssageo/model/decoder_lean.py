@@ -52,10 +52,11 @@ class _NormReLUConv(torch.autograd.Function):
         conv_grads = [None, None]
         if conv is not None:
             bias_sizes = None if conv.bias is None else [conv.bias.shape[0]]
+            # under autocast the forward conv ran in the gradient's (low) precision
             grad, *conv_grads = torch.ops.aten.convolution_backward(
-                grad, act, weight, bias_sizes, *_geometry(conv),
+                grad, act.to(grad.dtype), weight.to(grad.dtype), bias_sizes, *_geometry(conv),
                 [True, True, conv.bias is not None])
-        return torch.autograd.grad(act, x, grad)[0], None, *conv_grads
+        return torch.autograd.grad(act, x, grad.to(act.dtype))[0], None, *conv_grads
 
 
 def norm_relu_conv(x: torch.Tensor, conv: nn.Conv2d | None = None) -> torch.Tensor:
@@ -71,32 +72,65 @@ class _UpSplit(torch.autograd.Function):
 
     Keeps ``x`` and the top-k indices (as bytes when channel numbers fit) for the backward
     pass, which recomputes ``up`` (4x the size of ``x``) for the conv's weight gradient and
-    adds the top-k gradient into the conv's input gradient before undoing the upsampling.
+    adds the top-k gradient into the conv's input gradient before undoing the upsampling, a
+    few channels at a time.
     """
 
     @staticmethod
     def forward(ctx, x, conv, weight, k, top_from):  # noqa: D102
-        up = upsample(x)
-        values, index = up[:, top_from:].topk(k, dim=1)
-        small = up.shape[1] - top_from <= 256
+        # the conv as a sum over input-channel groups: only the top-k input is upsampled whole
+        top = upsample(x[:, top_from:])
+        values, index = top.topk(k, dim=1)
+        out = None
+        for c0 in range(0, x.shape[1], UP_CHANNELS):
+            c1 = min(x.shape[1], c0 + UP_CHANNELS)
+            part = (upsample(x[:, c0:c1]) if c1 <= top_from
+                    else top[:, c0 - top_from:c1 - top_from] if c0 >= top_from
+                    else upsample(x[:, c0:c1]))
+            y = conv._conv_forward(part, weight[:, c0:c1], None)
+            out = y if out is None else out.add_(y)
+        small = x.shape[1] - top_from <= 256
         ctx.save_for_backward(x, weight, index.to(torch.uint8 if small else torch.int32))
         ctx.conv, ctx.top_from = conv, top_from
-        return conv._conv_forward(up, weight, None), values
+        return out, values
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_conv, grad_values):  # noqa: D102
         x, weight, index = ctx.saved_tensors
         conv, (b, c, h, w) = ctx.conv, x.shape
-        grad_weight = torch.ops.aten.convolution_backward(
-            grad_conv, upsample(x), weight, None, *_geometry(conv), [False, True, False])[1]
-        grad_up = torch.ops.aten.convolution_backward(  # up's values are not read here
-            grad_conv, grad_conv.new_empty(1).expand(b, c, 2 * h, 2 * w), weight, None,
-            *_geometry(conv), [True, False, False])[0]
-        grad_up[:, ctx.top_from:].scatter_add_(1, index.long(), grad_values)
-        grad_x = torch.ops.aten.upsample_bilinear2d_backward(
-            grad_up, [2 * h, 2 * w], [b, c, h, w], True, None, None)
+        grad_x, grad_weight = torch.empty_like(x), torch.empty_like(weight)
+        # a few input channels at a time: each channel's upsampled map, weight gradient and
+        # input gradient involve that channel only, so none is ever made for all channels
+        for c0 in range(0, c, UP_CHANNELS):
+            c1 = min(c, c0 + UP_CHANNELS)
+            low = grad_conv.dtype  # under autocast the forward conv ran in this precision
+            grad_up, grad_weight[:, c0:c1] = torch.ops.aten.convolution_backward(
+                grad_conv, upsample(x[:, c0:c1]).to(low), weight[:, c0:c1].to(low).contiguous(),
+                None, *_geometry(conv), [True, True, False])[:2]
+            if c1 > ctx.top_from:
+                _scatter_top(grad_up, index, grad_values, c0 - ctx.top_from)
+            grad_x[:, c0:c1] = torch.ops.aten.upsample_bilinear2d_backward(
+                grad_up, [2 * h, 2 * w], [b, c1 - c0, h, w], True, None, None)
         return grad_x, None, grad_weight, None, None
+
+
+#: input channels per step of the UpStage's backward pass (``_UpSplit``)
+UP_CHANNELS = 16
+
+
+def _scatter_top(grad_up: torch.Tensor, index: torch.Tensor, grad_values: torch.Tensor,
+                 first: int) -> None:
+    """Add the top-k values' gradient into ``grad_up``, the gradient of channels ``first`` ..
+    of the top-k input (negative: channels before it); a few rows at a time, so the int64
+    index (scatter_add's) stays small."""
+    span = grad_up.shape[1]
+    for r0 in range(0, index.shape[2], 32):
+        rows = slice(r0, r0 + 32)
+        idx = index[:, :, rows].long() - first
+        inside = (idx >= 0) & (idx < span)
+        grad_up[:, :, rows].scatter_add_(1, idx.clamp_(0, span - 1),
+                                         (grad_values[:, :, rows] * inside).to(grad_up.dtype))
 
 
 def up_split(x: torch.Tensor, conv: nn.Conv2d, k: int,
