@@ -329,6 +329,6 @@ def load_manifest(root: str | Path, dataset: str = "auto", split: str = "train",
     warn_missing(f"{dataset} {split}", manifest.missing, manifest.skipped)
     if dataset == "cvusa" and split == "train" and manifest.query_coords is None:
         warnings.warn(f"{root / 'split_locations' / 'all.csv'} is missing: CVUSA without GPS, "
-                      "so training has no GPS hard negatives (train.sampling.gps is ignored)",
+                      "so training has no GPS hard negatives (train.sampling.first=gps is refused)",
                       stacklevel=2)
     return manifest
