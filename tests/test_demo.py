@@ -70,3 +70,17 @@ def test_demo_runs_every_stage_prints_the_table_and_reuses_stages_on_rerun(tmp_p
     other = _demo(out, "--budget-minutes", "1", "--seed", "4")
     assert other.returncode == 2
     assert "seed 3" in other.stderr and str(out) in other.stderr.replace("\n", "")
+
+
+def test_the_final_table_keeps_model_names_whole_in_80_columns():
+    from rich.console import Console
+
+    from ssageo.demo import results_table
+
+    row = {"R@1": 12.5, "R@5": 40.0, "R@10": 55.5, "R@1%": 30.0, "median_error_m": 1234.0,
+           "mean_error_m": 2345.0, "steps": 1200, "train_seconds": 456.0}
+    console = Console(width=80, record=True, color_system=None)
+    console.print(results_table({"SSA": row, "no-SSA baseline": row}, 0.71))
+    text = console.export_text()
+    assert "no-SSA baseline" in text, text
+    assert all(len(line) <= 80 for line in text.splitlines()), text

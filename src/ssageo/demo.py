@@ -255,7 +255,9 @@ def results_table(results: dict, prior_miou: float | None) -> Table:
     table = Table(title=title)
     for column in ("model", "R@1", "R@5", "R@10", "R@1%", "median err (m)", "mean err (m)",
                    "train steps", "train time (s)"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+        # the model names stay whole in an 80-column terminal; the headers wrap instead
+        table.add_column(column, justify="left" if column == "model" else "right",
+                         no_wrap=column == "model")
     for label, m in results.items():
         table.add_row(label, *(f"{m[k]:.2f}" for k in ("R@1", "R@5", "R@10", "R@1%")),
                       f"{m['median_error_m']:.0f}", f"{m['mean_error_m']:.0f}",
