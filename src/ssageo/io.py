@@ -35,7 +35,7 @@ class OutputError(DataError):
 
 
 # Why a write failed, in words (errno -> reason); anything else keeps the OS's own text.
-_WRITE_REASONS = {
+WRITE_REASONS = {
     errno.ENOSPC: "no space left on device",
     errno.EDQUOT: "disk quota exceeded (no space left for this user)",
     errno.EFBIG: "file too large (the file size limit, ulimit -f, was reached)",
@@ -50,7 +50,7 @@ _WRITE_REASONS = {
 
 def write_error(path: Path, exc: OSError) -> OutputError:
     """One-line OutputError naming ``path`` and why writing it failed."""
-    reason = _WRITE_REASONS.get(exc.errno) or exc.strerror or str(exc)
+    reason = WRITE_REASONS.get(exc.errno) or exc.strerror or str(exc)
     return OutputError(f"{path}: cannot write: {reason}")
 
 

@@ -15,11 +15,11 @@ import traceback
 from pathlib import Path
 
 from ssageo.config import ConfigError
-from ssageo.io import _WRITE_REASONS, DataError
+from ssageo.io import WRITE_REASONS, DataError
 
 # errno -> what the line says: the write reasons of ssageo.io, and those of reading
 _ERRNO_TEXT = {
-    **_WRITE_REASONS,
+    **WRITE_REASONS,
     errno.EEXIST: "already exists",
     errno.ENOENT: "no such file or directory",
     errno.ENAMETOOLONG: "file name too long",

@@ -20,6 +20,7 @@ import numpy as np
 
 import ssageo  # noqa: F401  (CPU fallbacks for torchvision ops before transformers imports it)
 from ssageo.config import ConfigError
+from ssageo.device import resolve_device
 from ssageo.io import DataError, read_image
 from ssageo.priors.fusion import compile_classes, fuse
 from ssageo.priors.run import Tile
@@ -47,17 +48,6 @@ def _weights_dir(path: str | Path | None, what: str, model_id: str, flag: str, k
             f"{path}: no config.json, so this is not a transformers {what} directory - {how}"
         )
     return path
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else as given."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' asked for, but torch sees no CUDA GPU")
-    return device
 
 
 class LangSamBackend:
@@ -91,7 +81,7 @@ class LangSamBackend:
         self.box_threshold = float(box_threshold)
         self.text_threshold = float(text_threshold)
         self.batch_size = int(batch_size)
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, "priors device")
         try:
             import torch
             from transformers import (
