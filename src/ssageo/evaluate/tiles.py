@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssageo.data.textfile import read_csv_rows
+from ssageo.data.textfile import parse_latlon, read_csv_rows
 from ssageo.io import DataError
 
 
@@ -19,15 +19,16 @@ def dataset_tiles(
     """Every satellite tile of a dataset's ``splits`` (default: all it has), each once.
 
     Returns (paths, (N, 2) lat/lon, a description such as "cvusa train+val"). DataError when
-    the dataset gives no tile coordinates (CVACT) or a split cannot be read.
+    the dataset gives no tile coordinates (CVACT, a pairs CSV without lat,lon) or a split cannot
+    be read.
     """
-    from ssageo.data import load_manifest
-    from ssageo.data.check import SPLITS_OF
-    from ssageo.data.manifest import resolve_dataset
+    from ssageo.data import get_spec, load_manifest
+    from ssageo.data.registry import resolve_dataset
 
     root = Path(root)
     kind = resolve_dataset(root, dataset, vigor_mode)
-    splits = list(splits or SPLITS_OF[kind])
+    spec = get_spec(kind)
+    splits = list(splits or spec.splits)
     seen: dict[Path, tuple[float, float]] = {}
     for split in splits:
         try:
@@ -44,7 +45,7 @@ def dataset_tiles(
         for tile, (lat, lon) in zip(manifest.reference_paths, manifest.reference_coords.tolist(),
                                     strict=True):
             seen.setdefault(Path(tile), (lat, lon))
-    described = f"{kind} {'+'.join(splits)}" + (f" ({vigor_mode})" if kind == "vigor" else "")
+    described = f"{kind} {'+'.join(splits)}" + (f" ({vigor_mode})" if spec.modes else "")
     return list(seen), np.asarray(list(seen.values()), dtype=np.float64), described
 
 
@@ -63,14 +64,7 @@ def read_tiles_csv(path: str | Path) -> tuple[list[Path], np.ndarray]:
             continue
         if len(row) != 3:
             raise DataError(f"{path}:{line}: expected 3 columns path,lat,lon, got {len(row)}")
-        try:
-            lat, lon = float(row[1]), float(row[2])
-        except ValueError:
-            raise DataError(
-                f"{path}:{line}: lat/lon are not numbers: {row[1]!r}, {row[2]!r}"
-            ) from None
-        if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-            raise DataError(f"{path}:{line}: lat/lon out of range: {lat}, {lon}")
+        lat, lon = parse_latlon(row[1], row[2], f"{path}:{line}")
         tile = Path(row[0].strip())
         paths.append(tile if tile.is_absolute() else path.parent / tile)
         coords.append((lat, lon))
