@@ -137,8 +137,9 @@ def read(root: Path, split: str, vigor_mode: str = "same-area") -> Manifest:
         index.setdefault(r.reference, len(index))
         first = labelled.setdefault(r.reference, r) if r.prior else r
         if first.prior != r.prior:
-            raise DataError(f"{r.where}: tile {r.reference} has the prior {first.prior} on "
-                            f"{first.where}, here {r.prior}")
+            rel = [p.relative_to(folder).as_posix() for p in (r.reference, first.prior, r.prior)]
+            raise DataError(f"{r.where}: tile {rel[0]} has the prior {rel[1]} on line "
+                            f"{first.where.rsplit(':', 1)[1]}, here {rel[2]}")
     priors = [labelled[t].prior if t in labelled else find_prior(folder, t) for t in index]
     positive = np.asarray([index[r.reference] for r in kept], dtype=np.int64)
     refs = list(index)

@@ -16,23 +16,31 @@ def dataset_tiles(
     root: str | Path, dataset: str = "auto", splits: Sequence[str] | None = None,
     vigor_mode: str = "same-area",
 ) -> tuple[list[Path], np.ndarray, str]:
-    """Every satellite tile of a dataset's ``splits`` (default: all it has), each once.
+    """Every satellite tile of a dataset's ``splits`` (default: every split it has; one absent as
+    a whole, e.g. a separate download or no rows of it in a pairs CSV, is left out), each once.
 
     Returns (paths, (N, 2) lat/lon, a description such as "cvusa train+val"). DataError when
     the dataset gives no tile coordinates (CVACT, a pairs CSV without lat,lon) or a split cannot
     be read.
     """
     from ssageo.data import get_spec, load_manifest
+    from ssageo.data.base import SplitUnavailable
     from ssageo.data.registry import resolve_dataset
 
     root = Path(root)
     kind = resolve_dataset(root, dataset, vigor_mode)
     spec = get_spec(kind)
+    every = not splits  # the default: every split the dataset has (absent ones left out)
     splits = list(splits or spec.splits)
     seen: dict[Path, tuple[float, float]] = {}
-    for split in splits:
+    for split in list(splits):
         try:
             manifest = load_manifest(root, kind, split, vigor_mode)
+        except SplitUnavailable:
+            if every and len(splits) > 1:
+                splits.remove(split)
+                continue
+            raise
         except DataError as exc:
             hint = "" if len(splits) == 1 else f" (indexing splits {'+'.join(splits)}; give " \
                 "--split to index only some)"
