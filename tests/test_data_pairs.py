@@ -9,10 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ssageo.cli import app
-from ssageo.config import load_config
 from ssageo.data import detect_dataset, gps_neighbours, load_manifest
 from ssageo.data.base import SplitUnavailable
-from ssageo.data.registry import dataset_names, get_spec
 from ssageo.io import DataError
 
 
@@ -67,17 +65,6 @@ def test_pairs_exported_from_a_cvusa_world_give_the_cvusa_manifest(synth_world, 
     with pytest.raises(SplitUnavailable, match=r"pairs\.csv: no pairs with split 'test' \(it "
                                                r"lists train, val\)"):
         load_manifest(path, split="test")
-
-
-def test_the_registry_names_pairs_and_the_config_takes_it():
-    assert dataset_names() == ("cvusa", "cvact", "vigor", "pairs")
-    spec = get_spec("pairs")
-    assert (spec.splits, spec.held_out, spec.validation, spec.coords, spec.query) == (
-        ("train", "val", "test"), "val", "val", "gps", "panorama")
-    assert load_config("synth-cpu", ["data.dataset=pairs"])["data"]["dataset"] == "pairs"
-    with pytest.raises(DataError, match=r"unknown dataset 'bogus' \(use auto, cvusa, cvact, "
-                                        r"vigor, pairs\)"):
-        get_spec("bogus")
 
 
 def _write(tmp_path, text, images=("q.jpg", "t.jpg")):
@@ -192,3 +179,11 @@ def test_csv_through_check_train_eval_index_and_locate(pairs_csv, tmp_path):
     tiles = {str(p) for p in val.reference_paths} | {
         str(p) for p in load_manifest(pairs_csv).reference_paths}
     assert {h["tile"] for h in hits[0]["results"]} <= tiles
+
+
+def test_priors_refuse_a_pairs_csv_and_say_where_labels_go(pairs_csv):
+    result = CliRunner().invoke(app, ["priors", str(pairs_csv), "--backend", "oracle",
+                                      "--no-progress"])
+    assert isinstance(result.exception, DataError)  # `ssageo` prints it as one error: line
+    assert "for a pairs CSV, give each tile's label in its prior column" in str(result.exception)
+    assert not (pairs_csv.parent / "sat_BEV_label").exists()
