@@ -169,6 +169,10 @@ def test_csv_through_check_train_eval_index_and_locate(pairs_csv, tmp_path):
     val = load_manifest(pairs_csv, split="val")
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["queries"] == val.num_queries and "median_error_m" in json.dumps(metrics)
+    run("embed", "--checkpoint", checkpoint, "--data", pairs_csv, "--out", tmp_path / "d.npz",
+        "--split", "train", "--workers", "0", "--device", "cpu")
+    with np.load(tmp_path / "d.npz") as saved:
+        assert len(saved["query"]) == load_manifest(pairs_csv).num_queries
     output = run("index", "build", "--checkpoint", checkpoint, "--data", pairs_csv,
                  "--out", tmp_path / "index.npz", "--device", "cpu")
     total = len({*load_manifest(pairs_csv).reference_paths, *val.reference_paths})

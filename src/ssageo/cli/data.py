@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ssageo.cli import app
 from ssageo.data.check import check_dataset
-from ssageo.data.registry import dataset_choices
+from ssageo.data.registry import dataset_choices, get_spec
 
 data_app = typer.Typer(help="Inspect datasets (CVUSA, CVACT, VIGOR, a pairs CSV).",
                        no_args_is_help=True)
@@ -49,7 +49,7 @@ def check(
 
 def print_report(report: dict, console: Console) -> None:
     """Render a :func:`check_dataset` report as rich tables."""
-    head = f"{report['dataset'].upper()} ({report['layout']}) at {report['root']}"
+    head = f"{get_spec(report['dataset']).title} ({report['layout']}) at {report['root']}"
     if report["vigor_mode"]:
         head += f", {report['vigor_mode']}"
     console.print(f"[bold]{escape(head)}[/bold]")
