@@ -99,6 +99,24 @@ def recall(found: np.ndarray, truth: np.ndarray, at: int) -> float:
     return float(np.mean([truth[q, 0] in found[q, :at] for q in range(len(truth))]))
 
 
+class NamedRows:
+    """Tile names and lat/lon made on demand (``ssageo.evaluate.tiles.TileTable``): no list of
+    millions of names is held, as a streamed tiles CSV holds none."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def rows(self, start: int, stop: int) -> tuple[list[str], np.ndarray]:
+        stop = min(stop, self.count)
+        return [f"tile{i:09d}.png" for i in range(start, stop)], np.zeros((stop - start, 2))
+
+    def paths_at(self, rows: np.ndarray) -> list[str]:
+        return [f"tile{i:09d}.png" for i in rows.tolist()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit-from", type=Path, help="Dataset whose tiles the model fits.")
@@ -146,14 +164,17 @@ def main() -> None:
         return x
 
     folder = Path(tempfile.mkdtemp(prefix="bench_index.", dir=args.work)) / "index"
-    tiles = [f"tile{i:09d}.png" for i in range(args.tiles)]
-    coords = np.zeros((args.tiles, 2))
+    train = Sampler(args.dim, fitted, 0)
+    train.seed = 2  # the quantisers' training sample: other draws of the same model (i.i.d.
+    # draws are what a uniform sample of the database rows is)
     meta = {"model_hash": args.source, "weights_sha256": "none", "descriptor_dim": args.dim,
             "checkpoint": "none", "model": {}, "count": 0}
     try:
         t0 = time.perf_counter()
-        build_sharded(folder, tiles, coords, embed, meta, "ivfpq", args.shard_size, args.lists,
-                      args.pq_bytes, rerank_store=True, log=lambda m: print(m, flush=True))
+        build_sharded(folder, NamedRows(args.tiles), embed, meta, "ivfpq", args.shard_size,
+                      args.lists, args.pq_bytes, rerank_store=True,
+                      embed_rows=lambda rows: train.chunk(0, len(rows)),
+                      log=lambda m: print(m, flush=True))
         build_s = time.perf_counter() - t0 - gen_s - gt_s
         sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
         t0 = time.perf_counter()
@@ -184,9 +205,8 @@ def main() -> None:
                 result["runs"].append(run)
                 print(json.dumps(run), flush=True)
         if args.exact_queries:
-            floats = list(zip(index.firsts.tolist(), index.floats, strict=True))
             t0 = time.perf_counter()
-            exact_topk(q[: args.exact_queries], floats, 10)
+            exact_topk(q[: args.exact_queries], index.stores(), 10)
             result["exact_qps"] = round(args.exact_queries / (time.perf_counter() - t0), 1)
         result["load_avg_end"] = os.getloadavg()[0]
         print(json.dumps(result))

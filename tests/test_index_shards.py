@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from ssageo.evaluate.ann import exact_topk
-from ssageo.evaluate.shards import MANIFEST, ShardedIndex, build_sharded
+from ssageo.evaluate.shards import MANIFEST, ShardedIndex, build_sharded, training_rows
+from ssageo.evaluate.tiles import TileList, TilesCsv
 from ssageo.io import DataError, write_image
 from test_index import make_checkpoint
 
@@ -37,7 +38,8 @@ def meta(dim=DIM):
 def build(folder, desc, **kw):
     tiles = [f"t{i}.png" for i in range(len(desc))]
     coords = np.column_stack([np.linspace(-60, 60, len(desc)), np.zeros(len(desc))])
-    return build_sharded(folder, tiles, coords, lambda a, b: desc[a:b], meta(desc.shape[1]), **kw)
+    return build_sharded(folder, TileList(tiles, coords), lambda a, b: desc[a:b],
+                         meta(desc.shape[1]), **kw)
 
 
 def recall_at_1(index, queries, truth, **kw):
@@ -76,7 +78,7 @@ def test_extending_an_index_keeps_the_old_tiles(tmp_path):
     old_mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ivf").glob("shard-*")}
     tiles = [f"new{i}.png" for i in range(1000)]
     coords = np.full((1000, 2), 10.0)
-    build_sharded(tmp_path / "ivf", tiles, coords, lambda a, b: desc[2000 + a: 2000 + b],
+    build_sharded(tmp_path / "ivf", TileList(tiles, coords), lambda a, b: desc[2000 + a: 2000 + b],
                   meta(), extend=True)
     after = ShardedIndex.load(tmp_path / "ivf")
     assert after.manifest["count"] == 3000 and after.manifest["shards"][:2] == before["shards"]
@@ -99,16 +101,16 @@ def test_an_interrupted_ivfpq_build_resumes_with_its_trained_quantiser(tmp_path)
         return desc[a:b]
 
     kw = {"kind": "ivfpq", "shard_size": 800, "lists": 8, "pq_bytes": 8}
-    tiles = [f"t{i}.png" for i in range(2400)]
+    tiles = TileList([f"t{i}.png" for i in range(2400)], np.zeros((2400, 2)))
     with pytest.raises(KeyboardInterrupt):
-        build_sharded(tmp_path / "a", tiles, np.zeros((2400, 2)), failing, meta(), **kw)
+        build_sharded(tmp_path / "a", tiles, failing, meta(), **kw)
     trained = (tmp_path / "a" / "ivfpq.trained").read_bytes()
     calls.clear()
-    build_sharded(tmp_path / "a", tiles, np.zeros((2400, 2)), lambda a, b: (calls.append(a),
-                  desc[a:b])[1], meta(), **kw)
+    build_sharded(tmp_path / "a", tiles, lambda a, b: (calls.append(a), desc[a:b])[1], meta(),
+                  **kw)
     assert calls == [800, 1600]  # the first shard was kept, not embedded again
     assert (tmp_path / "a" / "ivfpq.trained").read_bytes() == trained
-    build_sharded(tmp_path / "b", tiles, np.zeros((2400, 2)), lambda a, b: desc[a:b], meta(), **kw)
+    build_sharded(tmp_path / "b", tiles, lambda a, b: desc[a:b], meta(), **kw)
     a, b = (json.loads((tmp_path / d / MANIFEST).read_text()) for d in "ab")
     assert a["shards"] == b["shards"] and a["trained"] == b["trained"]
 
@@ -118,10 +120,63 @@ def test_other_tiles_or_checkpoint_cannot_resume_an_index(tmp_path):
     build(tmp_path / "x", desc, shard_size=40)
     other = meta() | {"weights_sha256": "other"}
     with pytest.raises(DataError, match="differs in weights_sha256"):
-        build_sharded(tmp_path / "x", ["a"], np.zeros((1, 2)), lambda a, b: desc[:1], other,
-                      extend=True)
+        build_sharded(tmp_path / "x", TileList(["a"], np.zeros((1, 2))), lambda a, b: desc[:1],
+                      other, extend=True)
     got = exact_topk(desc[:3], [(0, desc[:50]), (50, desc[50:])], 2)[1]
     assert got[:, 0].tolist() == [0, 1, 2]
+
+
+def test_quantisers_train_on_a_sample_of_the_whole_input_not_its_first_region(tmp_path):
+    # tiles in geographic order: the first shard holds a few clusters (one region) only
+    desc = structured(6000, seed=3)
+    desc = desc[np.argsort(np.argmax(desc @ structured(40, seed=9).T, axis=1), kind="stable")]
+    asked = []
+
+    def embed_rows(rows):
+        asked.append(rows)
+        return desc[rows]
+
+    build(tmp_path / "ivf", desc, kind="ivfpq", shard_size=1000, lists=16, pq_bytes=8,
+          train_size=1500, embed_rows=embed_rows)
+    rows = asked[0]
+    assert len(asked) == 1 and len(rows) == 1500 and np.all(np.diff(rows) > 0)
+    assert rows.max() > 5000 and np.array_equal(rows, training_rows(6000, 1500))
+    ivf = ShardedIndex.load(tmp_path / "ivf")
+    last = desc[-300:] + np.random.default_rng(1).normal(size=(300, DIM)).astype(np.float32) * .05
+    last /= np.linalg.norm(last, axis=1, keepdims=True)
+    truth = np.argmax(last @ desc.T, axis=1)
+    assert recall_at_1(ivf, last, truth, nprobe=4, rerank=50) >= 0.99
+
+
+def test_a_tiles_csv_is_read_in_blocks_with_the_lines_of_bad_rows_named(tmp_path):
+    rows = [f"sub/t{i}.png,{i * 1e-3},{-i * 1e-3}" for i in range(103)]
+    csv = tmp_path / "tiles.csv"
+    csv.write_bytes(b"\xef\xbb\xbfpath,lat,lon\n" + "\n\n".join(rows).encode() + b"\n")
+    table = TilesCsv(csv, block=10)
+    assert len(table) == 103 and len(table.offsets) == 11
+    paths, coords = table.rows(27, 41)
+    assert paths == [str(tmp_path / f"sub/t{i}.png") for i in range(27, 41)]
+    np.testing.assert_allclose(coords[:, 0], np.arange(27, 41) * 1e-3)
+    assert table.paths_at(np.array([0, 9, 10, 99, 102])) == [
+        str(tmp_path / f"sub/t{i}.png") for i in (0, 9, 10, 99, 102)]
+    whole = TileList(*table.rows(0, 103))
+    assert whole.rows(50, 52)[0] == table.rows(50, 52)[0]
+    rows[60] = "t60.png,north,8"
+    csv.write_text("path,lat,lon\n" + "\n\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"tiles.csv:122: lat/lon are not numbers"):
+        TilesCsv(csv, block=10)
+
+
+def test_a_sharded_index_reads_tile_names_and_coordinates_per_shard(tmp_path):
+    desc = structured(500, seed=4)
+    build(tmp_path / "x", desc, shard_size=100)
+    index = ShardedIndex.load(tmp_path / "x")
+    assert index._column.cache_info().currsize == 0  # nothing but the manifest read yet
+    assert index.tiles[250] == "t250.png" and index.tiles[-1] == "t499.png"
+    np.testing.assert_allclose(index.coords[[0, 499]][:, 0], [-60, 60])
+    assert index._column.cache_info().currsize == 4  # tiles of shards 2, 4; coords of 0, 4
+    with pytest.raises(IndexError):
+        index.tiles[500]
 
 
 @pytest.fixture(scope="module")

@@ -195,7 +195,7 @@ def index_build(
     """Embed satellite tiles with their coordinates into a geo index (a file or shards)."""
     from ssageo.evaluate.index import build_index, is_index_file
     from ssageo.evaluate.shards import AUTO_EXACT_MAX, build_tile_index
-    from ssageo.evaluate.tiles import dataset_tiles, read_tiles_csv
+    from ssageo.evaluate.tiles import TileList, TilesCsv, dataset_tiles
 
     if (data is None) == (tiles is None):
         raise typer.BadParameter("give exactly one of --data ROOT or --tiles TILES.csv")
@@ -206,21 +206,23 @@ def index_build(
             raise typer.BadParameter("--kind ivfpq and --extend need a folder --out, not .npz")
         check_output(out, "an ssageo index", is_index_file, force)
     if tiles is not None:
-        paths, coords = read_tiles_csv(tiles)
+        table = TilesCsv(tiles)  # streamed: rows are read shard by shard
         source = str(tiles.resolve())
     else:
         paths, coords, described = dataset_tiles(data, dataset, split or None, vigor_mode)
+        table = TileList(paths, coords)
         source = f"{data.resolve()} ({described})"
         Console().print(f"{described}: {len(paths)} distinct satellite tiles", highlight=False)
     if single:
+        paths, coords = table.rows(0, len(table))
         index = build_index(checkpoint, paths, coords, out, source, batch_size, workers,
                             device=device)
         count, dim, what = len(paths), index.descriptors.shape[1], "exact"
     else:
         if kind == "auto":
-            kind = "exact" if len(paths) <= AUTO_EXACT_MAX else "ivfpq"
+            kind = "exact" if len(table) <= AUTO_EXACT_MAX else "ivfpq"
         manifest = build_tile_index(
-            checkpoint, paths, coords, out, source, kind, shard_size, lists, pq_bytes,
+            checkpoint, table, out, source, kind, shard_size, lists, pq_bytes,
             rerank_store, extend, batch_size, workers, device, log=Console().print,
         )
         count, dim, what = manifest["count"], manifest["metadata"]["descriptor_dim"], kind

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+from collections.abc import Iterator
 from pathlib import Path
 
 from ssageo.io import DataError
@@ -20,25 +21,37 @@ def read_lines(path: Path, what: str = "text file") -> list[tuple[int, str]]:
     ``what`` names the file's role in errors (e.g. "CVUSA split file"). Raises DataError for
     a missing file, binary data (a NUL byte), UTF-16, or bytes that are not UTF-8.
     """
+    return [(n, text) for n, _, text in iter_lines(path, what)]
+
+
+def iter_lines(path: Path, what: str = "text file", offset: int = 0,
+               first_line: int = 1) -> Iterator[tuple[int, int, str]]:
+    """:func:`read_lines` streamed: (line number, byte offset of the line, text) of each
+    non-blank line, reading from byte ``offset`` (the start of line ``first_line``), so a
+    file of any size is read with bounded memory and a later read can seek to a line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {what} is missing")
-    data = path.read_bytes()
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise DataError(f"{path}: {what} is UTF-16 encoded; save it as UTF-8")
-    data = data.removeprefix(codecs.BOM_UTF8)
-    out = []
-    for n, raw in enumerate(data.split(b"\n"), start=1):
-        if b"\x00" in raw:
-            raise DataError(f"{path}:{n}: binary data (NUL byte), not a {what}")
-        try:
-            text = raw.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}:{n}: byte 0x{raw[exc.start]:02x} at column {exc.start + 1} "
-                            f"is not UTF-8 text; a {what} must be a UTF-8 text file") from None
-        if text.strip():
-            out.append((n, text))
-    return out
+    with path.open("rb") as f:
+        f.seek(offset)
+        n, where = first_line, offset
+        for raw in f:
+            if n == 1:
+                if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                    raise DataError(f"{path}: {what} is UTF-16 encoded; save it as UTF-8")
+                if raw.startswith(codecs.BOM_UTF8):
+                    raw, where = raw[len(codecs.BOM_UTF8):], where + len(codecs.BOM_UTF8)
+            if b"\x00" in raw:
+                raise DataError(f"{path}:{n}: binary data (NUL byte), not a {what}")
+            try:
+                text = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{n}: byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1} is not UTF-8 text; a {what} must be a UTF-8 "
+                                "text file") from None
+            if text.strip():
+                yield n, where, text
+            n, where = n + 1, where + len(raw)
 
 
 def read_csv_rows(path: Path, what: str = "CSV file") -> list[tuple[int, list[str]]]:

@@ -20,9 +20,10 @@ the tiles of a new input after the existing ones, without touching them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ import numpy as np
 from ssageo.config import ConfigError
 from ssageo.evaluate import ann
 from ssageo.evaluate.ann import exact_topk
+from ssageo.evaluate.tiles import TileTable
 from ssageo.io import DataError, OutputError, atomic_write, atomic_write_bytes, atomic_write_text
 
 SHARDED_FORMAT = "ssageo-sharded-index"
@@ -117,8 +119,8 @@ def _start(folder: Path, metadata: dict, kind: str, params: dict, extend: bool) 
     return manifest
 
 
-def _resume_point(folder: Path, manifest: dict, tiles: Sequence[str]) -> int:
-    """Rows of ``tiles`` already written by an interrupted build (its shards verified)."""
+def _resume_point(folder: Path, manifest: dict, table: TileTable) -> int:
+    """Rows of ``table`` already written by an interrupted build (its shards verified)."""
     first = manifest["build_first"]
     for shard in manifest["shards"]:
         for name, record in shard["files"].items():
@@ -128,17 +130,24 @@ def _resume_point(folder: Path, manifest: dict, tiles: Sequence[str]) -> int:
         start, stop = shard["first"] - first, shard["first"] - first + shard["count"]
         with np.load(folder / shard["name"], allow_pickle=False) as npz:
             written = npz["tiles"].tolist()
-        if written != [str(t) for t in tiles[start:stop]]:
+        if written != table.rows(start, stop)[0]:
             raise DataError(f"{folder / shard['name']}: holds other tiles than rows {start + 1}.."
                             f"{stop} of this input; an interrupted build must be rerun with the "
                             "same tiles (or choose another --out)")
     return manifest["count"] - first
 
 
+def training_rows(count: int, size: int, seed: int = 0) -> np.ndarray:
+    """A seeded uniform sample of ``size`` sorted row numbers of ``count`` (all when fewer):
+    the quantisers' training set spans the whole input, not its first (one region's) rows."""
+    if count <= size:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size, replace=False))
+
+
 def build_sharded(
     out: str | Path,
-    tiles: Sequence[str | Path],
-    coords: np.ndarray,
+    table: TileTable,
     embed: Callable[[int, int], np.ndarray],
     metadata: dict,
     kind: str = "exact",
@@ -148,20 +157,25 @@ def build_sharded(
     rerank_store: bool = True,
     extend: bool = False,
     train_size: int = 262144,
+    embed_rows: Callable[[np.ndarray], np.ndarray] | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict:
-    """Write (or resume, or ``extend``) the sharded index ``out`` of ``tiles`` with (N, 2)
-    ``coords``; ``embed(start, stop)`` gives the (n, D) unit descriptors of ``tiles[start:stop]``,
-    called once per shard still to write, so memory holds one shard. Returns the manifest.
+    """Write (or resume, or ``extend``) the sharded index ``out`` of the tiles of ``table``
+    (paths and lat/lon, read shard by shard: :mod:`ssageo.evaluate.tiles`); ``embed(start,
+    stop)`` gives the (n, D) unit descriptors of rows ``start:stop``, called once per shard
+    still to write, so memory holds one shard whatever the tile count. Returns the manifest.
 
-    ``ivfpq`` trains its quantisers on the first shard's (up to ``train_size``) descriptors;
-    ``lists`` defaults to about 4 sqrt(N) (a power of two, at most what that sample trains).
+    ``ivfpq`` trains its quantisers on up to ``train_size`` descriptors: a uniform sample of
+    the whole input (:func:`training_rows`, embedded by ``embed_rows(rows)``) when the input is
+    larger than a shard and ``embed_rows`` is given, else the first shard's. ``lists``
+    defaults to about 4 sqrt(N) (a power of two, at most what that sample trains).
     """
     out = Path(out)
     if kind not in KINDS:
         raise ConfigError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if shard_size < 1 or len(tiles) != len(coords) or not len(tiles):
-        raise DataError(f"{out}: nothing to index ({len(tiles)} tiles, shard size {shard_size})")
+    if shard_size < 1 or not len(table):
+        raise DataError(f"{out}: nothing to index ({len(table)} tiles, shard size {shard_size})")
+    sampled = embed_rows is not None and len(table) > shard_size
     params: dict = {"shard_size": shard_size}
     existing = read_manifest(out) if extend else None
     if existing is not None:  # an extension keeps the kind and parameters it was built with
@@ -169,35 +183,44 @@ def build_sharded(
     elif kind == "ivfpq":
         ann.faiss_module()  # refuse now, before any embedding, when faiss is not installed
         if lists is None:
-            sample = min(shard_size, train_size, len(tiles))
-            lists = int(2 ** np.round(np.log2(max(4 * np.sqrt(len(tiles)), 1))))
+            sample = min(train_size, len(table) if sampled else shard_size, len(table))
+            lists = int(2 ** np.round(np.log2(max(4 * np.sqrt(len(table)), 1))))
             lists = max(1, min(lists, sample // ann.MIN_TRAIN_PER_LIST))
         ann.check_params(metadata["descriptor_dim"], lists, pq_bytes)
         params.update(lists=lists, pq_bytes=pq_bytes, rerank_store=rerank_store)
     manifest = _start(out, metadata, kind, params, extend)
     out.mkdir(parents=True, exist_ok=True)
-    done = _resume_point(out, manifest, tiles)
+    done = _resume_point(out, manifest, table)
     if done:
         log(f"resuming: {done} tiles already in verified shards")
     index = None
     if manifest["trained"] is not None:
         index = ann.load(np.fromfile(_verify(out, TRAINED, manifest["trained"], "trained "
                                              "IVF-PQ quantiser"), dtype=np.uint8))
-    for start in range(done, len(tiles), manifest["params"]["shard_size"]):
-        stop = min(start + manifest["params"]["shard_size"], len(tiles))
+    elif kind == "ivfpq" and sampled:
+        rows = training_rows(len(table), train_size)
+        log(f"training the IVF-PQ quantisers on {len(rows)} tiles sampled over all "
+            f"{len(table)}")
+        index = _train(out, manifest, np.ascontiguousarray(embed_rows(rows), dtype=np.float32))
+    for start in range(done, len(table), manifest["params"]["shard_size"]):
+        stop = min(start + manifest["params"]["shard_size"], len(table))
         desc = np.ascontiguousarray(embed(start, stop), dtype=np.float32)
         if kind == "ivfpq" and index is None:
-            trained = ann.train(desc[:train_size], manifest["params"]["lists"],
-                                manifest["params"]["pq_bytes"])
-            atomic_write_bytes(out / TRAINED, trained.tobytes())
-            manifest["trained"] = _record(out / TRAINED)
-            index = ann.load(trained)
-        _write_shard(out, manifest, desc, np.asarray(coords[start:stop], dtype=np.float64),
-                     [str(t) for t in tiles[start:stop]], index)
-        log(f"shard {len(manifest['shards'])}: tiles {start + 1}..{stop} of {len(tiles)}")
+            index = _train(out, manifest, desc[:train_size])
+        paths, coords = table.rows(start, stop)
+        _write_shard(out, manifest, desc, np.asarray(coords, dtype=np.float64), paths, index)
+        log(f"shard {len(manifest['shards'])}: tiles {start + 1}..{stop} of {len(table)}")
     manifest.update(complete=True, build_first=manifest["count"])
     _write_manifest(out, manifest)
     return manifest
+
+
+def _train(folder: Path, manifest: dict, sample: np.ndarray):
+    """Train the IVF-PQ quantisers on ``sample``, write them, and return the empty index."""
+    trained = ann.train(sample, manifest["params"]["lists"], manifest["params"]["pq_bytes"])
+    atomic_write_bytes(folder / TRAINED, trained.tobytes())
+    manifest["trained"] = _record(folder / TRAINED)
+    return ann.load(trained)
 
 
 def _write_shard(folder: Path, manifest: dict, desc: np.ndarray, coords: np.ndarray,
@@ -226,41 +249,65 @@ def _write_shard(folder: Path, manifest: dict, desc: np.ndarray, coords: np.ndar
 
 
 class ShardedIndex:
-    """A loaded sharded index: coords (N, 2), tiles (N,), metadata, and :meth:`search`.
+    """A loaded sharded index: ``tiles`` and ``coords`` (read per shard on demand: at 100 M
+    tiles they would fill ~14 GB), ``metadata`` and :meth:`search`.
 
-    Float descriptors stay on disk (memory-mapped); an ``ivfpq`` index holds its codes in
-    memory (``pq_bytes`` + 8 bytes per tile).
+    Loading checks every file's presence and size; a file's SHA-256 is checked when it is
+    first read (an ``ivfpq`` index reads every shard's codes at once and holds them in memory,
+    ``pq_bytes`` + 8 bytes per tile; float stores are memory-mapped when a search needs them).
     """
 
     def __init__(self, folder: Path, manifest: dict) -> None:
         self.path, self.manifest = folder, manifest
         self.metadata, self.kind = manifest["metadata"], manifest["kind"]
-        shards = manifest["shards"]
-        self.firsts = np.asarray([s["first"] for s in shards], dtype=np.int64)
-        self.floats: list[np.ndarray] = []
-        coords, tiles = [], []
+        self.shards = manifest["shards"]
+        self.firsts = np.asarray([s["first"] for s in self.shards], dtype=np.int64)
+        self._checked: set[str] = set()
+        self._floats: dict[int, np.ndarray] = {}
+        self._column = functools.lru_cache(maxsize=8)(self._read_column)  # per shard and key
+        for shard in self.shards:
+            for name, record in shard["files"].items():
+                path = folder / name
+                if not path.is_file() or path.stat().st_size != record["bytes"]:
+                    _verify(folder, name, record, "index shard")  # names it: missing / corrupt
         self.ann = None
         if manifest["trained"] is not None:
             self.ann = ann.load(np.fromfile(_verify(folder, TRAINED, manifest["trained"],
                                                     "trained IVF-PQ quantiser"), dtype=np.uint8))
-        for shard in shards:
-            for name, record in shard["files"].items():
-                _verify(folder, name, record, "index shard")
-            with np.load(folder / shard["name"], allow_pickle=False) as npz:
-                coords.append(npz["coords"])
-                tiles.append(npz["tiles"])
-                if self.ann is not None:
+            for shard in self.shards:
+                with np.load(self._file(shard, shard["name"]), allow_pickle=False) as npz:
                     ann.add_codes(self.ann, npz["codes"], shard["first"])
-            float_file = shard["name"].replace(".npz", ".f32.npy")
-            if float_file in shard["files"]:
-                self.floats.append(np.load(folder / float_file, mmap_mode="r"))
-        self.coords = np.concatenate(coords)
-        self.tiles = np.concatenate(tiles)
+        self.tiles = _Column(self, "tiles")
+        self.coords = _Column(self, "coords")
+
+    def _file(self, shard: dict, name: str) -> Path:
+        """A shard's file, its SHA-256 verified the first time it is read."""
+        if name not in self._checked:
+            _verify(self.path, name, shard["files"][name], "index shard")
+            self._checked.add(name)
+        return self.path / name
+
+    def _read_column(self, s: int, key: str) -> np.ndarray:
+        with np.load(self._file(self.shards[s], self.shards[s]["name"]),
+                     allow_pickle=False) as npz:
+            return npz[key]
+
+    def _store(self, s: int) -> np.ndarray | None:
+        """Shard ``s``'s memory-mapped float32 descriptors (None when it stores none)."""
+        name = self.shards[s]["name"].replace(".npz", ".f32.npy")
+        if name not in self.shards[s]["files"]:
+            return None
+        if s not in self._floats:
+            self._floats[s] = np.load(self._file(self.shards[s], name), mmap_mode="r")
+        return self._floats[s]
+
+    def stores(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, memory-mapped float32 descriptors) of every shard, verified when read."""
+        return ((int(self.firsts[s]), self._store(s)) for s in range(len(self.shards)))
 
     @classmethod
     def load(cls, folder: str | Path) -> ShardedIndex:
-        """Open an index folder, verifying every file against the manifest (DataError naming
-        the first missing or corrupt one)."""
+        """Open an index folder (DataError naming the first missing or corrupt file)."""
         folder = Path(folder)
         manifest = read_manifest(folder)
         if manifest is None:
@@ -276,7 +323,7 @@ class ShardedIndex:
         out = np.empty((len(ids), self.metadata["descriptor_dim"]), dtype=np.float32)
         for s in np.unique(which):
             mask = which == s
-            out[mask] = self.floats[s][ids[mask] - self.firsts[s]]
+            out[mask] = self._store(int(s))[ids[mask] - self.firsts[s]]
         return out
 
     def search(self, queries: np.ndarray, k: int, nprobe: int = 32,
@@ -285,8 +332,8 @@ class ShardedIndex:
         fewer were found). ``ivfpq``: the best ``max(k, rerank)`` candidates of ``nprobe``
         lists, re-scored exactly from the float store when there is one."""
         if self.ann is None:
-            return exact_topk(queries, zip(self.firsts.tolist(), self.floats, strict=True), k)
-        use_store = bool(self.floats) and rerank > 0
+            return exact_topk(queries, self.stores(), k)
+        use_store = self._store(0) is not None and rerank > 0
         scores, ids = ann.search(self.ann, queries, max(k, rerank) if use_store else k, nprobe)
         if not use_store:
             return scores, ids
@@ -299,11 +346,36 @@ class ShardedIndex:
         return scores[:, :k], ids[:, :k]
 
 
+class _Column:
+    """One per-tile array of a sharded index (``tiles`` or ``coords``), read shard by shard
+    when rows are asked for: ``column[i]``, ``column[rows]``, ``len(column)``, ``tolist()``."""
+
+    def __init__(self, index: ShardedIndex, key: str) -> None:
+        self.index, self.key = index, key
+
+    def __len__(self) -> int:
+        return int(self.index.manifest["count"])
+
+    def __getitem__(self, rows):
+        if isinstance(rows, int | np.integer):
+            if not -len(self) <= rows < len(self):
+                raise IndexError(f"row {rows} of an index of {len(self)} tiles")
+            rows = int(rows) % len(self)
+            s = int(np.searchsorted(self.index.firsts, rows, side="right") - 1)
+            return self.index._column(s, self.key)[rows - self.index.firsts[s]]
+        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows)
+        return np.asarray([self[int(r)] for r in rows]) if len(rows) else np.asarray([])
+
+    def tolist(self) -> list:
+        parts = [self.index._column(s, self.key) for s in range(len(self.index.shards))]
+        return np.concatenate(parts).tolist()
+
+
 AUTO_EXACT_MAX = 250_000  # --kind auto: exact up to here (benchmarks/RESULTS.md, "Sharded index")
 
 
 def build_tile_index(
-    checkpoint: str | Path, tiles: Sequence[str | Path], coords: np.ndarray, out: str | Path,
+    checkpoint: str | Path, table: TileTable, out: str | Path,
     source: str, kind: str = "exact", shard_size: int = DEFAULT_SHARD_SIZE,
     lists: int | None = None, pq_bytes: int = 32, rerank_store: bool = True,
     extend: bool = False, batch_size: int = 64, workers: int = 0, device: str = "cpu",
@@ -316,11 +388,11 @@ def build_tile_index(
     model, config, weights_sha256 = load_checkpoint(checkpoint, device)
     size = config["data"]["reference_size"]
 
-    def embed(start: int, stop: int) -> np.ndarray:
-        return embed_paths(model, tiles[start:stop], size, "reference", batch_size, workers,
-                           progress=False)
+    def embed_list(paths: Sequence[str]) -> np.ndarray:
+        return embed_paths(model, paths, size, "reference", batch_size, workers, progress=False)
 
-    dim = int(embed(0, 1).shape[1])  # one tile tells the descriptor size before any shard
+    dim = int(embed_list(table.rows(0, 1)[0]).shape[1])  # the descriptor size, before any shard
     metadata = index_metadata(checkpoint, config, weights_sha256, dim, 0, source)
-    return build_sharded(out, tiles, coords, embed, metadata, kind, shard_size, lists, pq_bytes,
-                         rerank_store, extend, log=log)
+    return build_sharded(out, table, lambda a, b: embed_list(table.rows(a, b)[0]), metadata,
+                         kind, shard_size, lists, pq_bytes, rerank_store, extend,
+                         embed_rows=lambda rows: embed_list(table.paths_at(rows)), log=log)

@@ -1,14 +1,16 @@
 """Where an index's tiles come from: every satellite tile of a dataset, or a ``path,lat,lon``
-CSV of the user's own tiles."""
+CSV of the user's own tiles (streamed: :class:`TilesCsv`)."""
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from ssageo.data.textfile import parse_latlon, read_csv_rows
+from ssageo.data.textfile import iter_lines, parse_latlon
 from ssageo.io import DataError
 
 
@@ -57,25 +59,111 @@ def dataset_tiles(
     return list(seen), np.asarray(list(seen.values()), dtype=np.float64), described
 
 
-def read_tiles_csv(path: str | Path) -> tuple[list[Path], np.ndarray]:
-    """Rows ``path,lat,lon`` (an optional header row ``path,lat,lon``) -> (paths, (N, 2) coords).
+class TileTable(Protocol):
+    """Tiles an index is built from, read by row range (:class:`TileList`, :class:`TilesCsv`)."""
 
-    Relative paths are relative to the CSV's folder. DataError names the file and line of any
-    malformed row.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: tiles CSV not found")
-    paths, coords = [], []
-    for line, row in read_csv_rows(path, "tiles CSV"):
-        if line == 1 and [c.strip().lower() for c in row] == ["path", "lat", "lon"]:
-            continue
+    def __len__(self) -> int: ...
+
+    def rows(self, start: int, stop: int) -> tuple[list[str], np.ndarray]: ...
+
+    def paths_at(self, rows: np.ndarray) -> list[str]: ...
+
+
+class TileList:
+    """Tiles held in memory: paths and (N, 2) lat/lon (a dataset's tiles, a test's list)."""
+
+    def __init__(self, paths: Sequence[str | Path], coords: np.ndarray) -> None:
+        if len(paths) != len(coords):
+            raise ValueError(f"{len(paths)} tile paths but {len(coords)} coordinates")
+        self.paths, self.coords = [str(p) for p in paths], np.asarray(coords, dtype=np.float64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def rows(self, start: int, stop: int) -> tuple[list[str], np.ndarray]:
+        """Paths and (n, 2) lat/lon of rows ``start:stop``."""
+        return self.paths[start:stop], self.coords[start:stop]
+
+    def paths_at(self, rows: np.ndarray) -> list[str]:
+        """Paths of the given (sorted) rows."""
+        return [self.paths[r] for r in rows.tolist()]
+
+
+class TilesCsv:
+    """The ``path,lat,lon`` rows of a tiles CSV (an optional header row ``path,lat,lon``;
+    relative paths are relative to the CSV's folder), read on demand so memory stays bounded
+    whatever the tile count: one validating pass counts the rows and keeps the byte offset of
+    every ``block``-th one; :meth:`rows` then reads only the rows asked for. DataError names
+    the file and line of any malformed row."""
+
+    def __init__(self, path: str | Path, block: int = 16384) -> None:
+        self.path, self.block = Path(path), block
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: tiles CSV not found")
+        self.offsets: list[tuple[int, int]] = []  # (line number, byte offset) of row k*block
+        self.count = 0
+        for line, offset, text in iter_lines(self.path, "tiles CSV"):
+            if line == 1 and _is_header(text):
+                continue
+            self._parse(line, text, paths=False)
+            if self.count % block == 0:
+                self.offsets.append((line, offset))
+            self.count += 1
+        if not self.count:
+            raise DataError(f"{self.path}: no tiles listed")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _parse(self, line: int, text: str, paths: bool = True) -> tuple[str, float, float]:
+        row = text.split(",") if '"' not in text else next(csv.reader([text]))
+        where = f"{self.path}:{line}"
         if len(row) != 3:
-            raise DataError(f"{path}:{line}: expected 3 columns path,lat,lon, got {len(row)}")
-        lat, lon = parse_latlon(row[1], row[2], f"{path}:{line}")
+            raise DataError(f"{where}: expected 3 columns path,lat,lon, got {len(row)}")
+        lat, lon = parse_latlon(row[1], row[2], where)
+        if not paths:  # the counting pass only validates
+            return "", lat, lon
         tile = Path(row[0].strip())
-        paths.append(tile if tile.is_absolute() else path.parent / tile)
-        coords.append((lat, lon))
-    if not paths:
-        raise DataError(f"{path}: no tiles listed")
-    return paths, np.asarray(coords, dtype=np.float64)
+        return str(tile if tile.is_absolute() else self.path.parent / tile), lat, lon
+
+    def _iter_from(self, row: int):
+        """(row number, path, lat, lon) from the start of ``row``'s block onwards."""
+        line, offset = self.offsets[row // self.block]
+        k = row // self.block * self.block
+        for n, _, text in iter_lines(self.path, "tiles CSV", offset, line):
+            yield (k, *self._parse(n, text))
+            k += 1
+
+    def rows(self, start: int, stop: int) -> tuple[list[str], np.ndarray]:
+        """Paths and (n, 2) lat/lon of rows ``start:stop``, read from the file."""
+        stop = min(stop, self.count)
+        paths, coords = [], []
+        if start < stop:
+            for k, tile, lat, lon in self._iter_from(start):
+                if k >= stop:
+                    break
+                if k >= start:
+                    paths.append(tile)
+                    coords.append((lat, lon))
+        return paths, np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+
+    def paths_at(self, rows: np.ndarray) -> list[str]:
+        """Paths of the given sorted rows, each block of the file read once."""
+        out: list[str] = []
+        for block in np.unique(rows // self.block).tolist():
+            wanted = rows[rows // self.block == block]
+            paths, _ = self.rows(int(wanted[0]), int(wanted[-1]) + 1)
+            out += [paths[r - int(wanted[0])] for r in wanted.tolist()]
+        return out
+
+
+def _is_header(text: str) -> bool:
+    return [c.strip().lower() for c in next(csv.reader([text]))] == ["path", "lat", "lon"]
+
+
+def read_tiles_csv(path: str | Path) -> tuple[list[Path], np.ndarray]:
+    """Rows ``path,lat,lon`` of a tiles CSV (see :class:`TilesCsv`) -> (paths, (N, 2) coords),
+    all in memory (a single-file index holds them all anyway)."""
+    table = TilesCsv(path)
+    paths, coords = table.rows(0, len(table))
+    return [Path(p) for p in paths], coords
