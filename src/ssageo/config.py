@@ -215,6 +215,14 @@ def _choice(*names: str) -> Callable[[Any], str]:
     return check
 
 
+def _dataset(value: Any) -> str:
+    """``auto`` or a name registered in ssageo.data.registry (imported here, when a config is
+    checked: the registry imports the readers)."""
+    from ssageo.data.registry import dataset_names
+
+    return _choice("auto", *dataset_names())(value)
+
+
 def _size(optional: bool = False) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
         if value is None and optional:
@@ -250,7 +258,7 @@ def _strings(value: Any) -> list[str]:
 
 
 SCHEMA: dict[str, Callable[[Any], Any]] = {
-    "data.dataset": _choice("auto", "cvusa", "cvact", "vigor"),
+    "data.dataset": _dataset,
     "data.vigor_mode": _choice("same-area", "cross-area"),
     "data.reference_size": _size(),
     "data.query_size": _size(),

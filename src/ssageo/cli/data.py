@@ -12,15 +12,17 @@ from rich.table import Table
 
 from ssageo.cli import app
 from ssageo.data.check import check_dataset
+from ssageo.data.registry import dataset_choices, get_spec
 
-data_app = typer.Typer(help="Inspect datasets (CVUSA, CVACT, VIGOR).", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect datasets (CVUSA, CVACT, VIGOR, a pairs CSV).",
+                       no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
 @data_app.command("check")
 def check(
-    root: Path = typer.Argument(..., help="Dataset folder, as downloaded."),
-    dataset: str = typer.Option("auto", help="auto | cvusa | cvact | vigor"),
+    root: Path = typer.Argument(..., help="Dataset folder, as downloaded, or a pairs CSV."),
+    dataset: str = typer.Option("auto", help=dataset_choices()),
     vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
     strict: bool = typer.Option(False, help="Treat missing or empty files as unusable."),
     full: bool = typer.Option(False, "--full", help="Decode every image in full (slower; by "
@@ -47,7 +49,7 @@ def check(
 
 def print_report(report: dict, console: Console) -> None:
     """Render a :func:`check_dataset` report as rich tables."""
-    head = f"{report['dataset'].upper()} ({report['layout']}) at {report['root']}"
+    head = f"{get_spec(report['dataset']).title} ({report['layout']}) at {report['root']}"
     if report["vigor_mode"]:
         head += f", {report['vigor_mode']}"
     console.print(f"[bold]{escape(head)}[/bold]")
@@ -78,6 +80,7 @@ def print_report(report: dict, console: Console) -> None:
             text = ", ".join(f"{s} ({n})" for s, n in sizes.items())
             info.add_row(f"{view} sizes", text + (f"; as distributed: {official}" if official
                                                   else ""))
+    info.add_row("queries", report["query_kind"])
     pri = report["priors"]
     info.add_row("prior labels", f"{pri['with_label']} / {pri['tiles']} tiles "
                                  f"({pri['coverage']:.1%})")

@@ -10,13 +10,15 @@ from rich.console import Console
 from rich.table import Table
 
 from ssageo.cli import app
+from ssageo.data.registry import dataset_choices
 from ssageo.io import atomic_write_text, check_output
 
 index_app = typer.Typer(help="Geo-referenced indexes of satellite tiles.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
-DATASET_HELP = "auto | cvusa | cvact | vigor"
-SPLIT_HELP = "train | val | test (default: test for VIGOR, val otherwise)"
+DATASET_HELP = dataset_choices()
+SPLIT_HELP = "train | val | test (default: the dataset's held-out split: test for VIGOR, val " \
+    "otherwise)"
 DEVICE_HELP = "auto | cpu | cuda[:N] | mps (auto: a GPU when torch sees one)"
 
 
@@ -27,11 +29,10 @@ def _device(name: str) -> str:
 
 
 def _manifest(data: Path, dataset: str, split: str | None, vigor_mode: str):
-    from ssageo.data import detect_dataset, load_manifest
+    from ssageo.data import detect_dataset, get_spec, load_manifest
 
     if split is None:
-        kind = detect_dataset(data) if dataset == "auto" else dataset
-        split = "test" if kind == "vigor" else "val"
+        split = get_spec(detect_dataset(data) if dataset == "auto" else dataset).held_out
     return load_manifest(data, dataset, split, vigor_mode)
 
 
@@ -85,7 +86,8 @@ def print_metrics(metrics: dict, title: str, console: Console) -> None:
 @app.command("eval")
 def evaluate(
     checkpoint: Path | None = typer.Option(None, help="Checkpoint folder (with --data)."),
-    data: Path | None = typer.Option(None, help="Dataset folder (with --checkpoint)."),
+    data: Path | None = typer.Option(
+        None, help="Dataset folder or pairs CSV (with --checkpoint)."),
     descriptors: Path | None = typer.Option(None, help="Evaluate a saved .npz descriptor file."),
     dataset: str = typer.Option("auto", help=DATASET_HELP),
     split: str | None = typer.Option(None, help=SPLIT_HELP),
@@ -132,7 +134,7 @@ def evaluate(
 @app.command("embed")
 def embed(
     checkpoint: Path = typer.Option(..., help="Checkpoint folder."),
-    data: Path = typer.Option(..., help="Dataset folder."),
+    data: Path = typer.Option(..., help="Dataset folder or pairs CSV."),
     out: Path = typer.Option(..., help="Descriptor file to write (.npz)."),
     dataset: str = typer.Option("auto", help=DATASET_HELP),
     split: str | None = typer.Option(None, help=SPLIT_HELP),
@@ -166,7 +168,8 @@ def index_build(
     out: Path = typer.Option(
         ..., help="Index to write: FILE.npz (one exact file) or a folder (sharded, any kind)."
     ),
-    data: Path | None = typer.Option(None, help="Dataset folder: index its satellite tiles."),
+    data: Path | None = typer.Option(
+        None, help="Dataset folder or pairs CSV: index its satellite tiles."),
     tiles: Path | None = typer.Option(None, help="CSV of path,lat,lon rows: index these tiles."),
     dataset: str = typer.Option("auto", help=DATASET_HELP),
     split: list[str] = typer.Option(

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from ssageo.cli import app
 from ssageo.config import ConfigError, load_config
+from ssageo.data.registry import dataset_choices
 from ssageo.priors.record import LabelRecord
 from ssageo.priors.run import PriorSummary, list_tiles, run_priors
 
@@ -58,7 +59,8 @@ def _print_summary(console: Console, summary: PriorSummary) -> None:
 def priors(
     root: Path = typer.Argument(..., help="Dataset folder (CVUSA, CVACT, VIGOR or a synth world)."),
     backend: Backend = typer.Option(..., "--backend", help="Where the labels come from."),
-    dataset: str = typer.Option("auto", help="auto | cvusa | cvact | vigor."),
+    dataset: str = typer.Option(
+        "auto", help=f"{dataset_choices()} (pairs: labels go in the CSV's prior column)"),
     split: list[str] = typer.Option(
         None, "--split", help="Only these splits' tiles (repeatable); default every tile."),
     force: bool = typer.Option(False, "--force", help="Redo tiles whose label already exists."),

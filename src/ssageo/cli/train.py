@@ -21,7 +21,8 @@ def train_command(
         "synth-cpu", "--config", "-c", help="Preset name (synth-cpu, cvusa, cvact, vigor-same, "
         "vigor-cross) or path of a YAML file."
     ),
-    data: Path = typer.Option(None, "--data", help="Dataset folder (sets data.root)."),
+    data: Path = typer.Option(
+        None, "--data", help="Dataset folder or pairs CSV (sets data.root)."),
     out: Path = typer.Option(None, "--out", "-o", help="Run directory (sets train.out)."),
     resume: Path = typer.Option(
         None, "--resume", help="Continue the run in this directory from its newest checkpoint."

@@ -1,4 +1,5 @@
-"""Datasets: readers for CVUSA, CVACT and VIGOR as distributed, transforms, neighbour lists."""
+"""Datasets: readers for CVUSA, CVACT and VIGOR as distributed and for pairs CSVs (your own data),
+registered by name; transforms, neighbour lists."""
 
 from ssageo.data.datasets import ImageDataset, PairDataset
 from ssageo.data.manifest import (
@@ -11,6 +12,7 @@ from ssageo.data.manifest import (
     load_manifest,
 )
 from ssageo.data.neighbours import EARTH_RADIUS_M, gps_neighbours, haversine
+from ssageo.data.registry import dataset_names, get_spec
 from ssageo.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -30,9 +32,11 @@ __all__ = [
     "Manifest",
     "PairDataset",
     "cache_dir_for",
+    "dataset_names",
     "detect_dataset",
     "flip_pair",
     "geometric_augment",
+    "get_spec",
     "gps_neighbours",
     "haversine",
     "load_manifest",

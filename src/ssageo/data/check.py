@@ -14,24 +14,10 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from ssageo.data.manifest import (
-    MAX_EXAMPLES,
-    Manifest,
-    SplitUnavailable,
-    load_manifest,
-    resolve_dataset,
-)
+from ssageo.data.base import MAX_EXAMPLES, DatasetSpec, Manifest, SplitUnavailable
+from ssageo.data.manifest import load_manifest
+from ssageo.data.registry import get_spec, resolve_dataset
 from ssageo.io import DataError, open_image
-
-SPLITS_OF = {"cvusa": ("train", "val"), "cvact": ("train", "val", "test"),
-             "vigor": ("train", "test")}
-# (width, height) of the images as distributed, for information (synthetic worlds are smaller).
-OFFICIAL_SIZES = {
-    "cvusa": {"reference": (750, 750), "query": (1232, 224)},
-    "cvact": {"reference": (1200, 1200), "query": (1664, 832)},
-    "vigor": {"reference": (640, 640), "query": (2048, 1024)},
-}
-
 
 # The bytes a complete file of each format ends with (trailing padding stripped first).
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
@@ -108,7 +94,8 @@ def check_dataset(root: str | Path, dataset: str = "auto", vigor_mode: str = "sa
                   strict: bool = False, progress: bool = False, full: bool = False) -> dict:
     """Check every split of the dataset under ``root``; returns a JSON-ready report.
 
-    Keys: ``root``, ``dataset``, ``layout``, ``splits`` (per split: queries, references,
+    Keys: ``root``, ``dataset``, ``layout``, ``vigor_mode``, ``query_kind`` (panorama or
+    perspective, from the dataset's spec), ``splits`` (per split: queries, references,
     skipped pairs, prior coverage; or ``error``, what stops a present split loading; or
     ``unavailable``, why an absent split, e.g. a separate download, is left out),
     ``missing_files`` and ``empty_files`` (count + first examples), ``unreadable_images``,
@@ -121,11 +108,12 @@ def check_dataset(root: str | Path, dataset: str = "auto", vigor_mode: str = "sa
     """
     root = Path(root)
     dataset = resolve_dataset(root, dataset, vigor_mode)
+    spec = get_spec(dataset)
     splits: dict[str, dict] = {}
     manifests: list[Manifest] = []
     missing: list[str] = []  # in order of discovery, each once (splits share VIGOR tiles)
     seen: set[str] = set()
-    for split in SPLITS_OF[dataset]:
+    for split in spec.splits:
         try:
             with warnings.catch_warnings():  # the skipped pairs are in this report instead
                 warnings.simplefilter("ignore")
@@ -158,32 +146,31 @@ def check_dataset(root: str | Path, dataset: str = "auto", vigor_mode: str = "sa
     return {
         "root": str(root), "dataset": dataset,
         "layout": manifests[0].layout if manifests else dataset,
-        "vigor_mode": vigor_mode if dataset == "vigor" else None,
+        "vigor_mode": vigor_mode if spec.modes else None,
+        "query_kind": spec.query,
         "splits": splits,
         "missing_files": _examples(absent),
         "empty_files": _examples(empty),
         "unreadable_images": _examples(scan["unreadable"]),
         "unexpected_sizes": _examples(scan["unexpected_sizes"]),
         "image_sizes": scan["sizes"],
-        "official_sizes": {v: f"{w}x{h}" for v, (w, h) in OFFICIAL_SIZES[dataset].items()},
+        "official_sizes": {v: f"{w}x{h}" for v, (w, h) in (spec.sizes or {}).items()},
         "priors": {"tiles": len(refs), "with_label": with_prior,
                    "coverage": round(with_prior / len(refs), 4) if refs else 0.0},
         "unavailable_splits": [s for s, info in splits.items() if "unavailable" in info],
-        "gps": _gps(dataset, root, manifests),
+        "gps": _gps(spec, root, manifests),
         "problems": problems,
         "usable": not problems,
     }
 
 
-def _gps(dataset: str, root: Path, manifests: list[Manifest]) -> dict:
+def _gps(spec: DatasetSpec, root: Path, manifests: list[Manifest]) -> dict:
     """Which coordinates exist, for the GPS neighbour lists and metre errors."""
-    if dataset == "cvact":
-        ok = bool(manifests) and all(m.utm is not None for m in manifests)
-        return {"available": ok, "source": "ACT_data.mat utm (easting, northing)"}
-    if dataset == "cvusa":
-        path = root / "split_locations" / "all.csv"
-        ok = bool(manifests) and all(m.query_coords is not None for m in manifests)
-        why = ("" if ok else " (present, but no split loaded)" if path.is_file()
-               else " (missing: GPS neighbour lists cannot be built)")
-        return {"available": ok, "source": f"{path}{why}"}
-    return {"available": bool(manifests), "source": "panorama and tile file names"}
+    ok = bool(manifests) and all(m.query_coords is not None or m.utm is not None
+                                 for m in manifests)
+    source = spec.coords_source.format(root=root)
+    if spec.coords == "gps" and not ok:
+        there = spec.coords_file and (root / spec.coords_file).is_file()
+        source += (" (present, but no split loaded)" if there
+                   else " (missing: GPS neighbour lists cannot be built)")
+    return {"available": ok, "source": source}

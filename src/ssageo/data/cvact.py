@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ssageo.data.manifest import (
+from ssageo.data.base import (
+    DatasetSpec,
     Manifest,
     SplitUnavailable,
     file_problem,
@@ -28,6 +29,19 @@ SPLITS = {
     "val": ("valSet", "valInd", "ANU_data_small"),
     "test": ("valSetAll", "valInd", "ANU_data_test"),
 }
+MARKERS = (MAT_FILE, "ANU_data_small", "ANU_data_test")
+
+SPEC = DatasetSpec(
+    name="cvact", title="CVACT", splits=("train", "val", "test"), held_out="val",
+    validation="val", no_validation="", expected="ACT_data.mat, ANU_data_small/, ANU_data_test/",
+    coords="utm", coords_source="ACT_data.mat utm (easting, northing)",
+    query="panorama", sizes={"reference": (1200, 1200), "query": (1664, 832)},
+)
+
+
+def markers(root: Path) -> list[str]:
+    """The CVACT layout markers present under ``root``."""
+    return [rel for rel in MARKERS if (root / rel).exists()]
 
 
 def image_paths(root: Path, folder: str, pano_id: str, where: str) -> tuple[Path, Path]:

@@ -12,12 +12,27 @@ from pathlib import Path
 
 import numpy as np
 
-from ssageo.data.manifest import Manifest, file_problem, find_prior, resolve_entry
+from ssageo.data.base import DatasetSpec, Manifest, file_problem, find_prior, resolve_entry
 from ssageo.data.textfile import read_lines
 from ssageo.io import DataError
 
 SPLIT_FILES = {"train": "splits/train-19zl.csv", "val": "splits/val-19zl.csv"}
 GPS_FILE = "split_locations/all.csv"
+MARKERS = ("splits/train-19zl.csv", "splits/val-19zl.csv", "bingmap", "streetview/panos")
+
+SPEC = DatasetSpec(
+    name="cvusa", title="CVUSA", splits=("train", "val"), held_out="val", validation="val",
+    no_validation="",
+    expected="splits/train-19zl.csv, splits/val-19zl.csv, bingmap/, streetview/panos/",
+    coords="gps", coords_source=f"{{root}}/{GPS_FILE}",
+    coords_missing=f"{{root}}/{GPS_FILE} is missing", coords_file=GPS_FILE,
+    query="panorama", sizes={"reference": (750, 750), "query": (1232, 224)},
+)
+
+
+def markers(root: Path) -> list[str]:
+    """The CVUSA layout markers present under ``root``."""
+    return [rel for rel in MARKERS if (root / rel).exists()]
 
 
 def split_file(root: Path, split: str) -> Path:

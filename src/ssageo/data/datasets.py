@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ssageo.config import ConfigError
-from ssageo.data.manifest import MAX_EXAMPLES, Manifest
+from ssageo.data.base import MAX_EXAMPLES, Manifest
 from ssageo.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -1,10 +1,11 @@
 """GPS neighbour lists for the hard-negative sampler (METHOD.md section 5), cached beside the data.
 
-For each query, the k nearest other queries: by great-circle distance on (lat, lon) for CVUSA
-(ground GPS) and VIGOR (the positive tiles' centres, never a query of the same tile), by
-Euclidean distance on UTM for CVACT. The search uses a k-d tree on unit vectors of the sphere:
-the chord length ``2 sin(d / 2)`` grows monotonically with the haversine angle d (radians), so the
-order is exactly the haversine order, without a Q x Q distance matrix.
+For each query, the k nearest other queries, never one with the same positive tile, on the
+coordinates its dataset's spec names (``DatasetSpec.coords``): great-circle distance on the
+query's (lat, lon) (``gps``: CVUSA, pairs) or on its positive tile's centre (``tile``: VIGOR),
+Euclidean distance on easting/northing (``utm``: CVACT). The search uses a k-d tree on unit
+vectors of the sphere: the chord length ``2 sin(d / 2)`` grows monotonically with the haversine
+angle d (radians), so the order is exactly the haversine order, without a Q x Q distance matrix.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ssageo.data.manifest import Manifest, cache_dir_for
+from ssageo.data.base import Manifest
+from ssageo.data.manifest import cache_dir_for
+from ssageo.data.registry import get_spec
 from ssageo.io import DataError, atomic_write_bytes
 
 EARTH_RADIUS_M = 6_371_008.8
@@ -37,20 +40,18 @@ def _unit_vectors(latlon: np.ndarray) -> np.ndarray:
 
 def _points_and_groups(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
     """Search points (Q, 2|3) and exclusion groups (Q,): queries of one group never neighbour."""
-    if manifest.dataset == "cvact":
+    spec, groups = get_spec(manifest.dataset), np.asarray(manifest.positive)
+    if spec.coords == "utm":
         if manifest.utm is None:
-            raise DataError(f"{manifest.root}: CVACT manifest has no UTM coordinates")
-        return np.asarray(manifest.utm, dtype=np.float64), np.arange(manifest.num_queries)
-    if manifest.dataset == "vigor":
-        return (_unit_vectors(manifest.reference_coords[manifest.positive]),
-                np.asarray(manifest.positive))
-    coords = manifest.query_coords if manifest.query_coords is not None \
-        else manifest.reference_coords
-    if coords is None:
-        raise DataError(f"{manifest.root}: no GPS for {manifest.dataset.upper()} "
-                        f"{manifest.split} (split_locations/all.csv is missing), so GPS "
+            raise DataError(f"{manifest.root}: {spec.title} manifest has no UTM coordinates")
+        return np.asarray(manifest.utm, dtype=np.float64), groups
+    if spec.coords == "tile":
+        return _unit_vectors(manifest.reference_coords[manifest.positive]), groups
+    if manifest.query_coords is None:
+        why = f" ({spec.coords_file} is missing)" if spec.coords_file else ""
+        raise DataError(f"{manifest.root}: no GPS for {spec.title} {manifest.split}{why}, so GPS "
                         "neighbour lists cannot be built")
-    return _unit_vectors(np.asarray(coords, dtype=np.float64)), np.arange(manifest.num_queries)
+    return _unit_vectors(np.asarray(manifest.query_coords, dtype=np.float64)), groups
 
 
 def compute_neighbours(points: np.ndarray, groups: np.ndarray, k: int) -> np.ndarray:

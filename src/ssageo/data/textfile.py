@@ -59,3 +59,15 @@ def read_csv_rows(path: Path, what: str = "CSV file") -> list[tuple[int, list[st
     with :func:`read_lines` (so a BOM is skipped and binary data refused); quoting as the
     ``csv`` module does, one record per line."""
     return [(n, next(csv.reader([text]))) for n, text in read_lines(path, what)]
+
+
+def parse_latlon(lat: str, lon: str, where: str) -> tuple[float, float]:
+    """(lat, lon) degrees from two CSV fields; DataError at ``where`` ("file:line") when they
+    are not numbers or out of range."""
+    try:
+        values = float(lat), float(lon)
+    except ValueError:
+        raise DataError(f"{where}: lat/lon are not numbers: {lat!r}, {lon!r}") from None
+    if not (-90 <= values[0] <= 90 and -180 <= values[1] <= 180):
+        raise DataError(f"{where}: lat/lon out of range: {values[0]}, {values[1]}")
+    return values

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ssageo.data.manifest import (
-    VIGOR_CITIES,
+from ssageo.data.base import (
+    DatasetSpec,
     Manifest,
     SplitUnavailable,
     file_problem,
@@ -29,7 +29,27 @@ from ssageo.data.textfile import read_lines
 from ssageo.io import DataError
 
 COLUMNS = 13
+VIGOR_MODES = ("same-area", "cross-area")
+VIGOR_CITIES = ("Chicago", "NewYork", "SanFrancisco", "Seattle")
 CROSS_AREA = {"train": ("NewYork", "Seattle"), "test": ("Chicago", "SanFrancisco")}
+
+SPEC = DatasetSpec(
+    name="vigor", title="VIGOR", splits=("train", "test"), held_out="test", validation=None,
+    no_validation="VIGOR has no separate validation split: no validation during training and "
+    "no model selection; use checkpoints/last (the test split is never used for selection)",
+    expected="splits/<City>/, <City>/panorama/ + <City>/satellite/ "
+             "(or ground/<City>/ + satellite/<City>/)",
+    coords="tile", coords_source="panorama and tile file names",
+    query="panorama", sizes={"reference": (640, 640), "query": (2048, 1024)}, modes=VIGOR_MODES,
+)
+
+
+def markers(root: Path) -> list[str]:
+    """The VIGOR layout markers (either layout) present under ``root``."""
+    return [rel for city in VIGOR_CITIES
+            for rel in (f"splits/{city}", f"{city}/panorama", f"{city}/satellite",
+                        f"ground/{city}", f"satellite/{city}")
+            if (root / rel).exists()]
 
 
 def layout(root: Path) -> str:

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ssageo.data.textfile import iter_lines
+from ssageo.data.textfile import iter_lines, parse_latlon
 from ssageo.io import DataError
 
 
@@ -18,22 +18,31 @@ def dataset_tiles(
     root: str | Path, dataset: str = "auto", splits: Sequence[str] | None = None,
     vigor_mode: str = "same-area",
 ) -> tuple[list[Path], np.ndarray, str]:
-    """Every satellite tile of a dataset's ``splits`` (default: all it has), each once.
+    """Every satellite tile of a dataset's ``splits`` (default: every split it has; one absent as
+    a whole, e.g. a separate download or no rows of it in a pairs CSV, is left out), each once.
 
     Returns (paths, (N, 2) lat/lon, a description such as "cvusa train+val"). DataError when
-    the dataset gives no tile coordinates (CVACT) or a split cannot be read.
+    the dataset gives no tile coordinates (CVACT, a pairs CSV without lat,lon) or a split cannot
+    be read.
     """
-    from ssageo.data import load_manifest
-    from ssageo.data.check import SPLITS_OF
-    from ssageo.data.manifest import resolve_dataset
+    from ssageo.data import get_spec, load_manifest
+    from ssageo.data.base import SplitUnavailable
+    from ssageo.data.registry import resolve_dataset
 
     root = Path(root)
     kind = resolve_dataset(root, dataset, vigor_mode)
-    splits = list(splits or SPLITS_OF[kind])
+    spec = get_spec(kind)
+    every = not splits  # the default: every split the dataset has (absent ones left out)
+    splits = list(splits or spec.splits)
     seen: dict[Path, tuple[float, float]] = {}
-    for split in splits:
+    for split in list(splits):
         try:
             manifest = load_manifest(root, kind, split, vigor_mode)
+        except SplitUnavailable:
+            if every and len(splits) > 1:
+                splits.remove(split)
+                continue
+            raise
         except DataError as exc:
             hint = "" if len(splits) == 1 else f" (indexing splits {'+'.join(splits)}; give " \
                 "--split to index only some)"
@@ -46,7 +55,7 @@ def dataset_tiles(
         for tile, (lat, lon) in zip(manifest.reference_paths, manifest.reference_coords.tolist(),
                                     strict=True):
             seen.setdefault(Path(tile), (lat, lon))
-    described = f"{kind} {'+'.join(splits)}" + (f" ({vigor_mode})" if kind == "vigor" else "")
+    described = f"{kind} {'+'.join(splits)}" + (f" ({vigor_mode})" if spec.modes else "")
     return list(seen), np.asarray(list(seen.values()), dtype=np.float64), described
 
 
@@ -111,12 +120,7 @@ class TilesCsv:
         where = f"{self.path}:{line}"
         if len(row) != 3:
             raise DataError(f"{where}: expected 3 columns path,lat,lon, got {len(row)}")
-        try:
-            lat, lon = float(row[1]), float(row[2])
-        except ValueError:
-            raise DataError(f"{where}: lat/lon are not numbers: {row[1]!r}, {row[2]!r}") from None
-        if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-            raise DataError(f"{where}: lat/lon out of range: {lat}, {lon}")
+        lat, lon = parse_latlon(row[1], row[2], where)
         if not paths:  # the counting pass only validates
             return "", lat, lon
         tile = Path(row[0].strip())

@@ -84,34 +84,32 @@ def tiles_from_paths(root: Path, paths: Sequence[Path | str]) -> list[Tile]:
     return tiles
 
 
-# The splits whose references together are every satellite tile of a dataset (VIGOR: the
-# same-area train and test galleries are each every tile of the cities present).
-DATASET_SPLITS = {"cvusa": ("train", "val"), "cvact": ("train", "val", "test"),
-                  "vigor": ("train", "test")}
-
-
 def list_tiles(
     root: Path, dataset: str = "auto", splits: Sequence[str] | None = None
 ) -> list[Tile]:
     """Every satellite tile of the dataset at ``root`` (``splits``, default all), once, sorted.
 
     Uses the dataset readers, so a malformed dataset or an absent split raises their DataError.
+    The splits of the dataset's spec together hold every tile (VIGOR: the same-area train and
+    test galleries are each every tile of the cities present).
     """
-    from ssageo.data import detect_dataset, load_manifest
+    from ssageo.data import detect_dataset, get_spec, load_manifest
 
     root = Path(root)
     if dataset == "auto":
         dataset = detect_dataset(root)
-    if dataset not in DATASET_SPLITS:
-        raise DataError(f"unknown dataset '{dataset}' (use auto, {', '.join(DATASET_SPLITS)})")
+    every = get_spec(dataset).splits
+    if not root.is_dir():  # a pairs CSV: labels are listed in its prior column instead
+        raise DataError(f"{root}: ssageo priors writes labels into a dataset folder; for a "
+                        "pairs CSV, give each tile's label in its prior column")
     rels: set[str] = set()
-    for split in splits or DATASET_SPLITS[dataset]:
+    for split in splits or every:
         try:
             manifest = load_manifest(root, dataset, split)
         except DataError as exc:
             if splits:
                 raise
-            others = " ".join(f"--split {s}" for s in DATASET_SPLITS[dataset] if s != split)
+            others = " ".join(f"--split {s}" for s in every if s != split)
             raise DataError(f"{exc} - to label only the other splits, pass {others}") from None
         rels.update(Path(p).relative_to(manifest.root).as_posix() for p in manifest.reference_paths)
     return [Tile(root, rel) for rel in sorted(rels)]

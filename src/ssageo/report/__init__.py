@@ -135,12 +135,14 @@ def _cam_section(run: Run, found: Retrieval, count: int) -> html.Section:
 
 
 def _meta(run: Run, found: Retrieval, log: RunLog, summary: dict) -> list[tuple[str, str]]:
+    from ssageo.data import get_spec
+
     cfg, m = run.config, found.manifest
     seconds = summary.get("train_seconds_this_session")
     return [
         ("run", str(run.run_dir)),
         ("checkpoint", str(run.checkpoint)),
-        ("dataset", f"{m.dataset.upper()} at {m.root} (report sample: {m.split} split)"),
+        ("dataset", f"{get_spec(m.dataset).title} at {m.root} (report sample: {m.split} split)"),
         ("model", f"{get(cfg, 'model.backbone')}, BEV head "
                   f"{'on' if get(cfg, 'model.bev.enabled') else 'off'}"),
         ("input sizes", f"query {get(cfg, 'data.query_size')}, "

@@ -53,21 +53,21 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> Run:
 
 
 def held_out_manifest(config: dict, data_root: Path | None = None):
-    """The run's held-out split: ``val`` (CVUSA, CVACT), ``test`` for VIGOR (no val split).
+    """The run's held-out split (its dataset spec's ``held_out``: ``test`` for VIGOR, which has
+    no val split, ``val`` otherwise).
 
     ``data_root`` replaces the config's ``data.root`` (for a dataset that has moved).
     """
-    from ssageo.data import load_manifest
-    from ssageo.data.manifest import detect_dataset
+    from ssageo.data import detect_dataset, get_spec, load_manifest
 
     root = Path(data_root) if data_root is not None else get(config, "data.root")
-    if root is None or not Path(root).is_dir():
+    if root is None or not Path(root).exists():
         raise DataError(f"{root}: the run's dataset folder is not there; pass the dataset with "
                         "--data ROOT")
     dataset = get(config, "data.dataset", "auto")
     if dataset == "auto":
         dataset = detect_dataset(root)
-    split = "test" if dataset == "vigor" else "val"
+    split = get_spec(dataset).held_out
     return load_manifest(root, dataset=dataset, split=split,
                          vigor_mode=get(config, "data.vigor_mode", "same-area"))
 
