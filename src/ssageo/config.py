@@ -223,6 +223,13 @@ def _dataset(value: Any) -> str:
     return _choice("auto", *dataset_names())(value)
 
 
+def _mode(value: Any) -> str:
+    """A reading mode of any registered dataset (``ssageo.data.registry.reading_modes``)."""
+    from ssageo.data.registry import reading_modes
+
+    return _choice(*reading_modes())(value)
+
+
 def _size(optional: bool = False) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
         if value is None and optional:
@@ -259,7 +266,7 @@ def _strings(value: Any) -> list[str]:
 
 SCHEMA: dict[str, Callable[[Any], Any]] = {
     "data.dataset": _dataset,
-    "data.vigor_mode": _choice("same-area", "cross-area"),
+    "data.vigor_mode": _mode,
     "data.reference_size": _size(),
     "data.query_size": _size(),
     "data.prior_size": _size(optional=True),
