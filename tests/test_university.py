@@ -127,7 +127,7 @@ def test_reader_refuses_two_tiles_and_lists_a_query_without_gallery(univ, tmp_pa
 
 
 def test_preset_and_cli_synth_check_train_eval(univ, tmp_path):
-    """synth -> data check -> train (2 steps, tiny model) -> eval both directions -> embed."""
+    """synth -> data check -> train (1 epoch, tiny model) -> eval both directions -> embed."""
     preset = load_config("sample4geo-university")
     assert not preset["model"]["bev"]["enabled"] and preset["data"]["dataset"] == "university"
     report = json.loads(_run("data", "check", univ, "--json"))
@@ -139,9 +139,13 @@ def test_preset_and_cli_synth_check_train_eval(univ, tmp_path):
         _run("train", "--config", "sample4geo-university", "--data", univ, "--out", out,
              "model.backbone=resnet18", "model.pretrained=null", "data.query_size=[32,32]",
              "data.reference_size=[32,32]", "data.augment.photometric=false", "train.amp=none",
-             "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4",
-             "data.workers=0", "train.device=cpu")
-    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+             "train.epochs=1", "train.batch_size=8", "data.workers=0", "train.device=cpu")
+    # a whole epoch: every drone view once (32 queries of 8 tiles, ~4 batches), and the lr
+    # schedule spans it (it used to count tiles / batch = 1 step and then stay at 0)
+    steps = json.loads((out / "summary.json").read_text())["steps"]
+    rates = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "step"]
+    assert steps >= 3 and len(rates) == steps and min(rates) > 0
     checkpoint = out / "checkpoints" / "last"
     for mode, queries in (("drone-satellite", 24), ("satellite-drone", 6)):
         path = tmp_path / f"{mode}.json"

@@ -126,7 +126,8 @@ def evaluate(
             checkpoint, data, dataset, split, vigor_mode, batch_size, workers, device
         )
         metrics = manifest_metrics(manifest, query, reference, block_size, _device(device))
-        title = f"{manifest.dataset} {manifest.split} ({checkpoint})"
+        mode = f" {manifest.vigor_mode}" if manifest.vigor_mode else ""
+        title = f"{manifest.dataset} {manifest.split}{mode} ({checkpoint})"
     print_metrics(metrics, title, Console())
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(metrics, indent=2) + "\n")

@@ -40,7 +40,12 @@ from ssageo.train.distributed import (
     setup_distributed,
 )
 from ssageo.train.rundir import CHECKPOINTS, MetricsLog, check_free_space, open_run_dir
-from ssageo.train.sampler import HardNegativeSampler, epoch_neighbours, first_source
+from ssageo.train.sampler import (
+    HardNegativeSampler,
+    epoch_neighbours,
+    first_source,
+    plan_epoch,
+)
 from ssageo.train.state import (
     latest_checkpoint,
     load_checkpoint,
@@ -217,8 +222,13 @@ def _train(config: dict, out: Path, resume: bool, t: dict, dist_info: DistInfo) 
     # epoch, so this is independent of worker count and of where a resumed run starts.
     dataset = PairDataset(manifest, d, True, norm["mean"], norm["std"], seed=t["seed"],
                           classes=config["model"]["bev"]["classes"])
-    steps_per_epoch = min(len(np.unique(manifest.positive)) // t["batch_size"],
-                          t["max_steps_per_epoch"] or math.inf)
+    # An epoch takes every place (query) once, in batches of distinct tiles: about Q / B
+    # batches, not (distinct tiles) / B, which is far fewer where many queries share a tile
+    # (University-1652: ~54 drone views per satellite tile); the lr schedule's length counts
+    # the batches of a neighbour-free plan of the same places.
+    planned = plan_epoch(manifest.positive, t["batch_size"], None, 0, 0,
+                         np.random.default_rng([t["seed"], 0]))
+    steps_per_epoch = min(len(planned), t["max_steps_per_epoch"] or math.inf)
     total_steps = t["epochs"] * steps_per_epoch
     warmup_steps = max(1, round(t["warmup_epochs"] * steps_per_epoch))
 
