@@ -43,6 +43,7 @@ from ssageo.cli import (  # noqa: E402,F401
     data,
     demo,
     evaluate,
+    export,
     model,
     priors,
     report,
