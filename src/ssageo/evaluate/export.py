@@ -131,7 +131,8 @@ def _run_exported(path: Path, fmt: str, pixels: np.ndarray) -> np.ndarray:
     """Descriptors of ``pixels`` from the file just written, by the runtime a user would use."""
     if fmt == "onnx":
         return onnx_session(path).run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit: still supported
         return torch.jit.load(str(path), map_location="cpu")(torch.from_numpy(pixels)).numpy()
 
 
@@ -168,9 +169,11 @@ def export_encoder(checkpoint: str | Path, fmt: str, view: str, out: str | Path)
                 tmp.write_bytes(_onnx_bytes(encoder, example, metadata))
         else:
             with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer notes on shape-dependent python code
+                # tracer notes on shape-dependent python code; torch.jit's deprecation notice
+                warnings.simplefilter("ignore")
                 traced = torch.jit.trace(encoder, example)
-            torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_EXTRA: json.dumps(metadata)})
+                torch.jit.save(traced, str(tmp),
+                               _extra_files={TORCHSCRIPT_EXTRA: json.dumps(metadata)})
         got = _run_exported(tmp, fmt, check)
         diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else np.inf
         if not diff <= TOLERANCE:
