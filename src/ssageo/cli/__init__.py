@@ -47,6 +47,7 @@ from ssageo.cli import (  # noqa: E402,F401
     model,
     priors,
     report,
+    serve,
     synth,
     train,
 )
