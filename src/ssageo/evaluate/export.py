@@ -31,6 +31,7 @@ from ssageo.config import ConfigError
 from ssageo.evaluate.deploy import (
     EXPORT_FORMAT,
     INPUT_NAME,
+    INSTALL_HINT,
     METADATA_KEY,
     OUTPUT_NAME,
     TORCHSCRIPT_EXTRA,
@@ -148,8 +149,12 @@ def export_encoder(checkpoint: str | Path, fmt: str, view: str, out: str | Path)
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if view not in VIEWS:
         raise ConfigError(f"--view must be one of {', '.join(VIEWS)}, got {view!r}")
-    if fmt == "onnx":
-        onnx_session(None)  # a missing onnx/onnxruntime is said before any work
+    if fmt == "onnx":  # a missing onnx/onnxruntime is said before any work
+        onnx_session(None)
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"--format onnx needs the onnx package ({INSTALL_HINT})") from None
     checkpoint, out = Path(checkpoint), Path(out)
     model, config, weights_sha256 = load_checkpoint(checkpoint, "cpu")
     encoder = PixelEncoder(model.eval(), view).eval()
