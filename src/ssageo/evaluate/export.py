@@ -19,7 +19,6 @@ import io
 import json
 import warnings
 import zipfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,7 @@ from ssageo.evaluate.deploy import (
     is_onnx_export,
     onnx_session,
 )
-from ssageo.evaluate.index import load_checkpoint, model_identity
+from ssageo.evaluate.index import index_metadata, load_checkpoint
 from ssageo.io import DataError, atomic_write
 
 FORMATS = ("onnx", "torchscript")
@@ -73,7 +72,12 @@ def export_metadata(checkpoint: Path, config: dict, weights_sha256: str, view: s
     """The JSON record an exported file carries: input, output, model identity and origin."""
     height, width = (int(v) for v in config["data"][f"{view}_size"])
     norm = model.data_config()
+    # the identity an index records (model hash, weights hash, sizes, checkpoint, time)
+    identity = index_metadata(checkpoint, config, weights_sha256, dim, 0, "")
+    for key in ("count", "source"):
+        del identity[key]
     return {
+        **identity,
         "format": EXPORT_FORMAT,
         "version": 1,
         "kind": fmt,
@@ -84,15 +88,6 @@ def export_metadata(checkpoint: Path, config: dict, weights_sha256: str, view: s
         "output": {"name": OUTPUT_NAME, "shape": ["batch", dim], "dtype": "float32",
                    "normalised": "L2"},
         "normalisation": {"mean": list(norm["mean"]), "std": list(norm["std"])},
-        "descriptor_dim": dim,
-        "model_hash": model_identity(config),
-        "model": config["model"],
-        "reference_size": list(config["data"]["reference_size"]),
-        "query_size": list(config["data"]["query_size"]),
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "weights_sha256": weights_sha256,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "ssageo": __version__,
     }
 
 

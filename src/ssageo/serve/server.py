@@ -34,6 +34,7 @@ from ssageo.serve.page import (
 )
 
 DEFAULT_MAX_BYTES = 25_000_000
+DRAIN_LIMIT = 256_000_000  # refused uploads up to this size are read and dropped
 ASPECT_TOLERANCE = 0.25  # relative aspect difference from the model's panoramas that is noted
 
 
@@ -164,6 +165,19 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._json(404, {"error": f"{self.path}: no such page"})
 
+    def _discard(self, length: int) -> None:
+        """Read and drop a refused upload, so the client gets to read the answer (a client
+        still sending when the connection closes sees only a broken pipe); past
+        DRAIN_LIMIT the connection is closed instead."""
+        if length > DRAIN_LIMIT:
+            self.close_connection = True
+            return
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 20))
+            if not chunk:
+                break
+            length -= len(chunk)
+
     def do_POST(self) -> None:  # noqa: N802
         url = urlsplit(self.path)
         if url.path != "/locate":
@@ -174,7 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length < 0:
             return self._json(411, {"error": f"{name}: the upload has no length"})
         if length > self.service.max_bytes:
-            self.close_connection = True  # the body is not read: the connection cannot go on
+            self._discard(length)
             return self._json(413, {"error": f"{name}: {length / 1e6:.1f} MB is more than this "
                                     f"page accepts ({self.service.max_bytes / 1e6:g} MB)"})
         data = self.rfile.read(length)
