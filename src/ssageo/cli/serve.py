@@ -30,8 +30,7 @@ def serve(
                             int(max_upload_mb * 1e6))
     server = make_server(service, host, port)
     url = f"http://{host}:{server.server_address[1]}/"
-    count = service.localizer.index.metadata["count"]
-    typer.echo(f"serving {index} ({count} tiles) on {url} (Ctrl-C stops it)", err=False)
+    typer.echo(f"serving {index} ({service.count} tiles) on {url} (Ctrl-C stops it)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -57,11 +57,12 @@ class LocateService:
         self.top_k, self.max_bytes = top_k, max_bytes
         self.lock = threading.Lock()
         self._fov = "fov" in inspect.signature(self.localizer.locate_many).parameters
+        self.count = len(self.localizer.index.coords)  # a sharded manifest's metadata has 0
 
     def page(self) -> str:
         """The page's HTML for this index."""
         meta = self.localizer.index.metadata
-        return render_page(self.index_path.name, int(meta["count"]),
+        return render_page(self.index_path.name, self.count,
                            str(meta["model"].get("backbone")), self.localizer.query_size,
                            self.top_k, self.max_bytes)
 
