@@ -15,34 +15,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ssageo.cli import app
-from ssageo.config import load_config
 from ssageo.io import DataError
 from ssageo.report import build_report, epoch_rows, read_run_log
 from ssageo.report.figures import project_2d
-from ssageo.train.loop import train
-
-# Two short epochs of a small model: enough for every curve, table row and figure to be real.
-TINY = ["model.backbone=convnext_atto",
-        "data.workers=0", "data.query_size=[32,128]", "data.reference_size=[32,32]",
-        "model.bev.grid_size=8", "model.bev.depth_bins=8", "train.epochs=2",
-        "train.batch_size=16", "train.checkpoint_every=1000", "train.sampling.similarity=false",
-        "eval.batch_size=32"]
 
 
 @pytest.fixture(scope="module")
-def runs(synth_world, tmp_path_factory):
-    """A real tiny SSA run (BEV head on) on a synthetic CVUSA world with oracle priors, and a
-    copy of it to compare against."""
-    from ssageo.priors import list_tiles, run_priors
-    from ssageo.priors.oracle import OracleBackend
-
-    base = tmp_path_factory.mktemp("report")
-    world = shutil.copytree(synth_world("cvusa"), base / "world")
-    run_priors(list_tiles(world), OracleBackend(world), progress=False)
-    cfg = load_config("synth-cpu", [f"data.root={world}", *TINY])
-    train(cfg, base / "ssa")
-    shutil.copytree(base / "ssa", base / "ssa-copy")
-    return {"ssa": base / "ssa", "copy": base / "ssa-copy"}
+def runs(tiny_run, tmp_path_factory):
+    """The shared tiny SSA run (tests/conftest.py) and a copy of it to compare against."""
+    copy = shutil.copytree(tiny_run["run"], tmp_path_factory.mktemp("report") / "ssa-copy")
+    return {"ssa": tiny_run["run"], "copy": copy}
 
 
 def _browser() -> str | None:

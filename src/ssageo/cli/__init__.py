@@ -43,9 +43,11 @@ from ssageo.cli import (  # noqa: E402,F401
     data,
     demo,
     evaluate,
+    export,
     model,
     priors,
     report,
+    serve,
     synth,
     train,
 )

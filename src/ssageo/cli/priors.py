@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -11,8 +12,9 @@ from rich.console import Console
 from ssageo.cli import app
 from ssageo.config import ConfigError, load_config
 from ssageo.data.registry import dataset_choices
-from ssageo.priors.record import LabelRecord
-from ssageo.priors.run import PriorSummary, list_tiles, run_priors
+
+if TYPE_CHECKING:  # imported when run: the priors stages load torch, which other commands avoid
+    from ssageo.priors.run import PriorSummary
 
 
 class Backend(str, Enum):
@@ -98,6 +100,9 @@ def priors(
     parameters (recorded in ROOT/priors-run.json) unless --force; the exit status is 1 when any
     tile failed.
     """
+    from ssageo.priors.record import LabelRecord
+    from ssageo.priors.run import list_tiles, run_priors
+
     console = Console()
     tiles = list_tiles(root, dataset, split or None)
     # What the labels depend on, recorded beside them: checked before any model is loaded.
