@@ -133,6 +133,12 @@ def amp(value: Any) -> str:
     return choice("fp16", "bf16", "none")(value)
 
 
+def as_is(value: Any) -> Any:
+    """Any value, checked where it is used, which names the key (``model.pretrained``: `model
+    info` shows a setting training would refuse, and goes on)."""
+    return value
+
+
 def strings(value: Any) -> list[str]:
     """A non-empty list of text."""
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):

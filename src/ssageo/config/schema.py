@@ -89,7 +89,7 @@ class Model:
     backbone: str = setting("resnet18", "timm model name (from random weights a ResNet learns "
                             "in minutes where ConvNeXt barely moves)")
     pretrained: str | None = setting(None, "timm (timm's hub weights), a local weights file, "
-                                     "or null/none: random weights")
+                                     "or null/none: random weights", checks.as_is)
     shared_encoder: bool = setting(True, "one encoder for both views")
     bev: Bev = section(Bev, "the BEV head supervised by satellite priors")
 
