@@ -10,7 +10,14 @@ Adding a key is ONE line in its section's dataclass, e.g. in ``Data``::
 ``setting(default, doc, check)``: the check is inferred from the annotation for plain types
 (bool, int, float, str and their ``| None`` forms); a range, a choice, a size or a list needs
 its own (see ``checks``). A new section is a dataclass plus one ``section(...)`` line in its
-parent. Checks that relate several keys are in ``consistency`` below.
+parent. Checks that relate several keys are in ``consistency`` below. A renamed or dropped key
+that saved run directories may still hold goes in ``ssageo.config.RETIRED``.
+
+Porting a key added the old way (a ``SCHEMA`` entry plus a line in ``synth-cpu.yaml``): the
+YAML line's value is the default, its comment the doc, and the SCHEMA check keeps its name
+without the underscore (``_integer(1)`` -> ``checks.integer(1)``, ``_real(0, 1)`` ->
+``checks.real(0, 1)``, ``_choice(...)`` -> ``checks.choice(...)``, ``_size()``,
+``_boolean``, ``_device``, ``_threads``, ``_strings`` likewise); the YAML line is dropped.
 """
 
 from __future__ import annotations
