@@ -32,7 +32,7 @@ def synth_world(tmp_path_factory):
 # Two short epochs of a small model: enough for every curve, table row and figure to be real.
 TINY_RUN = ["model.backbone=convnext_atto",
             "data.workers=0", "data.query_size=[32,128]", "data.reference_size=[32,32]",
-            "model.bev.grid_size=8", "model.bev.depth_bins=8", "train.epochs=2",
+            "model.bev.grid_size=4", "model.bev.depth_bins=8", "train.epochs=2",
             "train.batch_size=16", "train.checkpoint_every=1000",
             "train.sampling.similarity=false", "eval.batch_size=32"]
 

@@ -40,6 +40,7 @@ def _root(
 
 # Command modules register themselves on `app` when imported.
 from ssageo.cli import (  # noqa: E402,F401
+    config,
     data,
     demo,
     evaluate,

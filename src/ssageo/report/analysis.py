@@ -64,12 +64,12 @@ def held_out_manifest(config: dict, data_root: Path | None = None):
     if root is None or not Path(root).exists():
         raise DataError(f"{root}: the run's dataset folder is not there; pass the dataset with "
                         "--data ROOT")
-    dataset = get(config, "data.dataset", "auto")
+    dataset = config["data"]["dataset"]  # a loaded config has every key
     if dataset == "auto":
         dataset = detect_dataset(root)
     split = get_spec(dataset).held_out
     return load_manifest(root, dataset=dataset, split=split,
-                         vigor_mode=get(config, "data.vigor_mode", "same-area"))
+                         vigor_mode=config["data"]["vigor_mode"])
 
 
 def subset(manifest, max_places: int, seed: int = 0):
