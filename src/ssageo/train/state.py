@@ -45,8 +45,8 @@ STATE_FILE = "training_state.pt"
 PROGRESS_FILE = "progress.json"
 # Checkpoints a run can continue from, in order of preference at equal steps.
 RESUMABLE = ("last", "best")
-# The checkpoint format written here. Raise it when what a checkpoint holds changes meaning, and
-# teach `_check_format`'s callers to read the older ones.
+# The checkpoint format written here. Raise it when what a checkpoint holds changes meaning (and
+# convert the older formats where they are read).
 FORMAT = 1
 
 

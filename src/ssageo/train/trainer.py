@@ -28,8 +28,15 @@ from ssageo.data.datasets import PairDataset
 from ssageo.io import DataError
 from ssageo.model.losses import ssa_loss
 from ssageo.train import precision
-from ssageo.train.distributed import DistInfo, all_true, cpu_threads, fail_once, on_main
-from ssageo.train.loop import NonFiniteLossError, _validation_manifest, lr_at
+from ssageo.train.distributed import (
+    DistInfo,
+    all_true,
+    cpu_threads,
+    fail_once,
+    on_main,
+    setup_distributed,
+)
+from ssageo.train.loop import NonFiniteLossError, _numbers, _validation_manifest, lr_at
 from ssageo.train.rundir import (
     CHECKPOINTS,
     METRICS_FILE,
@@ -50,17 +57,20 @@ from ssageo.train.state import (
 
 
 class Trainer:
-    """A training run into the locked run directory ``out``.
+    """A training run into the run directory ``out``, which the caller has opened and locked
+    (``ssageo.train.rundir.open_run_dir``; ``ssageo.train.train`` does all of this).
 
-    ``config`` is the resolved config, ``settings`` its ``train`` section with the numbers
-    checked (``ssageo.train.loop``), ``dist_info`` this process's place among the processes.
-    Call ``run()`` (or ``setup()``, ``restore()`` and ``fit()`` in turn).
+    ``config`` is the resolved config; ``settings`` its ``train`` section with the numbers
+    checked (by default checked here); ``dist_info`` this process's place among the processes
+    (by default set up here). Call ``run()``, or ``setup()``, ``restore()`` and ``fit()`` in
+    turn; ``state`` is where the run stands.
     """
 
-    def __init__(self, config: dict, out: Path, resume: bool, settings: dict,
-                 dist_info: DistInfo) -> None:
+    def __init__(self, config: dict, out: Path, resume: bool = False,
+                 settings: dict | None = None, dist_info: DistInfo | None = None) -> None:
         self.config, self.out, self.resume = config, Path(out), resume
-        self.settings, self.dist = settings, dist_info
+        self.settings = _numbers(config["train"]) if settings is None else settings
+        self.dist = dist_info or setup_distributed(self.settings["device"])
         self.state = TrainState()
         self.started_from: Path | None = None
 
@@ -134,7 +144,8 @@ class Trainer:
     def restore(self) -> None:
         """Continue from the newest complete checkpoint of a resumed run (weights, optimizer,
         scaler, sampler, RNG states, TrainState), and open the metrics log, keeping only the
-        records up to that checkpoint. A resumed run without one starts over from step 0."""
+        records up to that checkpoint. A resumed run without one starts over from step 0.
+        Under torchrun the model is then wrapped for DistributedDataParallel."""
         start = None
         try:  # every rank reads the checkpoint; a bad one is reported once
             start = latest_checkpoint(self.out / CHECKPOINTS) if self.resume else None
@@ -148,6 +159,8 @@ class Trainer:
         except DataError as exc:
             fail_once(exc)
         self.started_from = start
+        self.net = (DistributedDataParallel(self.model) if self.dist.world_size > 1
+                    else self.model)
         if start is not None:
             self.log(f"resumed from {start} at epoch {self.state.epoch + 1}, batch "
                      f"{self.state.batch}, step {self.state.step}")
@@ -177,8 +190,6 @@ class Trainer:
         and return the summary."""
         t = self.settings
         started = time.perf_counter()
-        self.net = (DistributedDataParallel(self.model) if self.dist.world_size > 1
-                    else self.model)
         for epoch in range(self.state.epoch, t["epochs"]):
             self.train_epoch(epoch)
             self.state.epoch, self.state.batch = epoch + 1, 0
