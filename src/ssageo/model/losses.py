@@ -152,7 +152,8 @@ def loss_terms() -> tuple[LossTerm, ...]:
 
 
 def ssa_loss(outputs: dict, prior: torch.Tensor | None, loss_cfg: dict) -> dict:
-    """The SSA objective ``InfoNCE + ssa_weight * (0.5 CE + 0.5 Dice)`` from model outputs.
+    """The training objective from model outputs: the sum of the terms of ``loss_terms()``,
+    for SSA ``InfoNCE + ssa_weight * (0.5 CE + 0.5 Dice)``.
 
     ``outputs``: the model's dict (query, reference, bev_logits, logit_scale); ``prior``:
     (B,H,W) class map or None; ``loss_cfg``: the config's ``loss`` section. Returns tensors:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ssageo.model.losses import loss_terms
+from ssageo.report.runlog import loss_terms
 from ssageo.train.rundir import RunLog
 
 CORRECT = (0.13, 0.70, 0.25)  # green: the true reference tile

@@ -8,13 +8,23 @@ objective's terms (``ssageo.model.losses.loss_terms``), so a new term shows up h
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ssageo.model.losses import loss_terms
 from ssageo.train.rundir import METRICS_FILE, RunLog
+
+if TYPE_CHECKING:
+    from ssageo.model.losses import LossTerm
 
 # Evaluation metrics shown in tables, in this order, where a run has them.
 EVAL_KEYS = ("R@1", "R@5", "R@10", "R@1%", "hit_rate", "median_error_m", "mean_error_m")
+
+
+def loss_terms() -> tuple[LossTerm, ...]:
+    """The objective's terms (``ssageo.model.losses.LOSS_TERMS``), imported when first needed:
+    importing the model package loads timm, which reading a log has no other use for."""
+    from ssageo.model.losses import loss_terms as terms
+
+    return terms()
 
 
 def loss_keys() -> tuple[str, ...]:
