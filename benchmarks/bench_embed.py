@@ -11,6 +11,12 @@ the convolutions then run channels_last without touching the model's weights.
     python benchmarks/bench_embed.py                     # paper sizes: cvusa preset, convnext_base
     python benchmarks/bench_embed.py --views reference   # the satellite view only
     python benchmarks/bench_embed.py --config synth-cpu --batch 64 --batches 8
+    python benchmarks/bench_embed.py --onnx              # + the `ssageo export` ONNX encoder
+
+``--onnx`` adds rows for the encoder as ``ssageo export`` writes it, run by onnxruntime (CPU,
+1 and 2 intra-op threads), timed in the same rounds; its input is uint8 pixels, so its time
+includes the normalisation the PyTorch rows are spared. On a busy machine the ratio moves with
+the load (each row is a median over rounds taken turn about, which evens most of it out).
 """
 
 from __future__ import annotations
@@ -57,6 +63,29 @@ def run(model: torch.nn.Module, view: str, setting, images: torch.Tensor) -> flo
         return time.perf_counter() - start
 
 
+def onnx_runner(model: torch.nn.Module, view: str, size, threads: int):
+    """A function timing one batch of uint8 pixels through the exported ONNX encoder."""
+    import numpy as np
+    import onnxruntime
+
+    from ssageo.evaluate.export import PixelEncoder, _onnx_bytes
+
+    encoder = PixelEncoder(model, view).eval()
+    with torch.no_grad():
+        data = _onnx_bytes(encoder, torch.zeros(2, *size, 3, dtype=torch.uint8), {})
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = threads
+    session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    pixels = np.random.default_rng(0).integers(0, 256, (256, *size, 3), dtype=np.uint8)
+
+    def run_onnx(batch: int) -> float:
+        start = time.perf_counter()
+        session.run(None, {"pixels": pixels[:batch]})
+        return time.perf_counter() - start
+
+    return run_onnx
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="cvusa")
@@ -64,6 +93,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=2, help="timed batches per setting")
     parser.add_argument("--views", nargs="+", default=["reference", "query"],
                         choices=["reference", "query"])
+    parser.add_argument("--onnx", action="store_true",
+                        help="also time the exported ONNX encoder in onnxruntime")
     parser.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = parser.parse_args()
     cfg = load_config(args.config, ["model.pretrained=null", *args.overrides])
@@ -76,17 +107,31 @@ def main() -> None:
     for view in args.views:
         size = d[f"{view}_size"]
         images = torch.randn(max(s[1] for s in table), 3, *size)
+        onnx = {f"onnxruntime, {t} thread{'s' * (t > 1)}": (onnx_runner(model, view, size, t), t)
+                for t in (1, 2)} if args.onnx else {}
         times: dict[str, list[float]] = {s[0]: [] for s in table}
+        times.update({name: [] for name in onnx})
         for i in range(args.batches + 1):  # round 0 warms each setting up
             for s in table:
                 seconds = run(model, view, s, images)
                 if i:
                     times[s[0]].append(seconds / s[1])
+            torch.set_num_threads(1)
+            for name, (run_onnx, _) in onnx.items():
+                seconds = run_onnx(args.batch)
+                if i:
+                    times[name].append(seconds / args.batch)
         base = 1 / statistics.median(times[table[0][0]])
-        for s in table:
-            rate = 1 / statistics.median(times[s[0]])
-            print(f"{view} {size[0]}x{size[1]}: {s[0]:34s} {rate:7.2f} images/s  "
+        for name in times:
+            rate = 1 / statistics.median(times[name])
+            print(f"{view} {size[0]}x{size[1]}: {name:34s} {rate:7.2f} images/s  "
                   f"x{rate / base:.2f}")
+        for name, (_, threads) in onnx.items():
+            torch_name = next(s[0] for s in table if s[2] == threads and s[1] == args.batch
+                              and s[3] == "contiguous")
+            ratio = statistics.median(times[torch_name]) / statistics.median(times[name])
+            print(f"  ONNX / PyTorch ({threads} thread{'s' * (threads > 1)}, batch "
+                  f"{args.batch}): x{ratio:.2f} images/s")
         print(f"  (load average {os.getloadavg()[0]:.1f} after {view})")
 
 

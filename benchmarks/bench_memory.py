@@ -108,11 +108,13 @@ def build(bev: bool, lean: bool, checkpointing: bool, sizes: tuple, depth: int, 
     from ssageo.model import build_model
 
     (ref, query) = sizes
+    # The config's tile is the BEV grid's (a config rule); the model below is built at `ref`,
+    # which --validate makes smaller than the paper's grid covers, on purpose.
     cfg = load_config("cvusa", [
         "model.pretrained=none", f"model.backbone={backbone}",
         f"model.bev.enabled={str(bev).lower()}", f"model.bev.lean={str(bool(lean)).lower()}",
         f"model.bev.depth_bins={depth}", f"model.bev.grid_size={grid}",
-        f"data.reference_size=[{ref[0]},{ref[1]}]", f"data.query_size=[{query[0]},{query[1]}]",
+        f"data.reference_size=[{8 * grid},{8 * grid}]", f"data.query_size=[{query[0]},{query[1]}]",
     ])
     torch.manual_seed(0)
     model = build_model(cfg["model"], ref, query, cfg["loss"]["logit_scale_init"]).train()

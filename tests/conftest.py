@@ -27,3 +27,30 @@ def synth_world(tmp_path_factory):
         return made[(layout, split)]
 
     return make
+
+
+# Two short epochs of a small model: enough for every curve, table row and figure to be real.
+TINY_RUN = ["model.backbone=convnext_atto",
+            "data.workers=0", "data.query_size=[32,128]", "data.reference_size=[32,32]",
+            "model.bev.grid_size=4", "model.bev.depth_bins=8", "train.epochs=2",
+            "train.batch_size=16", "train.checkpoint_every=1000",
+            "train.sampling.similarity=false", "eval.batch_size=32"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synth_world, tmp_path_factory):
+    """``{"run": Path, "world": Path}``: a real tiny SSA run (BEV head on, TINY_RUN) trained
+    once per session on a copy of the synthetic CVUSA world with oracle priors (the report's
+    and the local page's tests use it). Treat both as read-only."""
+    import shutil
+
+    from ssageo.config import load_config
+    from ssageo.priors import list_tiles, run_priors
+    from ssageo.priors.oracle import OracleBackend
+    from ssageo.train.loop import train
+
+    base = tmp_path_factory.mktemp("tiny-run")
+    world = shutil.copytree(synth_world("cvusa"), base / "world")
+    run_priors(list_tiles(world), OracleBackend(world), progress=False)
+    train(load_config("synth-cpu", [f"data.root={world}", *TINY_RUN]), base / "ssa")
+    return {"run": base / "ssa", "world": world}

@@ -59,6 +59,13 @@ def test_missing_file_and_unknown_preset():
         ("train.device=cuda:", "train.device", "unknown device"),
         ("train.threads=0", "train.threads", "at least 1"),
         ("train.clip_grad_norm=0", "train.clip_grad_norm", "above 0"),
+        # keys the old schema did not check: each key's type now comes with it
+        ("model.backbone=123", "model.backbone", "must be text"),
+        ("train.amp=fp32", "train.amp", "one of fp16, bf16, none"),
+        ("train.sampling.first=nearest", "train.sampling.first", "one of random, gps"),
+        ("data.augment.hole_size_from=sky", "data.augment.hole_size_from", "one of reference"),
+        ("model.shared_encoder=1", "model.shared_encoder", "true or false"),
+        ("data.root=[a]", "data.root", "text or null"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(override, key, what):
@@ -183,3 +190,150 @@ def test_real_presets_carry_the_reference_values(name):
 
     head = (resources.files("ssageo") / "configs" / f"{name}.yaml").read_text("utf-8")
     assert "train_" in head.split("_base_")[0]
+
+
+# --- Typed config: one dataclass per section (ssageo.config.schema)
+
+
+def test_every_key_is_declared_with_a_type_a_default_and_a_doc():
+    import dataclasses
+
+    from ssageo.config import schema
+    from ssageo.config.checks import BY_TYPE
+
+    for kind, cls in schema.KINDS.items():
+        fields = schema.keys(cls)
+        assert fields and all(f.metadata["doc"].strip() for f in fields.values())
+        for dotted, f in fields.items():
+            if "section" not in f.metadata:  # a check of its own or one its type implies
+                assert f.metadata["check"] or str(f.type) in BY_TYPE, dotted
+        # the declared defaults pass their own checks
+        assert dataclasses.asdict(schema.build(cls, schema.defaults(kind))) == \
+            schema.defaults(kind)
+    # the default preset only names itself: its values are the declared defaults
+    assert load_config("synth-cpu") == schema.defaults("train")
+
+
+def test_a_file_without_base_overrides_the_defaults_and_old_run_configs_still_load(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("model:\n  backbone: resnet34\n")
+    cfg = load_config(f)
+    assert cfg["model"]["backbone"] == "resnet34" and cfg == load_config(
+        "synth-cpu", ["model.backbone=resnet34"])
+    f.write_text("tarin:\n  lr: 0.1\n")  # a misspelt section is no longer ignored
+    with pytest.raises(ConfigError, match=r"mine.yaml: unknown config key 'tarin' "
+                                          r"\(did you mean 'train'\?\)"):
+        load_config(f)
+    # a run directory's config.yaml from before train.sampling.first / the lean head
+    old = load_config("synth-cpu")
+    old["train"]["sampling"].pop("first")
+    old["train"]["sampling"]["gps"] = False
+    old["model"]["bev"]["recompute_decoder"] = False
+    old["train"]["amp"] = True
+    save_config(old, f)
+    cfg = load_config(f)
+    assert cfg["train"]["sampling"]["first"] == "random" and cfg["train"]["amp"] == "bf16"
+    assert "gps" not in cfg["train"]["sampling"] and "recompute_decoder" not in cfg["model"]["bev"]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.reference_size=[128,128]"], r"^model.bev.grid_size: 8 gives 64x64 BEV logits.*"
+                                        r"\[128, 128\].*use model.bev.grid_size=16"),
+    (["data.reference_size=[64,96]"], r"^model.bev.grid_size: .*a square tile"),
+    (["train.sampling.neighbour_select=40"], r"^train.sampling.neighbour_select: must be at "
+                                             r"most train.sampling.neighbour_range \(32\)"),
+    (["train.sampling.neighbour_range=200"], r"^train.sampling.gps_k: must be at least "
+                                             r"train.sampling.neighbour_range \(200\)"),
+])
+def test_rules_between_keys_are_checked_when_the_config_is_built(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("synth-cpu", overrides)
+
+
+def test_consistent_combinations_pass():
+    assert load_config("synth-cpu", ["data.reference_size=[128,128]",
+                                     "model.bev.grid_size=16"])["model"]["bev"]["grid_size"] == 16
+    load_config("synth-cpu", ["data.reference_size=[64,96]", "model.bev.enabled=false"])
+    load_config("synth-cpu", ["train.sampling.neighbour_range=200", "train.sampling.first=random"])
+
+
+def test_the_global_batch_must_split_over_the_torchrun_processes(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    load_config("synth-cpu", ["train.batch_size=8"])
+    with pytest.raises(ConfigError, match=r"^train.batch_size=5 \(the global batch\) must be "
+                                          r"divisible by the number of processes \(2\)$"):
+        load_config("synth-cpu", ["train.batch_size=5"])
+    monkeypatch.setenv("RANK", "1")  # the other ranks stop silently: one message in all
+    with pytest.raises(SystemExit) as stop:
+        load_config("synth-cpu", ["train.batch_size=5"])
+    assert stop.value.code == 2
+
+
+def test_config_show_prints_the_resolved_config_with_each_keys_doc(tmp_path, capsys):
+    import yaml
+
+    from ssageo.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["config", "show", "cvusa", "train.lr=2e-4"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert "  lr: 0.0002  # peak learning rate (AdamW)\n" in out
+    assert "  bev:  # the BEV head supervised by satellite priors\n" in out
+    assert "    grid_size: 48  # N: BEV grid" in out
+    expected = load_config("cvusa", ["train.lr=2e-4"])
+    assert yaml.safe_load(out) == expected  # the output is the config, as YAML
+    (tmp_path / "shown.yaml").write_text(out)
+    assert load_config(tmp_path / "shown.yaml") == expected  # and loads back as it is
+    with pytest.raises(SystemExit):
+        main(["config", "show", "train.epochs=2"])  # overrides alone: the default preset
+    assert "  epochs: 2  # training epochs\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        main(["config", "show", "priors-langsam"])
+    out = capsys.readouterr().out
+    assert out.startswith("priors:  # ") and "train" not in yaml.safe_load(out)
+    assert "  box_threshold: 0.24  # GroundingDINO box threshold\n" in out
+    with pytest.raises(SystemExit) as done:
+        main(["config", "show", "model.bev.grid_size=4"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.startswith("error: model.bev.grid_size: 4 gives")
+
+
+def test_the_priors_config_holds_priors_settings_only(tmp_path):
+    cfg = load_config("priors-langsam")
+    assert list(cfg) == ["priors"] and cfg["priors"]["box_threshold"] == 0.24
+    f = tmp_path / "mine.yaml"
+    f.write_text("priors:\n  box_threshold: 0.3\n")  # a priors section alone: no _base_
+    assert load_config(f, kind="priors") == load_config(
+        "priors-langsam", ["priors.box_threshold=0.3"])
+    f.write_text("_base_: synth-cpu\npriors:\n  batch_size: 2\n")  # the old way still reads
+    assert load_config(f)["priors"]["batch_size"] == 2
+    f.write_text("_base_: cvusa\npriors:\n  batch_size: 2\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: 'priors' settings belong in their own "
+                                          r"config .* not beside data, eval, loss, model, train"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="preset cvusa: holds train settings, but a priors "
+                                          "config is needed"):
+        load_config("cvusa", kind="priors")
+    with pytest.raises(ConfigError, match="holds priors settings, but a train config"):
+        load_config("priors-langsam", kind="train")
+    with pytest.raises(ConfigError, match="unknown config key 'data.root'"):
+        load_config("priors-langsam", ["data.root=x"])
+    with pytest.raises(ConfigError, match=r"^priors.classes: must be a mapping of names"):
+        load_config("priors-langsam", ["priors.classes=[paper]"])
+
+
+def test_the_priors_command_takes_a_priors_only_config_file(synth_world, tmp_path, capsys):
+    from ssageo.cli import main
+
+    world = synth_world("cvusa")
+    for text, key in (("priors:\n  box_threshold: 2\n", "priors.box_threshold"),
+                      ("_base_: cvusa\npriors:\n  batch_size: 2\n", "'priors' settings")):
+        (tmp_path / "p.yaml").write_text(text)
+        with pytest.raises(SystemExit) as done:
+            main(["priors", str(world), "--backend", "langsam", "--config",
+                  str(tmp_path / "p.yaml"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and err.startswith("error: ") and key in err, err
+    assert not (world / "priors-run.json").exists()

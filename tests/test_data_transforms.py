@@ -174,7 +174,8 @@ def test_pair_dataset_sizes_holes_from_the_satellite_or_each_view(synth_world, h
 
     cfg = load_config("synth-cpu", ["data.augment.photometric=true",
                                     f"data.augment.hole_size_from={hole_size_from}",
-                                    "data.reference_size=[192,192]", "data.query_size=[70,384]"])
+                                    "data.reference_size=[192,192]", "data.query_size=[70,384]",
+                                    "model.bev.grid_size=24"])
     ds = PairDataset(load_manifest(synth_world("cvusa")), cfg["data"], train=True)
     for view, size, holes in (("query", (70, 384), query_holes),
                               ("reference", (192, 192), (19, 38))):

@@ -3,6 +3,7 @@ table of ``ssageo log``."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -17,32 +18,17 @@ from typer.testing import CliRunner
 from ssageo.cli import app
 from ssageo.config import load_config
 from ssageo.io import DataError
+from ssageo.model import losses
 from ssageo.report import build_report, epoch_rows, read_run_log
-from ssageo.report.figures import project_2d
+from ssageo.report.figures import project_2d, training_curves
 from ssageo.train.loop import train
-
-# Two short epochs of a small model: enough for every curve, table row and figure to be real.
-TINY = ["model.backbone=convnext_atto",
-        "data.workers=0", "data.query_size=[32,128]", "data.reference_size=[32,32]",
-        "model.bev.grid_size=8", "model.bev.depth_bins=8", "train.epochs=2",
-        "train.batch_size=16", "train.checkpoint_every=1000", "train.sampling.similarity=false",
-        "eval.batch_size=32"]
 
 
 @pytest.fixture(scope="module")
-def runs(synth_world, tmp_path_factory):
-    """A real tiny SSA run (BEV head on) on a synthetic CVUSA world with oracle priors, and a
-    copy of it to compare against."""
-    from ssageo.priors import list_tiles, run_priors
-    from ssageo.priors.oracle import OracleBackend
-
-    base = tmp_path_factory.mktemp("report")
-    world = shutil.copytree(synth_world("cvusa"), base / "world")
-    run_priors(list_tiles(world), OracleBackend(world), progress=False)
-    cfg = load_config("synth-cpu", [f"data.root={world}", *TINY])
-    train(cfg, base / "ssa")
-    shutil.copytree(base / "ssa", base / "ssa-copy")
-    return {"ssa": base / "ssa", "copy": base / "ssa-copy"}
+def runs(tiny_run, tmp_path_factory):
+    """The shared tiny SSA run (tests/conftest.py) and a copy of it to compare against."""
+    copy = shutil.copytree(tiny_run["run"], tmp_path_factory.mktemp("report") / "ssa-copy")
+    return {"ssa": tiny_run["run"], "copy": copy}
 
 
 def _browser() -> str | None:
@@ -201,3 +187,49 @@ def test_report_on_a_full_disk_is_one_line(runs, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {folder / 'r.html'}: cannot write: no space left on device")
     assert left == {}
+
+
+# Step records as ssageo wrote them before the loss terms were a table (same keys since).
+OLD_LOG = [
+    {"kind": "step", "step": 1, "epoch": 1, "loss": 3.0, "infonce": 2.0, "bev": 1.0, "lr": 1e-4,
+     "logit_scale": 14.3, "grad_norm": 2.0, "pairs_per_s": 8.0},
+    {"kind": "step", "step": 2, "epoch": 1, "loss": 2.0, "infonce": 1.5, "bev": 0.5, "lr": 2e-4,
+     "logit_scale": 14.3, "grad_norm": 2.0, "pairs_per_s": 8.0},
+    {"kind": "eval", "split": "val", "step": 2, "epoch": 1, "R@1": 25.0},
+]
+
+
+def _panel_rows(png: bytes) -> int:
+    """Rows of panels of a training-curves figure (3.25 inches at 100 dpi each)."""
+    return round(Image.open(io.BytesIO(png)).size[1] / 325)
+
+
+def test_an_old_metrics_log_reads_with_a_column_and_a_curve_per_loss_term(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in OLD_LOG))
+    rows = epoch_rows(read_run_log(tmp_path))
+    assert rows[0]["infonce"] == 1.75 and rows[0]["bev"] == 0.75 and rows[0]["loss"] == 2.5
+    result = CliRunner().invoke(app, ["log", str(tmp_path)], terminal_width=160)
+    assert result.exit_code == 0, result.output
+    assert "InfoNCE" in result.output and "BEV" in result.output and "0.7500" in result.output
+    assert _panel_rows(training_curves({"old": read_run_log(tmp_path)})) == 2  # 2 terms, lr, R@1
+
+
+def test_a_new_loss_term_is_one_entry_in_the_term_table(synth_world, tmp_path, monkeypatch,
+                                                        capsys):
+    def scale_penalty(outputs, prior, loss_cfg):
+        return 1e-3 * outputs["logit_scale"] ** 2
+
+    extra = losses.LossTerm("scale", "Scale", "logit scale penalty", scale_penalty)
+    monkeypatch.setattr(losses, "LOSS_TERMS", (*losses.LOSS_TERMS, extra))
+    run = tmp_path / "run"
+    train(load_config("synth-cpu", [f"data.root={synth_world('cvusa')}", "data.workers=0",
+                                    "model.backbone=convnext_atto", "train.batch_size=4",
+                                    "train.epochs=1", "train.max_steps_per_epoch=2"]), run)
+    assert "scale=" in capsys.readouterr().err  # the progress bar
+    steps = read_run_log(run).steps
+    assert [s["scale"] > 0 for s in steps] == [True, True]  # metrics.jsonl
+    for s in steps:
+        assert s["loss"] == pytest.approx(s["infonce"] + s["bev"] + s["scale"], rel=1e-5)
+    result = CliRunner().invoke(app, ["log", str(run)], terminal_width=200)
+    assert "Scale" in result.output  # ssageo log
+    assert _panel_rows(training_curves({"run": read_run_log(run)})) == 3  # 3 terms, lr, R@1

@@ -22,8 +22,18 @@ from ssageo.config import load_config
 from ssageo.demo import run_demo
 from ssageo.io import DataError
 from ssageo.model import build_model, load_model, save_model
-from ssageo.report.runlog import read_run_log
-from ssageo.train import NonFiniteLossError, lock_run_dir, train
+from ssageo.train import NonFiniteLossError, TrainState, lock_run_dir, train
+from ssageo.train.rundir import (
+    METRICS_FILE,
+    MetricsLog,
+    read_config,
+    read_eval,
+    read_run_log,
+    read_summary,
+    write_eval,
+    write_summary,
+)
+from ssageo.train.state import FORMAT, read_progress
 
 TINY = ["model.backbone=convnext_atto", "data.workers=0", "train.batch_size=4",
         "train.epochs=2", "train.max_steps_per_epoch=3"]
@@ -383,3 +393,68 @@ def test_resume_from_another_directory_reads_the_runs_dataset(synth_world, tmp_p
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved["data"]["root"] == str((tmp_path / "here" / "world").resolve())
     assert train(None, tmp_path / "run", resume=True)["steps"] == 1  # not ./world from here
+
+
+# --- versioned checkpoints -------------------------------------------------------------------
+
+
+def _state_file(path, change):
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+NEWER = {
+    "progress.json": lambda p: p.write_text(json.dumps(
+        dict(json.loads(p.read_text()), format=FORMAT + 1))),
+    "training_state.pt": lambda p: _state_file(p, lambda s: s.update(format=FORMAT + 1)),
+}
+
+
+@pytest.mark.parametrize("name", NEWER)
+def test_a_checkpoint_of_a_newer_format_is_refused_naming_the_file_and_both_formats(
+        finished_run, tmp_path, name):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    last = run / "checkpoints" / "last"
+    assert json.loads((last / "progress.json").read_text())["format"] == FORMAT
+    assert torch.load(last / "training_state.pt", weights_only=True)["format"] == FORMAT
+    NEWER[name](last / name)
+    with pytest.raises(DataError) as err:
+        train(None, run, resume=True)
+    assert str(err.value) == (
+        f"{last / name}: checkpoint format {FORMAT + 1} is newer than this ssageo reads "
+        f"(format {FORMAT}); resume it with the ssageo version that wrote it")
+
+
+def test_a_checkpoint_without_a_format_number_still_resumes(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    last = run / "checkpoints" / "last"
+    progress = json.loads((last / "progress.json").read_text())
+    del progress["format"]  # as written before checkpoints had a format
+    (last / "progress.json").write_text(json.dumps(progress))
+    _state_file(last / "training_state.pt", lambda s: s.pop("format"))
+    assert read_progress(last) == TrainState(**progress)
+    assert train(None, run, resume=True)["steps"] == 2
+
+
+# --- the run directory's files: written and read by one module --------------------------------
+
+
+def test_run_directory_files_round_trip_and_a_damaged_one_is_one_line(tmp_path):
+    log = MetricsLog(tmp_path / METRICS_FILE)
+    log.add({"kind": "step", "step": 1, "epoch": 1, "loss": 2.5, "infonce": 2.0, "bev": 0.5})
+    log.add({"kind": "eval", "step": 1, "epoch": 1, "R@1": 50.0})
+    log.flush()
+    read = read_run_log(tmp_path)
+    assert [r["loss"] for r in read.steps] == [2.5] and read.evals[0]["R@1"] == 50.0
+    assert read_summary(tmp_path) == {} and read_eval(tmp_path) is None
+    write_summary(tmp_path, {"steps": 1})
+    write_eval(tmp_path, {"R@1": 12.5})
+    assert read_summary(tmp_path) == {"steps": 1} and read_eval(tmp_path) == {"R@1": 12.5}
+    (tmp_path / "eval.json").write_text("{oops")
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'eval.json'}: not valid JSON \(.*\)$"):
+        read_eval(tmp_path)
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'nothing'}: no training run here"):
+        read_config(tmp_path / "nothing")

@@ -95,3 +95,31 @@ def test_resume_refuses_overrides_and_a_folder_without_a_run(tmp_path):
     result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path), "train.epochs=3"])
     assert isinstance(result.exception, ConfigError)
     assert "--resume" in str(result.exception)
+
+
+def test_trainer_steps_advance_the_state_and_a_new_trainer_restores_it(synth_world, tmp_path):
+    from torch.utils.data import default_collate
+
+    from ssageo.train import Trainer
+    from ssageo.train.rundir import open_run_dir
+
+    cfg = tiny_config(synth_world("cvusa"), "data.workers=0")
+    run = tmp_path / "run"
+    with open_run_dir(run, resume=False):
+        trainer = Trainer(cfg, run)
+        trainer.setup()
+        trainer.restore()
+        batch = default_collate([trainer.dataset[i] for i in range(4)])
+        record, names = trainer.train_step(batch, epoch=0)
+        assert names == ("loss", "infonce", "bev")
+        assert (trainer.state.step, trainer.state.batch, record["step"]) == (1, 1, 1)
+        assert record["loss"] == pytest.approx(record["infonce"] + record["bev"])
+        trainer.save("last")
+    with open_run_dir(run, resume=True):
+        again = Trainer(cfg, run, resume=True)
+        again.setup()
+        again.restore()
+    assert again.started_from == run / "checkpoints" / "last"
+    assert again.state == trainer.state
+    ours, theirs = trainer.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -108,7 +108,10 @@ def test_checkpoint_keeps_the_grad_scaler_state(small_model, tmp_path, enabled):
 
 
 def test_a_bad_amp_value_stops_before_any_work(synth_world, tmp_path):
-    cfg = load_config("synth-cpu", [f"data.root={synth_world('cvusa')}", "train.amp=fp32"])
+    with pytest.raises(ConfigError, match="^train.amp: must be one of fp16, bf16, none"):
+        load_config("synth-cpu", ["train.amp=fp32"])  # refused when the config is built
+    cfg = load_config("synth-cpu", [f"data.root={synth_world('cvusa')}"])
+    cfg["train"]["amp"] = "fp32"  # and by train() for a config made in code
     with pytest.raises(ConfigError, match="train.amp must be one of"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()

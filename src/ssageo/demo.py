@@ -190,6 +190,7 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
         finish("priors")
 
     from ssageo.train import train
+    from ssageo.train.rundir import CONFIG_FILE
 
     runs = {"SSA": out / "runs" / "ssa", "no-SSA baseline": out / "runs" / "baseline"}
     for i, (label, run) in enumerate(runs.items()):
@@ -200,7 +201,7 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
                 f"train.sampling.similarity_every={plan.similarity_every}",
             ])
             # a run a killed demo started: continue it (from step 0 when it has no checkpoint)
-            resume = (run / "config.yaml").is_file()
+            resume = (run / CONFIG_FILE).is_file()
             train(None if resume else config, run, resume=resume)
             finish(run.name)
 
@@ -226,24 +227,24 @@ def evaluate_run(run: Path, console: Console) -> dict:
     from ssageo.data import load_manifest
     from ssageo.evaluate.embed import evaluate_model
     from ssageo.model import load_model
+    from ssageo.train.rundir import read_eval, read_run_log, read_summary, write_eval
 
-    cached = run / "eval.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
-    summary = json.loads((run / "summary.json").read_text())
+    cached = read_eval(run)
+    if cached is not None:
+        return cached
+    summary = read_summary(run)
     # The final weights: the val split is the one reported, so nothing is selected on it.
     checkpoint = summary["last_checkpoint"]
     model, config = load_model(checkpoint)
     manifest = load_manifest(config["data"]["root"], split="val")
     console.print(f"evaluating {checkpoint} on the val split", highlight=False)
     metrics = evaluate_model(model.eval(), manifest, config)
-    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in log if r["kind"] == "step"]
+    steps = read_run_log(run).steps
     batch = config["train"]["batch_size"]  # pairs_per_s = batch / (wall time of that step)
     metrics["train_seconds"] = round(sum(batch / r["pairs_per_s"] for r in steps), 1)
     metrics["steps"] = len(steps)
     metrics["checkpoint"] = checkpoint
-    atomic_write_text(cached, json.dumps(metrics, indent=1))
+    write_eval(run, metrics)
     return metrics
 
 

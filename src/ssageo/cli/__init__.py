@@ -40,12 +40,15 @@ def _root(
 
 # Command modules register themselves on `app` when imported.
 from ssageo.cli import (  # noqa: E402,F401
+    config,
     data,
     demo,
     evaluate,
+    export,
     model,
     priors,
     report,
+    serve,
     synth,
     train,
 )

@@ -11,7 +11,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from ssageo.cli import app
-from ssageo.data.check import check_dataset
 from ssageo.data.registry import dataset_choices, get_spec, mode_help
 
 data_app = typer.Typer(help="Inspect datasets (CVUSA, CVACT, VIGOR, a pairs CSV).",
@@ -35,6 +34,8 @@ def check(
     Exit status 0 when the dataset is usable (splits that are absent as a whole, e.g. a separate
     download, are named but allowed), 1 otherwise.
     """
+    from ssageo.data.check import check_dataset  # here: the data stage loads torch
+
     report = check_dataset(root, dataset, vigor_mode, strict=strict, progress=not as_json,
                            full=full)
     if as_json:

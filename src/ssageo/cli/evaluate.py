@@ -166,7 +166,7 @@ def embed(
 
 @index_app.command("build")
 def index_build(
-    checkpoint: Path = typer.Option(..., help="Checkpoint folder."),
+    checkpoint: Path | None = typer.Option(None, help="Checkpoint folder (or --onnx)."),
     out: Path = typer.Option(
         ..., help="Index to write: FILE.npz (one exact file) or a folder (sharded, any kind)."
     ),
@@ -193,6 +193,8 @@ def index_build(
     workers: int = typer.Option(0, min=0, help="Loader processes."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP + " (.npz only)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    onnx: Path | None = typer.Option(
+        None, "--onnx", help="Embed with this exported reference encoder (onnxruntime, CPU)."),
 ) -> None:
     """Embed satellite tiles with their coordinates into a geo index (a file or shards)."""
     from ssageo.evaluate.index import build_index, is_index_file
@@ -201,7 +203,9 @@ def index_build(
 
     if (data is None) == (tiles is None):
         raise typer.BadParameter("give exactly one of --data ROOT or --tiles TILES.csv")
-    device = _device(device)
+    if (checkpoint is None) == (onnx is None):
+        raise typer.BadParameter("give exactly one of --checkpoint CKPT or --onnx FILE")
+    device = _device(device) if onnx is None else "cpu"
     single = out.suffix == ".npz"
     if single:
         if kind == "ivfpq" or extend:
@@ -215,7 +219,15 @@ def index_build(
         table = TileList(paths, coords)
         source = f"{data.resolve()} ({described})"
         Console().print(f"{described}: {len(paths)} distinct satellite tiles", highlight=False)
-    if single:
+    if onnx is not None:
+        from ssageo.evaluate.deploy import build_onnx_index
+
+        if kind == "auto":
+            kind = "exact" if len(table) <= AUTO_EXACT_MAX else "ivfpq"
+        meta = build_onnx_index(onnx, table, out, source, kind, shard_size, lists,
+                                pq_bytes, rerank_store, extend, batch_size, Console().print)
+        count, dim, what = meta["count"], meta["descriptor_dim"], "exact" if single else kind
+    elif single:
         paths, coords = table.rows(0, len(table))
         index = build_index(checkpoint, paths, coords, out, source, batch_size, workers,
                             device=device)
@@ -245,11 +257,21 @@ def locate(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    onnx: Path | None = typer.Option(
+        None, "--onnx", help="Embed with this exported query encoder (onnxruntime, CPU; "
+        "torch is not loaded)."),
 ) -> None:
     """Rank the index's tiles for each image: lat, lon and cosine score of the best ones."""
-    from ssageo.evaluate.index import Localizer
+    if onnx is not None:
+        from ssageo.evaluate.deploy import OnnxLocalizer
 
-    localizer = Localizer(index, checkpoint, _device(device))
+        if checkpoint is not None:
+            raise typer.BadParameter("give --checkpoint or --onnx, not both")
+        localizer = OnnxLocalizer(index, onnx)
+    else:
+        from ssageo.evaluate.index import Localizer
+
+        localizer = Localizer(index, checkpoint, _device(device))
     results = localizer.locate_many(images, top_k, nprobe=nprobe, rerank=rerank)
     if as_json:
         payload = [{"image": str(p), "results": r, "time_s": t}

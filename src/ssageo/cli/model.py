@@ -31,7 +31,7 @@ def info_command(
     from ssageo.model.ssa import describe_weights
     from ssageo.model.summary import model_info
 
-    cfg = load_config(config, overrides or [])
+    cfg = load_config(config, overrides or [], kind="train")
     info = model_info(cfg)
     console = Console()
     data = cfg["data"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -11,8 +12,9 @@ from rich.console import Console
 from ssageo.cli import app
 from ssageo.config import ConfigError, load_config
 from ssageo.data.registry import dataset_choices
-from ssageo.priors.record import LabelRecord
-from ssageo.priors.run import PriorSummary, list_tiles, run_priors
+
+if TYPE_CHECKING:  # imported when run: the priors stages load torch, which other commands avoid
+    from ssageo.priors.run import PriorSummary
 
 
 class Backend(str, Enum):
@@ -26,14 +28,12 @@ def _langsam_section(config: str, overrides: list[str], detector: Path | None,
     """The ``priors`` section with the command's options applied and its device checked."""
     from ssageo.device import resolve_device
 
-    section = dict(load_config(config, overrides).get("priors") or {})
-    if not section:
-        raise ConfigError(f"{config}: no 'priors' section (see the priors-langsam preset)")
+    section = load_config(config, overrides, kind="priors")["priors"]
     for key, value in (("detector", detector), ("segmenter", segmenter), ("device", device),
                        ("batch_size", batch_size)):
         if value is not None:
             section[key] = str(value) if isinstance(value, Path) else value
-    section["device"] = resolve_device(section.get("device", "auto"),
+    section["device"] = resolve_device(section["device"],
                                        "--device" if device is not None else "priors.device")
     return section
 
@@ -66,7 +66,7 @@ def priors(
     force: bool = typer.Option(False, "--force", help="Redo tiles whose label already exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     config: str = typer.Option(
-        "priors-langsam", help="langsam: preset name or YAML file with a 'priors' section."),
+        "priors-langsam", help="langsam: preset or YAML file holding a 'priors' section only."),
     overrides: list[str] = typer.Option(
         None, "--set", help="langsam: config override, e.g. --set priors.box_threshold=0.3."),
     detector: Path = typer.Option(
@@ -98,6 +98,9 @@ def priors(
     parameters (recorded in ROOT/priors-run.json) unless --force; the exit status is 1 when any
     tile failed.
     """
+    from ssageo.priors.record import LabelRecord
+    from ssageo.priors.run import list_tiles, run_priors
+
     console = Console()
     tiles = list_tiles(root, dataset, split or None)
     # What the labels depend on, recorded beside them: checked before any model is loaded.

@@ -42,7 +42,7 @@ def train_command(
                               "--data or --out with it")
         run_dir, cfg = resume, None
     else:
-        cfg = load_config(config, overrides or [])
+        cfg = load_config(config, overrides or [], kind="train")
         # Paths are set directly, not as YAML overrides, so any file name is taken verbatim.
         if data is not None:
             cfg["data"]["root"] = str(data)

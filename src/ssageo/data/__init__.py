@@ -1,25 +1,27 @@
 """Datasets: readers for CVUSA, CVACT and VIGOR as distributed and for pairs CSVs (your own data),
 registered by name; transforms, neighbour lists."""
 
-from ssageo.data.datasets import ImageDataset, PairDataset
-from ssageo.data.manifest import (
-    DATASETS,
-    SPLITS,
-    VIGOR_MODES,
-    Manifest,
-    cache_dir_for,
-    detect_dataset,
-    load_manifest,
-)
-from ssageo.data.neighbours import EARTH_RADIUS_M, gps_neighbours, haversine
-from ssageo.data.registry import dataset_names, get_spec
-from ssageo.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    flip_pair,
-    geometric_augment,
-    rotate_pair,
-)
+import importlib
+
+# Lazy (PEP 562), so that importing a light submodule (the registry, the readers) or the CLI does
+# not load torch through the datasets and transforms.
+_WHERE = {
+    "ImageDataset": "datasets", "PairDataset": "datasets",
+    "DATASETS": "manifest", "SPLITS": "manifest", "VIGOR_MODES": "manifest",
+    "Manifest": "manifest", "cache_dir_for": "manifest", "detect_dataset": "manifest",
+    "load_manifest": "manifest",
+    "EARTH_RADIUS_M": "neighbours", "gps_neighbours": "neighbours", "haversine": "neighbours",
+    "dataset_names": "registry", "get_spec": "registry",
+    "IMAGENET_MEAN": "transforms", "IMAGENET_STD": "transforms", "flip_pair": "transforms",
+    "geometric_augment": "transforms", "rotate_pair": "transforms",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"ssageo.data.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'ssageo.data' has no attribute {name!r}")
+
 
 __all__ = [
     "DATASETS",

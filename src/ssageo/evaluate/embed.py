@@ -10,7 +10,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ssageo.config import get
 from ssageo.data.datasets import ImageDataset
 from ssageo.data.manifest import Manifest
 from ssageo.data.registry import get_spec
@@ -71,8 +70,8 @@ def embed_manifest(
     Input sizes come from ``config["data"]`` (``query_size``, ``reference_size``); the batch size
     defaults to ``eval.batch_size`` and the loader workers to ``data.workers``.
     """
-    batch_size = batch_size or get(config, "eval.batch_size", DEFAULT_BATCH_SIZE)
-    workers = get(config, "data.workers", 0) if workers is None else workers
+    batch_size = batch_size or config["eval"]["batch_size"]  # a loaded config has every key
+    workers = config["data"]["workers"] if workers is None else workers
     kwargs = {"batch_size": batch_size, "workers": workers, "progress": progress}
     query = embed_paths(
         model, manifest.query_paths, config["data"]["query_size"], "query", **kwargs

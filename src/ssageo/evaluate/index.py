@@ -27,17 +27,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ssageo import __version__
 from ssageo.config import config_hash
-from ssageo.data.datasets import ImageDataset
-from ssageo.data.transforms import resize, to_tensor
 from ssageo.evaluate.ann import exact_topk
-from ssageo.evaluate.embed import DEFAULT_BATCH_SIZE, embed_paths
 from ssageo.io import DataError, atomic_write
+
+if TYPE_CHECKING:  # torch is imported where a model runs: an index opens without it (--onnx)
+    import torch
 
 INDEX_FORMAT = "ssageo-index"
 INDEX_VERSION = 1
@@ -231,13 +231,15 @@ def build_index(
     coords: np.ndarray,
     out: str | Path,
     source: str = "",
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = 64,
     workers: int = 0,
     progress: bool = True,
     device: str | torch.device = "cpu",
 ) -> GeoIndex:
     """Embed the satellite ``tiles`` (with (N, 2) lat/lon ``coords``) with the checkpoint's
     model on ``device`` and write the index to ``out``; returns the index."""
+    from ssageo.evaluate.embed import embed_paths
+
     coords = np.asarray(coords, dtype=np.float64)
     if coords.shape != (len(tiles), 2):
         raise ValueError(f"coords must be ({len(tiles)}, 2) lat/lon, got {coords.shape}")
@@ -294,6 +296,9 @@ class Localizer:
         self.query_size = tuple(self.config["data"]["query_size"])
 
     def _query_tensor(self, image: str | Path | np.ndarray) -> torch.Tensor:
+        from ssageo.data.datasets import ImageDataset
+        from ssageo.data.transforms import resize, to_tensor
+
         norm = self.model.data_config()
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -305,6 +310,8 @@ class Localizer:
 
     def embed(self, images: Sequence[str | Path | np.ndarray]) -> np.ndarray:
         """(B, D) query descriptors of panoramas given as paths or (H, W, 3) uint8 arrays."""
+        import torch
+
         x = torch.stack([self._query_tensor(im) for im in images])
         device = next(self.model.parameters()).device
         with torch.inference_mode():

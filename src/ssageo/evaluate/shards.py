@@ -25,14 +25,17 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ssageo.config import ConfigError
 from ssageo.evaluate import ann
 from ssageo.evaluate.ann import exact_topk
-from ssageo.evaluate.tiles import TileTable
 from ssageo.io import DataError, OutputError, atomic_write, atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:  # not imported when run: the tile readers load the data stage (torch)
+    from ssageo.evaluate.tiles import TileTable
 
 SHARDED_FORMAT = "ssageo-sharded-index"
 SHARDED_VERSION = 1

@@ -1,7 +1,15 @@
 """Losses of SSA (METHOD.md section 4): symmetric InfoNCE with a learnable temperature and an
-optional all-gather across processes, and the BEV term 0.5 CE + 0.5 Dice."""
+optional all-gather across processes, and the BEV term 0.5 CE + 0.5 Dice.
+
+The objective is the sum of the named terms in ``LOSS_TERMS``. Everything downstream (the
+training loop, ``metrics.jsonl``, the progress bar, ``ssageo log`` and the report's curves)
+iterates over that table, so adding a term is adding one ``LossTerm`` to it.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -95,22 +103,62 @@ def bev_loss(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     return 0.5 * F.cross_entropy(logits, target) + 0.5 * dice_loss(logits, target)
 
 
-def ssa_loss(outputs: dict, prior: torch.Tensor | None, loss_cfg: dict) -> dict:
-    """The SSA objective ``InfoNCE + ssa_weight * (0.5 CE + 0.5 Dice)`` from model outputs.
+@dataclass(frozen=True)
+class LossTerm:
+    """One named term of the training objective.
 
-    ``outputs``: the model's dict (query, reference, bev_logits, logit_scale); ``prior``:
-    (B,H,W) class map or None; ``loss_cfg``: the config's ``loss`` section. Returns tensors
-    {"loss", "infonce", "bev"}; the BEV term is 0 when the prior or the BEV logits are absent.
+    ``compute(outputs, prior, loss_cfg)`` returns the term already weighted (a scalar tensor;
+    zero where it does not apply, e.g. the BEV term without priors). ``name`` is its key in the
+    loss dict and in ``metrics.jsonl``; ``label`` heads its ``ssageo log`` column; ``title``
+    heads its curve in the report.
     """
-    infonce = InfoNCE(
+
+    name: str
+    label: str
+    title: str
+    compute: Callable[[dict, torch.Tensor | None, dict], torch.Tensor]
+
+
+def infonce_term(outputs: dict, prior: torch.Tensor | None, loss_cfg: dict) -> torch.Tensor:
+    """Symmetric InfoNCE of the two views' descriptors (the config's ``loss`` settings)."""
+    return InfoNCE(
         label_smoothing=float(loss_cfg.get("label_smoothing", 0.0)),
         multiplier=float(loss_cfg.get("logit_scale_multiplier", 1.0)),
         max_scale=float(loss_cfg.get("logit_scale_max", 100.0)),
         gather=bool(loss_cfg.get("gather", True)),
     )(outputs["query"], outputs["reference"], outputs["logit_scale"])
+
+
+def bev_term(outputs: dict, prior: torch.Tensor | None, loss_cfg: dict) -> torch.Tensor:
+    """``ssa_weight * (0.5 CE + 0.5 Dice)`` of the BEV logits against the prior; 0 when the
+    prior or the BEV logits are absent."""
     logits = outputs.get("bev_logits")
     if prior is None or logits is None:
-        bev = infonce.new_zeros(())
-    else:
-        bev = float(loss_cfg.get("ssa_weight", 1.0)) * bev_loss(logits, prior.to(logits.device))
-    return {"loss": infonce + bev, "infonce": infonce, "bev": bev}
+        return outputs["logit_scale"].new_zeros((), dtype=torch.float32)
+    return float(loss_cfg.get("ssa_weight", 1.0)) * bev_loss(logits, prior.to(logits.device))
+
+
+# The objective's terms, in the order they are logged and drawn. "infonce" and "bev" are also
+# the keys of every metrics.jsonl written so far: renaming one would orphan old runs' curves.
+LOSS_TERMS: tuple[LossTerm, ...] = (
+    LossTerm("infonce", "InfoNCE", "InfoNCE loss", infonce_term),
+    LossTerm("bev", "BEV", "BEV loss (0.5 CE + 0.5 Dice)", bev_term),
+)
+
+
+def loss_terms() -> tuple[LossTerm, ...]:
+    """The objective's terms (read at call time, so every consumer sees one table)."""
+    return LOSS_TERMS
+
+
+def ssa_loss(outputs: dict, prior: torch.Tensor | None, loss_cfg: dict) -> dict:
+    """The training objective from model outputs: the sum of the terms of ``loss_terms()``,
+    for SSA ``InfoNCE + ssa_weight * (0.5 CE + 0.5 Dice)``.
+
+    ``outputs``: the model's dict (query, reference, bev_logits, logit_scale); ``prior``:
+    (B,H,W) class map or None; ``loss_cfg``: the config's ``loss`` section. Returns tensors:
+    ``loss``, the sum of the terms, then each term of ``loss_terms()`` by name
+    (``infonce``, ``bev``).
+    """
+    terms = {term.name: term.compute(outputs, prior, loss_cfg) for term in loss_terms()}
+    return {"loss": sum(terms.values()), **terms}

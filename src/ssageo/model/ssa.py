@@ -311,9 +311,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
     if not (directory / CONFIG_FILE).is_file():
         raise DataError(f"{directory}: no {CONFIG_FILE} beside the weights")
     config = load_config(directory / CONFIG_FILE)
-    model_cfg = dict(config.get("model") or {}, pretrained=None)
+    model_cfg = dict(config["model"], pretrained=None)  # a loaded config has every key
     reference_size, query_size = _sizes(config)
-    scale_init = (config.get("loss") or {}).get("logit_scale_init", 1 / 0.07)
+    scale_init = config["loss"]["logit_scale_init"]
     model = SSAModel(model_cfg, reference_size, query_size, scale_init)
     model.model_cfg = copy.deepcopy(config["model"])
     load_weights(model, weights, data)

@@ -26,14 +26,8 @@ from ssageo.report.analysis import (
     retrieve,
     subset,
 )
-from ssageo.report.runlog import (
-    RunLog,
-    epoch_rows,
-    final_metrics,
-    log_table,
-    read_run_log,
-    read_summary,
-)
+from ssageo.report.runlog import epoch_rows, final_metrics, log_table
+from ssageo.train.rundir import RunLog, read_run_log, read_summary
 
 __all__ = ["RunLog", "build_report", "epoch_rows", "final_metrics", "is_report", "log_table",
            "read_run_log", "read_summary"]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssageo.config import ConfigError, get, load_config
+from ssageo.config import ConfigError, get
 from ssageo.io import DataError
 
 CHECKPOINTS = ("best", "last")  # the best validation checkpoint when there is one
@@ -36,20 +36,22 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> Run:
     """Read ``RUN_DIR/config.yaml`` and load a checkpoint in eval mode: ``checkpoint="best"``
     takes ``checkpoints/best`` (else ``last``), ``"last"`` takes ``checkpoints/last``."""
     from ssageo.model import load_model
+    from ssageo.model.ssa import WEIGHTS_FILE
+    from ssageo.train.rundir import CHECKPOINTS as FOLDER
+    from ssageo.train.rundir import checkpoint_dir, read_config
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise DataError(f"{run_dir / 'config.yaml'}: not found (is {run_dir} a training run?)")
+    config = read_config(run_dir)
     if checkpoint not in CHECKPOINTS:
         raise ConfigError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, "
                           f"got {checkpoint!r}")
     for name in CHECKPOINTS[CHECKPOINTS.index(checkpoint):]:
-        folder = run_dir / "checkpoints" / name
-        if (folder / "model.safetensors").is_file():
+        folder = checkpoint_dir(run_dir, name)
+        if (folder / WEIGHTS_FILE).is_file():
             model, _ = load_model(folder)
-            return Run(run_dir, load_config(run_dir / "config.yaml"), model.eval(), folder)
-    raise DataError(f"{run_dir / 'checkpoints'}: no best/ or last/ checkpoint with "
-                    "model.safetensors (has training written one yet?)")
+            return Run(run_dir, config, model.eval(), folder)
+    raise DataError(f"{run_dir / FOLDER}: no best/ or last/ checkpoint with "
+                    f"{WEIGHTS_FILE} (has training written one yet?)")
 
 
 def held_out_manifest(config: dict, data_root: Path | None = None):
@@ -64,12 +66,12 @@ def held_out_manifest(config: dict, data_root: Path | None = None):
     if root is None or not Path(root).exists():
         raise DataError(f"{root}: the run's dataset folder is not there; pass the dataset with "
                         "--data ROOT")
-    dataset = get(config, "data.dataset", "auto")
+    dataset = config["data"]["dataset"]  # a loaded config has every key
     if dataset == "auto":
         dataset = detect_dataset(root)
     split = get_spec(dataset).held_out
     return load_manifest(root, dataset=dataset, split=split,
-                         vigor_mode=get(config, "data.vigor_mode", "same-area"))
+                         vigor_mode=config["data"]["vigor_mode"])
 
 
 def subset(manifest, max_places: int, seed: int = 0):

@@ -7,12 +7,14 @@ Images are HxWx3 uint8 RGB arrays; activation maps and BEV probabilities are HxW
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from ssageo.report.runlog import RunLog
+from ssageo.report.runlog import loss_terms
+from ssageo.train.rundir import RunLog
 
 CORRECT = (0.13, 0.70, 0.25)  # green: the true reference tile
 WRONG = (0.85, 0.20, 0.20)
@@ -56,23 +58,22 @@ def _running_mean(values: Sequence[float]) -> np.ndarray:
 
 
 def training_curves(runs: Mapping[str, RunLog]) -> bytes:
-    """2x2 panels over the global step: InfoNCE, BEV loss, learning rate, validation R@1 (%).
+    """Panels over the global step, two per row: each loss term of the objective (InfoNCE,
+    BEV, ...), the learning rate, validation R@1 (%).
 
     ``runs`` maps a label to a run's log; several runs are overlaid for comparison.
     """
-    fig = _figure(11, 6.5)
-    axes = fig.subplots(2, 2)
-    panels = [
-        (axes[0, 0], "infonce", "steps", "InfoNCE loss"),
-        (axes[0, 1], "bev", "steps", "BEV loss (0.5 CE + 0.5 Dice)"),
-        (axes[1, 0], "lr", "steps", "learning rate"),
-        (axes[1, 1], "R@1", "evals", "validation R@1 (%)"),
-    ]
-    for ax, key, source, title in panels:
+    panels = [(term.name, "steps", term.title) for term in loss_terms()]
+    panels += [("lr", "steps", "learning rate"), ("R@1", "evals", "validation R@1 (%)")]
+    rows = math.ceil(len(panels) / 2)
+    fig = _figure(11, 3.25 * rows)
+    axes = fig.subplots(rows, 2, squeeze=False).ravel()
+    losses = {term.name for term in loss_terms()}
+    for ax, (key, source, title) in zip(axes, panels, strict=False):
         drawn = False
         for label, log in runs.items():
             xs, ys = log.series(key, source)
-            if not xs or (key == "bev" and not any(ys)):  # BEV head off: the term is all 0
+            if not xs or (key in losses and not any(ys)):  # a term that is off is all 0
                 continue
             if source == "evals":
                 ax.plot(xs, ys, marker="o", label=label)
@@ -90,6 +91,8 @@ def training_curves(runs: Mapping[str, RunLog]) -> bytes:
                     transform=ax.transAxes, color="grey")
         elif len(runs) > 1:
             ax.legend(fontsize=8)
+    for ax in axes[len(panels):]:  # an odd number of panels leaves one cell empty
+        ax.set_axis_off()
     return _png(fig)
 
 

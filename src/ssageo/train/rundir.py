@@ -1,4 +1,18 @@
-"""The run directory of a training run: its lock, the start-of-run checks, ``metrics.jsonl``.
+"""The run directory of a training run, written and read here and nowhere else.
+
+A run directory holds:
+
+- ``config.yaml``: the resolved config (``write_config`` / ``read_config``);
+- ``metrics.jsonl``: one JSON record per line, written through ``MetricsLog`` and read by
+  ``read_records`` / ``read_run_log``: ``kind: step`` (``step``, ``epoch``, ``loss`` and each
+  loss term by name, ``lr``, ``logit_scale``, ``grad_norm``, ``pairs_per_s``[, ``grad_scale``]),
+  ``kind: eval`` (a validation: ``R@1``... in percent) and ``kind: nonfinite`` (a skipped or
+  fatal non-finite step);
+- ``summary.json`` at the end of a run (``write_summary`` / ``read_summary``);
+- ``eval.json``: held-out metrics cached by ``ssageo demo`` (``write_eval`` / ``read_eval``);
+- ``checkpoints/last``, ``checkpoints/best``, ``checkpoints/debug-stepN``
+  (``checkpoint_dir``; what is inside one is ``ssageo.train.state``'s);
+- ``.lock``: the lock below.
 
 One process at a time owns a run directory (or a demo folder): ``lock_run_dir`` takes an OS
 file lock (``flock``) on ``.lock`` inside it and writes the holder's pid there. The kernel drops
@@ -10,16 +24,24 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ssageo.config import load_config, save_config
 from ssageo.io import DataError, atomic_write_text
-from ssageo.report.runlog import read_records
 from ssageo.train.state import PROGRESS_FILE, RESUMABLE, tidy_checkpoints
 
 LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+EVAL_FILE = "eval.json"
+# Record kinds of metrics.jsonl and the RunLog list each is collected in.
+RECORD_KINDS = {"step": "steps", "eval": "evals", "nonfinite": "nonfinite"}
 
 # Descriptors of the locks this process holds. A forked child (a data-loader worker) would share
 # them, and an flock lasts until its last descriptor is closed: a worker outliving a killed
@@ -169,3 +191,130 @@ class MetricsLog:
         atomic_write_text(self.path, "\n".join(self.lines) + "\n")
         if self.board is not None:
             self.board.flush()
+
+
+def checkpoint_dir(run_dir: Path, name: str) -> Path:
+    """``RUN_DIR/checkpoints/NAME`` (``last``, ``best`` or ``debug-stepN``)."""
+    return Path(run_dir) / CHECKPOINTS / name
+
+
+def write_config(run_dir: Path, config: dict) -> None:
+    """Write the run's resolved config (atomically; OutputError naming it on failure)."""
+    save_config(config, Path(run_dir) / CONFIG_FILE)
+
+
+def read_config(run_dir: Path) -> dict:
+    """The run's ``config.yaml``; DataError when ``run_dir`` holds no training run."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise DataError(f"{run_dir}: no training run here ({CONFIG_FILE} is missing)")
+    return load_config(path)
+
+
+@dataclass
+class RunLog:
+    """The records of one run in file order, each a plain dict: training ``steps``,
+    ``evals`` (validations) and ``nonfinite`` (steps skipped for a non-finite loss)."""
+
+    run_dir: Path
+    steps: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    nonfinite: list[dict] = field(default_factory=list)
+
+    def series(self, key: str, source: str = "steps") -> tuple[list[float], list[float]]:
+        """(x, y) of ``key`` over the run: x is the global step (or the epoch when absent)."""
+        xs, ys = [], []
+        for i, rec in enumerate(getattr(self, source)):
+            value = rec.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                xs.append(float(rec.get("step", rec.get("epoch", i))))
+                ys.append(float(value))
+        return xs, ys
+
+
+def read_records(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, record)`` for each record of a ``metrics.jsonl`` file.
+
+    Raises DataError naming ``path:line`` for a line that is not JSON (or not UTF-8), not an
+    object, of an unknown ``kind``, or whose ``step``/``epoch`` is not a whole number.
+    """
+    path = Path(path)
+    records = []
+    # Decoded line by line, so that an error names the line that is not text.
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{number}: not UTF-8 text (is this a metrics.jsonl "
+                            "file?)") from None
+        if line.strip():
+            records.append((number, _record(path, number, line)))
+    return records
+
+
+def _record(path: Path, number: int, line: str) -> dict:
+    where = f"{path}:{number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {line.strip()[:80]!r}")
+    kind = record.get("kind", "step")
+    if not isinstance(kind, str) or kind not in RECORD_KINDS:
+        raise DataError(f"{where}: unknown record kind {kind!r} "
+                        f"(expected one of {', '.join(RECORD_KINDS)})")
+    for key in ("step", "epoch"):
+        value = record.get(key, 0)
+        if type(value) is not int or value < 0:
+            raise DataError(f"{where}: {key} must be a whole number >= 0, got {value!r}")
+    return record
+
+
+def read_run_log(run_dir: Path) -> RunLog:
+    """Parse ``RUN_DIR/metrics.jsonl``; a missing file or a malformed line raises DataError."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: run directory not found")
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: metrics file not found (is {run_dir} a training run?)")
+    log = RunLog(run_dir)
+    for _, record in read_records(path):
+        getattr(log, RECORD_KINDS[record.get("kind", "step")]).append(record)
+    return log
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object file, or None when absent; DataError naming it when malformed."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    """Write ``RUN_DIR/summary.json`` (atomically)."""
+    atomic_write_text(Path(run_dir) / SUMMARY_FILE, json.dumps(summary, indent=1))
+
+
+def read_summary(run_dir: Path) -> dict:
+    """``RUN_DIR/summary.json`` as a dict, or ``{}`` while a run has not written it yet."""
+    return _read_json(Path(run_dir) / SUMMARY_FILE) or {}
+
+
+def write_eval(run_dir: Path, metrics: dict) -> None:
+    """Cache held-out metrics of the run in ``RUN_DIR/eval.json`` (atomically)."""
+    atomic_write_text(Path(run_dir) / EVAL_FILE, json.dumps(metrics, indent=1))
+
+
+def read_eval(run_dir: Path) -> dict | None:
+    """The metrics cached by ``write_eval``, or None when there are none yet."""
+    return _read_json(Path(run_dir) / EVAL_FILE)

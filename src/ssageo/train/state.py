@@ -7,7 +7,12 @@ A checkpoint is a directory (``checkpoints/last``, ``checkpoints/best``, ``check
 - ``training_state.pt``: optimizer state, GradScaler state (fp16 AMP), sampler state and every
   RNG state, as tensors and plain values only, read back with ``torch.load(weights_only=True)``
   (no arbitrary unpickling);
-- ``progress.json``: epoch, batch within the epoch, global step, best validation score.
+- ``progress.json``: the ``TrainState`` (epoch, batch within the epoch, global step, best
+  validation score, skipped non-finite steps).
+
+Both files carry the checkpoint ``FORMAT`` number. A checkpoint of a newer format is refused
+with one line naming the file and both numbers; one without a number (written before formats
+were numbered) is format 0, which holds exactly what format 1 holds.
 
 Directories are replaced atomically: written under a dot-prefixed temporary name, then renamed.
 """
@@ -22,6 +27,7 @@ import random
 import re
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +45,43 @@ STATE_FILE = "training_state.pt"
 PROGRESS_FILE = "progress.json"
 # Checkpoints a run can continue from, in order of preference at equal steps.
 RESUMABLE = ("last", "best")
+# The checkpoint format written here. Raise it when what a checkpoint holds changes meaning (and
+# convert the older formats where they are read).
+FORMAT = 1
+
+
+@dataclass
+class TrainState:
+    """Where a run stands (``progress.json``): ``epoch`` epochs done, ``batch`` batches of the
+    next one done, ``step`` global steps done, the best validation R@1 and its epoch, and the
+    non-finite steps skipped so far."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    best_r1: float | None = None
+    best_epoch: int | None = None
+    nonfinite_skips: int = 0
+
+    @classmethod
+    def from_dict(cls, record: dict) -> TrainState:
+        """The state of a ``progress.json`` record (its other keys, like ``format``, ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in names})
+
+    def to_dict(self) -> dict:
+        """The ``progress.json`` record: the state and the checkpoint format."""
+        return {"format": FORMAT, **asdict(self)}
+
+
+def _check_format(path: Path, record: dict) -> None:
+    """Refuse a checkpoint file written in a newer format than this code reads (one line)."""
+    found = record.get("format", 0)  # no number: written before formats were numbered
+    if type(found) is not int or found < 0:
+        raise DataError(f"{path}: checkpoint format must be a whole number >= 0, got {found!r}")
+    if found > FORMAT:
+        raise DataError(f"{path}: checkpoint format {found} is newer than this ssageo reads "
+                        f"(format {FORMAT}); resume it with the ssageo version that wrote it")
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -95,7 +138,7 @@ def save_checkpoint(
     config: dict,
     optimizer: torch.optim.Optimizer,
     sampler_state: dict,
-    progress: dict,
+    progress: TrainState | dict,
     scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """Write a complete checkpoint directory atomically (replacing any previous one).
@@ -116,14 +159,16 @@ def save_checkpoint(
         sampler = dict(sampler_state)
         if sampler.get("neighbours") is not None:
             sampler["neighbours"] = torch.from_numpy(np.asarray(sampler["neighbours"]))
-        state = {"optimizer": optimizer.state_dict(), "sampler": sampler, "rng": rng_state(),
-                 "scaler": {} if scaler is None else scaler.state_dict()}
+        state = {"format": FORMAT, "optimizer": optimizer.state_dict(), "sampler": sampler,
+                 "rng": rng_state(), "scaler": {} if scaler is None else scaler.state_dict()}
         # Serialised in memory first: torch.save to a file reports a full disk as an opaque
         # RuntimeError of its zip writer, a plain write reports the OSError.
         buffer = io.BytesIO()
         torch.save(state, buffer)
         atomic_write_bytes(tmp / STATE_FILE, buffer.getbuffer())
-        atomic_write_text(tmp / PROGRESS_FILE, json.dumps(progress, indent=1))
+        if isinstance(progress, dict):
+            progress = TrainState.from_dict(progress)
+        atomic_write_text(tmp / PROGRESS_FILE, json.dumps(progress.to_dict(), indent=1))
         _replace_dir(tmp, folder)
     except BaseException as exc:
         if tmp is not None:
@@ -172,19 +217,22 @@ def _old(folder: Path) -> Path:
     return folder.parent / f".{folder.name}.old"
 
 
-def read_progress(folder: Path) -> dict:
-    """``folder/progress.json`` (epoch, batch, step, ...); DataError naming it when malformed."""
+def read_progress(folder: Path) -> TrainState:
+    """``folder/progress.json`` as a TrainState; DataError naming it when malformed or of a
+    newer checkpoint format."""
     path = Path(folder) / PROGRESS_FILE
     try:
         progress = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: cannot read the checkpoint's progress ({_first_line(exc)})"
                         ) from None
+    if isinstance(progress, dict):
+        _check_format(path, progress)
     if not isinstance(progress, dict) or not all(
             type(progress.get(k)) is int and progress[k] >= 0 for k in ("epoch", "batch", "step")):
         raise DataError(f"{path}: not a checkpoint progress record (needs epoch, batch and step "
                         "as non-negative integers)")
-    return progress
+    return TrainState.from_dict(progress)
 
 
 def tidy_checkpoints(checkpoints: Path) -> list[Path]:
@@ -217,13 +265,13 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
                 if (Path(checkpoints) / name / PROGRESS_FILE).is_file()]
     if not complete:
         return None
-    return max(complete, key=lambda c: read_progress(c)["step"])  # max keeps the first of ties
+    return max(complete, key=lambda c: read_progress(c).step)  # max keeps the first of ties
 
 
 def load_checkpoint(
     folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None = None,
-) -> tuple[dict, dict]:
+) -> tuple[dict, TrainState]:
     """Load weights, optimizer and (when both are there) GradScaler state in place, restore RNG
     states.
 
@@ -249,6 +297,8 @@ def load_checkpoint(
         raise
     except Exception as exc:  # torch.load raises many types; all mean "not readable"
         raise DataError(f"{path}: cannot read the training state ({_first_line(exc)})") from None
+    if isinstance(state, dict):
+        _check_format(path, state)
     try:
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):  # empty: saved by a disabled scaler
