@@ -169,6 +169,11 @@ PRESETS = {
     "sample4geo-cvact": {**_S4G, **_CVUSA, "data.dataset": "cvact"},
     "sample4geo-vigor-same": {**_S4G, **_VIGOR, "data.vigor_mode": "same-area"},
     "sample4geo-vigor-cross": {**_S4G, **_VIGOR, "data.vigor_mode": "cross-area"},
+    "sample4geo-university": {
+        **_S4G, "data.dataset": "university", "data.vigor_mode": "drone-satellite",
+        "data.query_size": [384, 384], "train.epochs": 1, "train.warmup_epochs": 0.1,
+        "train.sampling.neighbour_select": 0, "train.sampling.first": "random",
+        "train.sampling.similarity": False, "data.augment.rotate": 0.0},
 }
 
 

@@ -62,7 +62,7 @@ def test_wrong_layout_is_a_one_line_error_with_status_2(synth_world, monkeypatch
 
 @pytest.mark.parametrize("option,value,message", [("--dataset", "kitti", "unknown dataset 'kitti'"),
                                                   ("--vigor-mode", "diagonal",
-                                                   "unknown VIGOR mode 'diagonal'")])
+                                                   "unknown reading mode 'diagonal'")])
 def test_unknown_option_values_are_refused(synth_world, option, value, message):
     result = runner.invoke(app, ["data", "check", str(synth_world("vigor")), option, value])
     assert message in str(result.exception)

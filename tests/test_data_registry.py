@@ -16,13 +16,13 @@ DATA = Path(ssageo.data.__file__).parent
 
 
 def test_the_registry_names_pairs_and_the_config_takes_it():
-    assert dataset_names() == ("cvusa", "cvact", "vigor", "pairs")
+    assert dataset_names() == ("cvusa", "cvact", "vigor", "university", "pairs")
     spec = get_spec("pairs")
     assert (spec.splits, spec.held_out, spec.validation, spec.coords, spec.query) == (
         ("train", "val", "test"), "val", "val", "gps", "panorama")
     assert load_config("synth-cpu", ["data.dataset=pairs"])["data"]["dataset"] == "pairs"
     with pytest.raises(DataError, match=r"unknown dataset 'bogus' \(use auto, cvusa, cvact, "
-                                        r"vigor, pairs\)"):
+                                        r"vigor, university, pairs\)"):
         get_spec("bogus")
 
 

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ssageo.cli import app
-from ssageo.data.registry import dataset_choices, get_spec
+from ssageo.data.registry import dataset_choices, get_spec, mode_help
 
 data_app = typer.Typer(help="Inspect datasets (CVUSA, CVACT, VIGOR, a pairs CSV).",
                        no_args_is_help=True)
@@ -22,7 +22,7 @@ app.add_typer(data_app, name="data")
 def check(
     root: Path = typer.Argument(..., help="Dataset folder, as downloaded, or a pairs CSV."),
     dataset: str = typer.Option("auto", help=dataset_choices()),
-    vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
+    vigor_mode: str = typer.Option("same-area", help=mode_help()),
     strict: bool = typer.Option(False, help="Treat missing or empty files as unusable."),
     full: bool = typer.Option(False, "--full", help="Decode every image in full (slower; by "
                               "default headers and file ends are read, which finds truncated "

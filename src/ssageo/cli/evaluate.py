@@ -10,13 +10,14 @@ from rich.console import Console
 from rich.table import Table
 
 from ssageo.cli import app
-from ssageo.data.registry import dataset_choices
+from ssageo.data.registry import dataset_choices, mode_help
 from ssageo.io import atomic_write_text, check_output
 
 index_app = typer.Typer(help="Geo-referenced indexes of satellite tiles.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
 DATASET_HELP = dataset_choices()
+MODE_HELP = mode_help()
 SPLIT_HELP = "train | val | test (default: the dataset's held-out split: test for VIGOR, val " \
     "otherwise)"
 DEVICE_HELP = "auto | cpu | cuda[:N] | mps (auto: a GPU when torch sees one)"
@@ -73,7 +74,7 @@ def print_metrics(metrics: dict, title: str, console: Console) -> None:
     """Render a metrics dict (percentages, metre errors, sizes) as a rich table."""
     table = Table("metric", "value", title=title)
     for key, value in metrics.items():
-        if key.startswith("R@") or key == "hit_rate":
+        if key.startswith("R@") or key in ("hit_rate", "AP"):
             text = f"{value:.2f} %"
         elif key.endswith("_m"):
             text = f"{value:,.1f} m"
@@ -91,7 +92,7 @@ def evaluate(
     descriptors: Path | None = typer.Option(None, help="Evaluate a saved .npz descriptor file."),
     dataset: str = typer.Option("auto", help=DATASET_HELP),
     split: str | None = typer.Option(None, help=SPLIT_HELP),
-    vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
+    vigor_mode: str = typer.Option("same-area", help=MODE_HELP),
     normalize: bool = typer.Option(False, help="L2-normalise saved descriptors before scoring."),
     block_size: int = typer.Option(
         4096, min=1, help="Queries scored per block (memory: 4 x this x R B)"
@@ -125,7 +126,8 @@ def evaluate(
             checkpoint, data, dataset, split, vigor_mode, batch_size, workers, device
         )
         metrics = manifest_metrics(manifest, query, reference, block_size, _device(device))
-        title = f"{manifest.dataset} {manifest.split} ({checkpoint})"
+        mode = f" {manifest.vigor_mode}" if manifest.vigor_mode else ""
+        title = f"{manifest.dataset} {manifest.split}{mode} ({checkpoint})"
     print_metrics(metrics, title, Console())
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(metrics, indent=2) + "\n")
@@ -138,7 +140,7 @@ def embed(
     out: Path = typer.Option(..., help="Descriptor file to write (.npz)."),
     dataset: str = typer.Option("auto", help=DATASET_HELP),
     split: str | None = typer.Option(None, help=SPLIT_HELP),
-    vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
+    vigor_mode: str = typer.Option("same-area", help=MODE_HELP),
     batch_size: int | None = typer.Option(
         None, min=1, help="Images per batch (default eval.batch_size)"),
     workers: int | None = typer.Option(
@@ -175,7 +177,7 @@ def index_build(
     split: list[str] = typer.Option(
         None, "--split", help="With --data: only these splits' tiles (repeatable); default all."
     ),
-    vigor_mode: str = typer.Option("same-area", help="VIGOR only: same-area | cross-area"),
+    vigor_mode: str = typer.Option("same-area", help=MODE_HELP),
     kind: str = typer.Option(
         "auto", help="auto | exact | ivfpq (auto: exact up to 250,000 tiles, ivfpq above)"
     ),

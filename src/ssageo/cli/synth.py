@@ -13,8 +13,9 @@ from ssageo.cli import app
 @app.command("synth")
 def synth(
     out: Path = typer.Argument(..., help="Output folder (created; must be empty unless resumed)."),
-    layout: str = typer.Option("cvusa", help="On-disk layout: cvusa, cvact or vigor."),
-    places: int = typer.Option(200, help="Number of places (panoramas)."),
+    layout: str = typer.Option("cvusa", help="On-disk layout: cvusa, cvact, vigor or university "
+                                "(University-1652: drone views and tiles per building)."),
+    places: int = typer.Option(200, help="Number of places (panoramas; university: buildings)."),
     seed: int = typer.Option(0, help="World seed; the same seed gives byte-identical files."),
     sat_size: int = typer.Option(256, help="Satellite tile size in pixels (square)."),
     pano_size: str = typer.Option("512x128", help="Panorama size WIDTHxHEIGHT."),

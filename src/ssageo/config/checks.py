@@ -100,6 +100,13 @@ def dataset(value: Any) -> str:
     return choice("auto", *dataset_names())(value)
 
 
+def mode(value: Any) -> str:
+    """A reading mode of any registered dataset (:func:`ssageo.data.registry.reading_modes`)."""
+    from ssageo.data.registry import reading_modes
+
+    return choice(*reading_modes())(value)
+
+
 def size(optional: bool = False) -> Check:
     """[H, W]: two positive whole numbers."""
     def check(value: Any) -> Any:

@@ -63,10 +63,11 @@ class Augment:
 @dataclass
 class Data:
     root: str | None = setting(None, "dataset folder (an argument: `--data FOLDER`)")
-    dataset: str = setting("auto", "auto, or a registered dataset: cvusa | cvact | vigor | pairs "
-                           "(ssageo.data.registry)", checks.dataset)
-    vigor_mode: str = setting("same-area", "VIGOR only: same-area | cross-area",
-                              checks.choice("same-area", "cross-area"))
+    dataset: str = setting("auto", "auto, or a registered dataset: cvusa | cvact | vigor | "
+                           "university | pairs (ssageo.data.registry)", checks.dataset)
+    vigor_mode: str = setting("same-area", "reading mode: VIGOR same-area | cross-area; "
+                              "University-1652 drone-satellite | satellite-drone (same-area: "
+                              "its default, drone-satellite)", checks.mode)
     reference_size: list[int] = setting([64, 64], "satellite tile (H, W) fed to the model",
                                         checks.size())
     query_size: list[int] = setting([64, 256], "ground panorama (H, W) fed to the model",

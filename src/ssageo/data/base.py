@@ -21,6 +21,10 @@ SPLITS = ("train", "val", "test")
 MAX_EXAMPLES = 5  # problems are reported as a count plus this many examples
 COORD_KINDS = ("gps", "utm", "tile")
 QUERY_KINDS = ("panorama", "perspective")
+# positive: one positive reference per query (R@k, R@1%, VIGOR's hit rate, metre errors);
+# groups: every reference of the query's group is relevant (R@k of the first, and AP:
+# docs/UNIVERSITY.md), from the manifest's ``reference_groups``
+PROTOCOLS = ("positive", "groups")
 
 
 @dataclass(frozen=True)
@@ -46,12 +50,14 @@ class DatasetSpec:
     coords_file: str | None = None  # "gps": the root-relative file that holds them, if one
     query: str = "panorama"  # panorama (360 degrees) | perspective
     sizes: dict[str, tuple[int, int]] | None = None  # (width, height) per view as distributed
-    modes: tuple[str, ...] = ()  # reading modes (VIGOR: same-area, cross-area)
+    modes: tuple[str, ...] = ()  # reading modes, the first the default (VIGOR: same-area, ...)
+    protocol: str = "positive"  # the evaluation protocol (PROTOCOLS)
 
     def __post_init__(self) -> None:
-        if self.coords not in COORD_KINDS or self.query not in QUERY_KINDS:
-            raise ValueError(f"{self.name}: coords must be one of {COORD_KINDS} and query one "
-                             f"of {QUERY_KINDS}")
+        if (self.coords not in COORD_KINDS or self.query not in QUERY_KINDS
+                or self.protocol not in PROTOCOLS):
+            raise ValueError(f"{self.name}: coords must be one of {COORD_KINDS}, query one of "
+                             f"{QUERY_KINDS} and protocol one of {PROTOCOLS}")
         if self.held_out not in self.splits or self.validation not in (*self.splits, None):
             raise ValueError(f"{self.name}: held_out/validation must be among {self.splits}")
 
@@ -63,10 +69,13 @@ class Manifest:
     ``positive[i]`` indexes ``reference_paths`` for query ``i``; ``semi_positive`` (Q, 3) holds
     VIGOR semi-positive reference indices (-1 where absent) and ``offsets`` (Q, 4, 2) the
     (dy, dx) pixel offsets of the query location from the positive and semi-positive tile
-    centres (NaN where absent; None outside VIGOR). Coordinates are (lat, lon) degrees; CVACT
-    has none and gives ``utm`` (Q, 2) easting/northing instead. ``missing`` lists the files
-    whose absence (or emptiness) dropped a pair or tile ("path: reason"); ``skipped`` counts the
-    pairs (queries) dropped, which can be fewer (both files of a pair may be missing).
+    centres (NaN where absent; None outside VIGOR). ``reference_groups`` (R,) int: the group
+    (University-1652: building) of each reference, for a ``groups`` protocol: query ``i`` is
+    relevant to every reference of group ``reference_groups[positive[i]]``. Coordinates are
+    (lat, lon) degrees; CVACT has none and gives ``utm`` (Q, 2) easting/northing instead.
+    ``missing`` lists the files whose absence (or emptiness) dropped a pair or tile ("path:
+    reason"); ``skipped`` counts the pairs (queries) dropped, which can be fewer (both files of
+    a pair may be missing).
     """
 
     dataset: str
@@ -84,6 +93,7 @@ class Manifest:
     reference_coords: np.ndarray | None = None
     utm: np.ndarray | None = None
     offsets: np.ndarray | None = None
+    reference_groups: np.ndarray | None = None
     vigor_mode: str | None = None
     missing: list[str] = field(default_factory=list)
     skipped: int = 0

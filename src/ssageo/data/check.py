@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ssageo.data.base import MAX_EXAMPLES, DatasetSpec, Manifest, SplitUnavailable
 from ssageo.data.manifest import load_manifest
-from ssageo.data.registry import get_spec, resolve_dataset
+from ssageo.data.registry import get_spec, reading_mode, resolve_dataset
 from ssageo.io import DataError, open_image
 
 # The bytes a complete file of each format ends with (trailing padding stripped first).
@@ -146,7 +146,7 @@ def check_dataset(root: str | Path, dataset: str = "auto", vigor_mode: str = "sa
     return {
         "root": str(root), "dataset": dataset,
         "layout": manifests[0].layout if manifests else dataset,
-        "vigor_mode": vigor_mode if spec.modes else None,
+        "vigor_mode": reading_mode(dataset, vigor_mode) if spec.modes else None,
         "query_kind": spec.query,
         "splits": splits,
         "missing_files": _examples(absent),

@@ -25,6 +25,7 @@ from ssageo.data.registry import (
     detect_dataset,
     get_spec,
     reader,
+    reading_mode,
     resolve_dataset,
 )
 from ssageo.data.vigor import VIGOR_MODES
@@ -34,7 +35,7 @@ from ssageo.io import DataError, atomic_write_bytes
 __all__ = ["DATASETS", "MAX_EXAMPLES", "SPLITS", "VIGOR_MODES", "Manifest", "SplitUnavailable",
            "cache_dir_for", "detect_dataset", "load_manifest", "resolve_dataset"]
 DATASETS = dataset_names()
-CACHE_VERSION = 2  # bump when the manifest's content or meaning changes
+CACHE_VERSION = 3  # bump when the manifest's content or meaning changes
 
 
 def warn_missing(name: str, missing: list[str], skipped: int) -> None:
@@ -78,7 +79,8 @@ def cache_dir_for(root: Path, cache_dir: str | Path | None = None) -> Path:
 
 
 _PATH_LISTS = ("query_paths", "reference_paths", "prior_paths")
-_ARRAYS = ("positive", "semi_positive", "query_coords", "reference_coords", "utm", "offsets")
+_ARRAYS = ("positive", "semi_positive", "query_coords", "reference_coords", "utm", "offsets",
+           "reference_groups")
 _SCALARS = ("dataset", "split", "layout", "place_ids", "reference_ids", "vigor_mode", "missing",
             "skipped", "key")
 
@@ -119,6 +121,7 @@ def load_manifest(root: str | Path, dataset: str = "auto", split: str = "train",
     """
     root = Path(root)
     dataset = resolve_dataset(root, dataset, vigor_mode)
+    vigor_mode = reading_mode(dataset, vigor_mode)
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}' (use {', '.join(SPLITS)})")
     spec, read = get_spec(dataset), reader(dataset)

@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
-from ssageo.data import cvact, cvusa, pairs, vigor
+from ssageo.data import cvact, cvusa, pairs, university, vigor
 from ssageo.data.base import DatasetSpec
 from ssageo.io import DataError
 
-_READERS: dict[str, ModuleType] = {m.SPEC.name: m for m in (cvusa, cvact, vigor, pairs)}
+_READERS: dict[str, ModuleType] = {m.SPEC.name: m for m in (cvusa, cvact, vigor, university, pairs)}
 
 
 def dataset_names() -> tuple[str, ...]:
@@ -45,6 +45,27 @@ def get_spec(name: str) -> DatasetSpec:
 def reading_modes() -> tuple[str, ...]:
     """Every reading mode of any dataset (the ``vigor_mode`` values)."""
     return tuple(dict.fromkeys(m for r in _READERS.values() for m in r.SPEC.modes))
+
+
+def mode_help() -> str:
+    """The reading modes per dataset, for option help texts."""
+    return "; ".join(f"{r.SPEC.title}: {' | '.join(r.SPEC.modes)}" for r in _READERS.values()
+                     if r.SPEC.modes)
+
+
+DEFAULT_MODE = "same-area"  # what data.vigor_mode and the --vigor-mode options default to
+
+
+def reading_mode(dataset: str, mode: str) -> str:
+    """The mode dataset ``dataset`` reads for ``mode``: itself when it is one of the dataset's
+    modes (or the dataset has none), the dataset's first mode for the default
+    (:data:`DEFAULT_MODE`), else DataError naming the dataset's modes."""
+    spec = get_spec(dataset)
+    if not spec.modes or mode in spec.modes:
+        return mode
+    if mode == DEFAULT_MODE:
+        return spec.modes[0]
+    raise DataError(f"'{mode}' is not a {spec.title} reading mode (use {', '.join(spec.modes)})")
 
 
 def _markers(root: Path) -> dict[str, list[str]]:
@@ -99,7 +120,7 @@ def resolve_dataset(root: Path, dataset: str, vigor_mode: str = "same-area") -> 
     """The dataset at ``root``: detected for ``auto``, else checked against the layout."""
     modes = reading_modes()
     if vigor_mode not in modes:
-        raise DataError(f"unknown VIGOR mode '{vigor_mode}' (use {', '.join(modes)})")
+        raise DataError(f"unknown reading mode '{vigor_mode}' (use {', '.join(modes)})")
     if dataset == "auto":
         return detect_dataset(root)
     check_layout(Path(root), dataset)

@@ -9,6 +9,9 @@ entry is an error rather than silently ignored):
 - ``semi_positive`` (optional): (Q, S) integer, VIGOR's semi-positive tiles (S = 3), -1 = absent
 - ``query_coords`` / ``reference_coords`` (optional, together): (Q, 2) / (R, 2) float,
   latitude and longitude in degrees
+- ``reference_groups`` (optional): (R,) integer group of each reference; when present, every
+  reference of the positive's group is relevant (the ``groups`` protocol of University-1652:
+  R@k and AP, ``ssageo.evaluate.grouped``)
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ssageo.evaluate.grouped import group_metrics
 from ssageo.evaluate.metrics import retrieval_metrics
 from ssageo.io import DataError, atomic_write
 
 REQUIRED = ("query", "reference", "positive")
-OPTIONAL = ("semi_positive", "query_coords", "reference_coords")
+OPTIONAL = ("semi_positive", "query_coords", "reference_coords", "reference_groups")
 NORM_TOLERANCE = 1e-2  # float16 storage alone moves a unit norm by ~1e-3
 
 
@@ -37,9 +41,14 @@ class DescriptorSet:
     semi_positive: np.ndarray | None = None
     query_coords: np.ndarray | None = None
     reference_coords: np.ndarray | None = None
+    reference_groups: np.ndarray | None = None
 
     def metrics(self, block_size: int = 4096, device: str | None = None) -> dict[str, float | int]:
-        """The retrieval metrics of :func:`ssageo.evaluate.metrics.retrieval_metrics`."""
+        """The retrieval metrics of :func:`ssageo.evaluate.metrics.retrieval_metrics`, or with
+        ``reference_groups`` those of :func:`ssageo.evaluate.grouped.group_metrics`."""
+        if self.reference_groups is not None:
+            return group_metrics(self.query, self.reference, self.positive,
+                                 self.reference_groups, block_size, device=device)
         return retrieval_metrics(
             self.query,
             self.reference,
@@ -169,6 +178,9 @@ def validate(arrays: dict[str, np.ndarray], path: Path) -> None:
     _check_indices(arrays["positive"], "positive", (n_q,), 0, n_r, path)
     if "semi_positive" in arrays:
         _check_indices(arrays["semi_positive"], "semi_positive", (n_q, None), -1, n_r, path)
+    if "reference_groups" in arrays:
+        _check_indices(arrays["reference_groups"], "reference_groups", (n_r,), 0,
+                       np.iinfo(np.int64).max, path)
     if ("query_coords" in arrays) != ("reference_coords" in arrays):
         raise DataError(f"{path}: give both query_coords and reference_coords, or neither")
     for name, n in (("query_coords", n_q), ("reference_coords", n_r)):

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ssageo.data.datasets import ImageDataset
 from ssageo.data.manifest import Manifest
+from ssageo.data.registry import get_spec
 from ssageo.evaluate.descriptors import DescriptorSet
 from ssageo.evaluate.metrics import retrieval_metrics
 from ssageo.io import DataError
@@ -85,8 +86,9 @@ def descriptor_set(manifest: Manifest, query: np.ndarray, reference: np.ndarray)
     """Pack a manifest's descriptors and ground truth for :func:`save_descriptors`.
 
     Semi-positives are kept only where the manifest has any (VIGOR); coordinates only where both
-    views have (lat, lon) ones.
+    views have (lat, lon) ones; reference groups where the dataset's protocol is ``groups``.
     """
+    grouped = get_spec(manifest.dataset).protocol == "groups"
     semi = manifest.semi_positive
     has_coords = manifest.query_coords is not None and manifest.reference_coords is not None
     return DescriptorSet(
@@ -96,6 +98,7 @@ def descriptor_set(manifest: Manifest, query: np.ndarray, reference: np.ndarray)
         semi_positive=np.asarray(semi, dtype=np.int64) if (np.asarray(semi) >= 0).any() else None,
         query_coords=manifest.query_coords if has_coords else None,
         reference_coords=manifest.reference_coords if has_coords else None,
+        reference_groups=manifest.reference_groups if grouped else None,
     )
 
 

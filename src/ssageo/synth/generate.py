@@ -31,6 +31,7 @@ from ssageo.synth.render import (
     render_satellite,
     sat_metres_per_pixel,
 )
+from ssageo.synth.university import plan_university, render_drone
 from ssageo.synth.world import (
     BUILDING,
     CLASS_NAMES,
@@ -43,7 +44,7 @@ from ssageo.synth.world import (
 )
 
 GENERATOR_VERSION = "1.0"
-LAYOUTS = ("cvusa", "cvact", "vigor")
+LAYOUTS = ("cvusa", "cvact", "vigor", "university")
 SPLITS = ("same-area", "cross-area")
 MIN_PLACES = 8
 MAX_PLACES = 200_000
@@ -115,7 +116,8 @@ def generate(out: Path, layout: str = "cvusa", places: int = 200, seed: int = 0,
     else:
         world, pts = world_for_places(places, seed, origin)
         worlds = [world]
-        plan = (plan_cvusa if layout == "cvusa" else plan_cvact)(world, pts, split, seed)
+        planner = {"cvusa": plan_cvusa, "cvact": plan_cvact, "university": plan_university}
+        plan = planner[layout](world, pts, split, seed)
     planned = ["world.json", *(["preview.png"] if preview else []),
                *(p for job in plan.jobs for p in (job.image, *job.labels))]
     _write_record(out, planned)  # before anything else, so an interrupted run is removable too
@@ -273,12 +275,15 @@ def _render_job(index: int) -> int:
         write_image(out / job.image, rgb)
         if job.labels:
             write_image(out / job.labels[0], classes)
+    elif job.kind == "drone":
+        write_image(out / job.image, render_drone(world, job.row, job.col, sat_size, rng))
     else:
         rgb, classes = render_satellite(world, job.row, job.col, sat_size, rng)
-        prior = np.where((classes == BUILDING) | (classes == TREE), 255, 0).astype(np.uint8)
         write_image(out / job.image, rgb)
-        write_image(out / job.labels[0], prior)
-        write_image(out / job.labels[1], classes)
+        if len(job.labels) == 2:  # (prior, truth); a University tile has the truth only
+            prior = np.where((classes == BUILDING) | (classes == TREE), 255, 0).astype(np.uint8)
+            write_image(out / job.labels[0], prior)
+        write_image(out / job.labels[-1], classes)
     return 1
 
 

@@ -40,12 +40,12 @@ _ID_CHARS = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0
 class Job:
     """One image to render: a panorama or a satellite tile at a cell corner of a world."""
 
-    kind: str  # "pano" | "sat"
+    kind: str  # "pano" | "sat" | "drone" (synth/university.py)
     world: int
     row: int
     col: int
     image: str
-    labels: tuple[str, ...] = ()  # pano: class map; sat: (prior, truth)
+    labels: tuple[str, ...] = ()  # pano: class map; sat: (prior, truth) or (truth,)
     key: tuple[int, ...] = ()  # seeds the per-capture randomness
 
 

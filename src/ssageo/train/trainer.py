@@ -46,7 +46,7 @@ from ssageo.train.rundir import (
     write_config,
     write_summary,
 )
-from ssageo.train.sampler import HardNegativeSampler, epoch_neighbours
+from ssageo.train.sampler import HardNegativeSampler, epoch_neighbours, plan_epoch
 from ssageo.train.state import (
     TrainState,
     latest_checkpoint,
@@ -129,8 +129,13 @@ class Trainer:
         # per epoch, so it is independent of worker count and of where a resumed run starts.
         self.dataset = PairDataset(self.manifest, d, True, norm["mean"], norm["std"],
                                    seed=t["seed"], classes=model_cfg["bev"]["classes"])
-        self.steps_per_epoch = min(len(np.unique(self.manifest.positive)) // t["batch_size"],
-                                   t["max_steps_per_epoch"] or math.inf)
+        # An epoch takes every place (query) once, in batches of distinct tiles: about Q / B
+        # batches, not (distinct tiles) / B, far fewer where many queries share a tile
+        # (University-1652: ~54 drone views per satellite tile); the lr schedule's length
+        # counts the batches of a neighbour-free plan of the same places.
+        planned = plan_epoch(self.manifest.positive, t["batch_size"], None, 0, 0,
+                             np.random.default_rng([t["seed"], 0]))
+        self.steps_per_epoch = min(len(planned), t["max_steps_per_epoch"] or math.inf)
         self.total_steps = t["epochs"] * self.steps_per_epoch
         self.warmup_steps = max(1, round(t["warmup_epochs"] * self.steps_per_epoch))
 
