@@ -257,6 +257,8 @@ SCHEMA: dict[str, Callable[[Any], Any]] = {
     "data.prior_size": _size(optional=True),
     "data.workers": _integer(0),
     "data.decode": _choice("full", "reduced"),
+    "data.fov": _real(0, 360, above=True),
+    "data.heading": _choice("north", "random"),
     "data.augment.flip": _real(0, 1),
     "data.augment.rotate": _real(0, 1),
     "data.augment.photometric": _boolean,

@@ -66,6 +66,11 @@ class SSAModel(nn.Module):
             )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
 
+    def set_query_fov(self, fov: float) -> None:
+        """Tell the BEV head how many degrees the query images span (``data.fov``)."""
+        if self.bev is not None:
+            self.bev.fov = float(fov)
+
     def encoder(self, view: str) -> Encoder:
         """The encoder of ``view`` ('query' or 'reference'; the same one when shared)."""
         if view not in VIEWS:

@@ -166,6 +166,7 @@ def _train(config: dict, out: Path, resume: bool, t: dict, dist_info: DistInfo) 
     model = build_model(dict(config["model"], pretrained=None) if resume else config["model"],
                         d["reference_size"], d["query_size"],
                         config["loss"]["logit_scale_init"]).to(device)
+    model.set_query_fov(d.get("fov") or 360.0)  # the BEV head's columns span data.fov degrees
 
     def prepare() -> None:
         # weights + AdamW's two moments, all of the parameters' size
