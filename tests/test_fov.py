@@ -162,3 +162,36 @@ def test_a_pinhole_photo_maps_back_onto_its_panorama_band():
     rows = slice(40, 88)  # within the photo's +-36.9 degrees vertically
     diff = np.abs(band[rows, 5:-5].astype(int) - crop[rows, 5:-5].astype(int))
     assert np.median(diff) < 10
+
+
+def _checkpoint(path, overrides=()):
+    """A random-weights convnext_atto checkpoint for 64x256 panoramas (BEV head on)."""
+    from ssageo.model import build_model, save_model
+
+    config = load_config("synth-cpu", ["model.backbone=convnext_atto", "model.bev.grid_size=4",
+                                       "model.bev.depth_bins=4", *overrides])
+    torch.manual_seed(0)
+    model = build_model(config["model"], config["data"]["reference_size"],
+                        config["data"]["query_size"])
+    return save_model(path, model, config)
+
+
+def test_eval_fov_and_heading_are_applied_and_recorded(synth_world, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from ssageo.cli import app
+
+    checkpoint = _checkpoint(tmp_path / "ckpt")
+    common = ["eval", "--checkpoint", str(checkpoint), "--data", str(synth_world("cvusa")),
+              "--workers", "0", "--device", "cpu"]
+    runner = CliRunner()
+    result = runner.invoke(app, [*common, "--fov", "90", "--heading", "random",
+                                 "--json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert (metrics["fov"], metrics["heading"], metrics["queries"]) == (90.0, "random", 8)
+    for bad, key in ((["--fov", "400"], "--fov"), (["--heading", "up"], "--heading")):
+        result = runner.invoke(app, [*common, *bad])
+        assert isinstance(result.exception, ConfigError) and key in str(result.exception)

@@ -22,6 +22,7 @@ from ssageo.config import ConfigError
 HEADINGS = ("north", "random")
 IGNORE = -1  # class index of BEV label cells outside the visible wedge (no loss there)
 WIDTH_STEP = 8  # crop widths are multiples of this (patch embeddings need multiples of 4)
+MIN_WIDTH = 32  # and at least this: a stride-32 backbone's smallest input (ConvNeXt's stages)
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,11 @@ def check_fov(fov: float, name: str = "fov") -> float:
 
 def crop_width(panorama_width: int, fov: float) -> int:
     """Width of a ``fov``-degree crop of a ``panorama_width`` panorama: the panorama's own
-    pixels per degree (what the encoder saw at 360 degrees), a multiple of WIDTH_STEP."""
+    pixels per degree (what the encoder saw at 360 degrees), a multiple of WIDTH_STEP and at
+    least MIN_WIDTH (wider than that aspect for tiny panoramas only)."""
     if fov >= 360.0:
         return int(panorama_width)
-    return max(WIDTH_STEP, WIDTH_STEP * round(panorama_width * fov / 360.0 / WIDTH_STEP))
+    return max(MIN_WIDTH, WIDTH_STEP * round(panorama_width * fov / 360.0 / WIDTH_STEP))
 
 
 def crop_columns(width: int, fov: float, heading: float) -> np.ndarray:

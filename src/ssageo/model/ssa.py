@@ -321,5 +321,6 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
     scale_init = (config.get("loss") or {}).get("logit_scale_init", 1 / 0.07)
     model = SSAModel(model_cfg, reference_size, query_size, scale_init)
     model.model_cfg = copy.deepcopy(config["model"])
+    model.set_query_fov((config.get("data") or {}).get("fov") or 360.0)
     load_weights(model, weights, data)
     return model.to(map_location), config
