@@ -195,3 +195,49 @@ def test_eval_fov_and_heading_are_applied_and_recorded(synth_world, tmp_path):
     for bad, key in ((["--fov", "400"], "--fov"), (["--heading", "up"], "--heading")):
         result = runner.invoke(app, [*common, *bad])
         assert isinstance(result.exception, ConfigError) and key in str(result.exception)
+
+
+def test_synth_photos_localize_end_to_end_through_locate_fov(tmp_path):
+    """``synth --photos`` -> ``index build`` -> ``locate --fov`` (and ``--photo`` from EXIF):
+    the pipeline, not the accuracy of a random model."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from ssageo.cli import app
+    from ssageo.io import DataError
+    from ssageo.synth.photos import read_photo_csv
+
+    world, runner = tmp_path / "world", CliRunner()
+    result = runner.invoke(app, ["synth", str(world), "--places", "8", "--sat-size", "64",
+                                 "--pano-size", "256x64", "--photos", "80"])
+    assert result.exit_code == 0, result.output
+    photos = read_photo_csv(world / "photos" / "photos.csv")
+    assert len(photos) == 8 and all(p["path"].is_file() and 0 <= p["heading"] < 360
+                                    for p in photos)
+    assert "photos/photos.csv" in (world / "synth_files.txt").read_text()
+    checkpoint = _checkpoint(tmp_path / "ckpt")
+    index = tmp_path / "index.npz"
+    result = runner.invoke(app, ["index", "build", "--checkpoint", str(checkpoint), "--data",
+                                 str(world), "--out", str(index), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    images = [str(p["path"]) for p in photos[:2]]
+    result = runner.invoke(app, ["locate", *images, "--index", str(index), "--fov", "80",
+                                 "--top-k", "3", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    located = json.loads(result.output)
+    assert [r["fov"] for r in located] == [80.0, 80.0]
+    for hit in located[0]["results"]:
+        assert {"lat", "lon", "score"} <= set(hit) and -1 <= hit["score"] <= 1
+    # a photo whose EXIF gives a 35 mm-equivalent focal length of 21 mm: 2 atan(18/21) = 81.2
+    exif = Image.Exif()
+    exif[41989] = 21
+    Image.open(images[0]).save(tmp_path / "exif.jpg", exif=exif)
+    result = runner.invoke(app, ["locate", str(tmp_path / "exif.jpg"), "--index", str(index),
+                                 "--photo", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)[0]["fov"] == pytest.approx(81.2, abs=0.1)
+    result = runner.invoke(app, ["locate", images[0], "--index", str(index), "--photo"])
+    assert isinstance(result.exception, DataError) and "--fov" in str(result.exception)
+    assert "\n" not in str(result.exception)
