@@ -230,6 +230,7 @@ def test_synth_photos_localize_end_to_end_through_locate_fov(tmp_path):
     assert [r["fov"] for r in located] == [80.0, 80.0]
     for hit in located[0]["results"]:
         assert {"lat", "lon", "score"} <= set(hit) and -1 <= hit["score"] <= 1
+        assert 0 <= hit["heading"] < 360 and 0 < hit["heading_confidence"] <= 1  # BEV head
     # a photo whose EXIF gives a 35 mm-equivalent focal length of 21 mm: 2 atan(18/21) = 81.2
     exif = Image.Exif()
     exif[41989] = 21
@@ -241,3 +242,18 @@ def test_synth_photos_localize_end_to_end_through_locate_fov(tmp_path):
     result = runner.invoke(app, ["locate", images[0], "--index", str(index), "--photo"])
     assert isinstance(result.exception, DataError) and "--fov" in str(result.exception)
     assert "\n" not in str(result.exception)
+
+
+def test_the_heading_search_finds_the_heading_a_wedge_was_seen_from():
+    from ssageo.evaluate.heading import best_heading, heading_scores
+
+    rng = np.random.default_rng(0)
+    prior = np.kron(rng.integers(0, 2, (8, 8)), np.ones((8, 8), np.int64))  # blocks, 64 x 64
+    for heading in (0.0, 35.0, 190.0, 300.0):
+        seen = camera_frame_label(prior, heading, 90)
+        probability = np.where(seen == IGNORE, 0.5, 0.1 + 0.8 * seen)  # a good prediction
+        found = best_heading(*heading_scores(probability, prior, 90))
+        assert abs((found["heading"] - heading + 180) % 360 - 180) <= 5
+        assert found["heading_score"] > 0.9 and found["heading_confidence"] > 0.5
+    flat = best_heading(*heading_scores(np.full((64, 64), 0.5), prior, 90))
+    assert flat is None  # a prediction without structure says nothing about the heading

@@ -289,6 +289,13 @@ def locate(
     localizer = Localizer(index, checkpoint, device)
     results = localizer.locate_many(images, top_k, nprobe=nprobe, rerank=rerank,
                                     fovs=None if fovs is None else [f for f, _ in fovs])
+    if fovs is not None and localizer.model.bev is not None:  # each candidate's best heading
+        from ssageo.evaluate.heading import add_headings
+
+        classes = int(localizer.config["model"]["bev"]["classes"])
+        for image, (value, _), hits in zip(images, fovs, results, strict=True):
+            add_headings(localizer.model, localizer.query_tensor(image, value), value, hits,
+                         classes)
     if as_json:
         payload = [{"image": str(p), "results": r, "time_s": t}
                    for p, r, t in zip(images, results, localizer.timings, strict=True)]

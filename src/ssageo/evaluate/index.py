@@ -293,8 +293,9 @@ class Localizer:
         self.timings: list[dict] = []  # per query of the last locate_many: embed_s, search_s
         self.query_size = tuple(self.config["data"]["query_size"])
 
-    def _query_tensor(self, image: str | Path | np.ndarray,
-                      fov: float | None = None) -> torch.Tensor:
+    def query_tensor(self, image: str | Path | np.ndarray,
+                     fov: float | None = None) -> torch.Tensor:
+        """(3, H, W) model input of a panorama, or (``fov`` given) of a pinhole photo."""
         norm = self.model.data_config()
         if fov is not None:  # a pinhole photo: the panorama band it covers
             from ssageo.evaluate.photos import photo_band
@@ -316,7 +317,7 @@ class Localizer:
         an image with a FoV in ``fovs`` is a pinhole photo of that horizontal FoV (degrees).
         A batch holds images of one input size: one FoV, or panoramas only."""
         fovs = fovs if fovs is not None else [None] * len(images)
-        x = torch.stack([self._query_tensor(im, f) for im, f in zip(images, fovs, strict=True)])
+        x = torch.stack([self.query_tensor(im, f) for im, f in zip(images, fovs, strict=True)])
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             desc = self.model.embed(x.to(device), view="query").float().cpu()
