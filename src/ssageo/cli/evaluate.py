@@ -305,13 +305,13 @@ def locate(
         return
     console = Console()
     for image, hits in zip(images, results, strict=True):
-        table = Table("rank", "lat", "lon", "score", "tile", title=str(image))
+        headings = any("heading" in hit for hit in hits)
+        columns = ("rank", "lat", "lon", "score", *(("heading",) if headings else ()), "tile")
+        table = Table(*columns, title=str(image))
         for hit in hits:
-            table.add_row(
-                str(hit["rank"]),
-                f"{hit['lat']:.6f}",
-                f"{hit['lon']:.6f}",
-                f"{hit['score']:.4f}",
-                hit["tile"],
-            )
+            heading = hit.get("heading")
+            shown = (() if not headings else ("-",) if heading is None else
+                     (f"{heading:.0f}° ({hit['heading_confidence']:.2f})",))
+            table.add_row(str(hit["rank"]), f"{hit['lat']:.6f}", f"{hit['lon']:.6f}",
+                          f"{hit['score']:.4f}", *shown, hit["tile"])
         console.print(table)
