@@ -218,7 +218,8 @@ def test_cli_embed_eval_and_index_on_a_synth_vigor_world(synth_world, tmp_path):
     )
     assert result.exit_code == 0, result.output
     direct = json.loads((tmp_path / "direct.json").read_text())
-    assert json.loads((tmp_path / "f.json").read_text()) == direct
+    crop = {"fov": 360.0, "heading": "north", "heading_seed": 0}  # queries as evaluated
+    assert {**json.loads((tmp_path / "f.json").read_text()), **crop} == direct
     saved = np.load(tmp_path / "d.npz")
     assert (
         (direct["queries"], direct["gallery"])

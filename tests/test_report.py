@@ -66,8 +66,10 @@ def test_report_renders_in_a_real_browser(runs, tmp_path):
     assert str(report) in result.output.replace("\n", "")
     page = report.read_text(encoding="utf-8")
     for heading in ("Metrics", "Training curves", "Retrieval examples", "BEV prediction",
-                    "Activation maps", "Descriptor map", "Localization error"):
+                    "Activation maps", "Descriptor map", "Localization error",
+                    "Recall vs. field of view"):
         assert f"<h2>{heading}" in page, heading
+    assert all(f"<th>{fov}°</th>" in page for fov in (360, 180, 90, 70))
     assert "http://" not in page and "https://" not in page  # nothing to fetch when viewing
     best = [r for r in read_run_log(runs["ssa"]).evals][-1]
     assert f"{best['R@1']:.2f}" in page  # the recorded validation R@1 is in the table

@@ -3,6 +3,7 @@ process holding a (tiny) trained model with a BEV head."""
 
 from __future__ import annotations
 
+import io
 import json
 import select
 import subprocess
@@ -122,6 +123,11 @@ def test_server_refuses_what_it_cannot_answer_in_one_line(served, tmp_path):
     assert status == 413 and answer["error"].startswith("big.jpg: 0.6 MB is more than")
     status, answer = _post(served["url"], served["panorama"].read_bytes(), name="p.jpg", fov=0)
     assert status == 400 and answer["error"] == "field of view 0 degrees: give 1..360"
+    photo = np.asarray(Image.open(served["panorama"]).convert("RGB"))[:, : 64]  # a narrow view
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, format="PNG")
+    status, answer = _post(served["url"], buffer.getvalue(), name="photo.png", fov=90)
+    assert status == 200 and answer["results"] and answer["bev"] is None  # placed as a photo
     with urllib.request.urlopen(served["url"], timeout=60) as response:
         page = response.read().decode()
     assert "val.npz" in page

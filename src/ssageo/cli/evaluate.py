@@ -46,14 +46,21 @@ def _embed_checkpoint(
     batch_size: int | None,
     workers: int | None,
     device: str,
+    fov: float | None = None,
+    heading: str | None = None,
 ):
+    """(manifest, query, reference descriptors, QueryCrop): ``fov`` / ``heading`` default to
+    the checkpoint's ``data.fov`` / ``data.heading``."""
+    from ssageo.data.fov import QueryCrop, query_crop
     from ssageo.evaluate.embed import embed_manifest
     from ssageo.model import load_model
 
     model, config = load_model(checkpoint, map_location=_device(device))
+    trained = query_crop(config["data"])
+    crop = QueryCrop(trained.fov if fov is None else fov, heading or trained.heading)
     manifest = _manifest(data, dataset, split, vigor_mode)
-    query, reference = embed_manifest(model, manifest, config, batch_size, workers)
-    return manifest, query, reference
+    query, reference = embed_manifest(model, manifest, config, batch_size, workers, crop=crop)
+    return manifest, query, reference, crop
 
 
 FORCE_HELP = "Replace an existing file of the same kind (anything else is never replaced)."
@@ -84,6 +91,17 @@ def print_metrics(metrics: dict, title: str, console: Console) -> None:
     console.print(table)
 
 
+def _check_crop(fov: float | None, heading: str | None) -> None:
+    """ConfigError naming --fov / --heading for a value no crop can have (before any work)."""
+    from ssageo.config import ConfigError
+    from ssageo.data.fov import HEADINGS, check_fov
+
+    if fov is not None:
+        check_fov(fov, "--fov")
+    if heading is not None and heading not in HEADINGS:
+        raise ConfigError(f"--heading must be one of {', '.join(HEADINGS)}, got {heading!r}")
+
+
 @app.command("eval")
 def evaluate(
     checkpoint: Path | None = typer.Option(None, help="Checkpoint folder (with --data)."),
@@ -104,28 +122,39 @@ def evaluate(
     json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics here."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    fov: float | None = typer.Option(
+        None, help="Query field of view in degrees: a crop of each panorama (default: the "
+        "checkpoint's data.fov, 360 = whole panoramas)."),
+    heading: str | None = typer.Option(
+        None, help="north | random: the crop's centre (random: seeded per query, "
+        "reproducible; default: the checkpoint's data.heading)."),
 ) -> None:
     """Exact R@1/5/10/1% (VIGOR: hit rate; with coordinates: metre error of the top-1 tile)."""
     from ssageo.evaluate.descriptors import load_descriptors
     from ssageo.evaluate.embed import manifest_metrics
 
     device = _device(device)  # a bad --device fails before any loading
+    _check_crop(fov, heading)
     if json_out is not None:  # before any work: a refused output must not cost an evaluation
         check_output(json_out, "an `ssageo eval` metrics file", _is_metrics_json, force, "--json")
 
     if descriptors is not None:
         if checkpoint is not None or data is not None:
             raise typer.BadParameter("give either --descriptors or --checkpoint with --data")
+        if fov is not None or heading is not None:
+            raise typer.BadParameter("--fov and --heading crop images: give --checkpoint and "
+                                     "--data, not --descriptors")
         loaded = load_descriptors(descriptors, normalize=normalize)
         metrics = loaded.metrics(block_size, _device(device))
         title = str(descriptors)
     else:
         if checkpoint is None or data is None:
             raise typer.BadParameter("give --checkpoint and --data (or --descriptors FILE.npz)")
-        manifest, query, reference = _embed_checkpoint(
-            checkpoint, data, dataset, split, vigor_mode, batch_size, workers, device
-        )
-        metrics = manifest_metrics(manifest, query, reference, block_size, _device(device))
+        manifest, query, reference, crop = _embed_checkpoint(
+            checkpoint, data, dataset, split, vigor_mode, batch_size, workers, device, fov,
+            heading)
+        metrics = {**manifest_metrics(manifest, query, reference, block_size, _device(device)),
+                   **crop.to_dict()}
         mode = f" {manifest.vigor_mode}" if manifest.vigor_mode else ""
         title = f"{manifest.dataset} {manifest.split}{mode} ({checkpoint})"
     print_metrics(metrics, title, Console())
@@ -154,7 +183,7 @@ def embed(
 
     check_output(out, "a descriptor file", is_descriptor_file, force)
 
-    manifest, query, reference = _embed_checkpoint(
+    manifest, query, reference, _ = _embed_checkpoint(
         checkpoint, data, dataset, split, vigor_mode, batch_size, workers, device
     )
     save_descriptors(out, descriptor_set(manifest, query, reference))
@@ -245,7 +274,8 @@ def index_build(
 
 @app.command("locate")
 def locate(
-    images: list[Path] = typer.Argument(..., help="Query panoramas."),
+    images: list[Path] = typer.Argument(
+        ..., help="Query panoramas (north-aligned), or photos with --fov / --photo."),
     index: Path = typer.Option(..., help="Index file or folder from `ssageo index build`."),
     checkpoint: Path | None = typer.Option(
         None, help="Checkpoint (default: the one the index was built from)."
@@ -260,33 +290,59 @@ def locate(
     onnx: Path | None = typer.Option(
         None, "--onnx", help="Embed with this exported query encoder (onnxruntime, CPU; "
         "torch is not loaded)."),
+    fov: float | None = typer.Option(
+        None, help="The images are ordinary (pinhole) photos with this horizontal field of "
+        "view in degrees (overrides their EXIF)."),
+    photo: bool = typer.Option(
+        False, "--photo", help="The images are ordinary photos; their field of view from EXIF "
+        "(35 mm-equivalent focal length, or focal length and sensor width)."),
 ) -> None:
-    """Rank the index's tiles for each image: lat, lon and cosine score of the best ones."""
+    """Rank the index's tiles for each image: lat, lon and cosine score of the best ones.
+
+    A photo (--fov or --photo) is mapped onto the panorama band it covers, assumed level.
+    """
     if onnx is not None:
         from ssageo.evaluate.deploy import OnnxLocalizer
 
         if checkpoint is not None:
             raise typer.BadParameter("give --checkpoint or --onnx, not both")
-        localizer = OnnxLocalizer(index, onnx)
+        if fov is not None or photo:
+            raise typer.BadParameter("--fov/--photo need the PyTorch model (drop --onnx)")
+        localizer, fovs = OnnxLocalizer(index, onnx), None
+        results = localizer.locate_many(images, top_k, nprobe=nprobe, rerank=rerank)
     else:
         from ssageo.evaluate.index import Localizer
+        from ssageo.evaluate.photos import photo_fovs
 
+        if fov is not None:
+            _check_crop(fov, None)
+        fovs = photo_fovs(images, fov) if fov is not None or photo else None
         localizer = Localizer(index, checkpoint, _device(device))
-    results = localizer.locate_many(images, top_k, nprobe=nprobe, rerank=rerank)
+        results = localizer.locate_many(images, top_k, nprobe=nprobe, rerank=rerank,
+                                        fovs=None if fovs is None else [f for f, _ in fovs])
+        if fovs is not None and localizer.model.bev is not None:  # each candidate's heading
+            from ssageo.evaluate.heading import add_headings
+
+            classes = int(localizer.config["model"]["bev"]["classes"])
+            for image, (value, _), hits in zip(images, fovs, results, strict=True):
+                add_headings(localizer.model, localizer.query_tensor(image, value), value, hits,
+                             classes)
     if as_json:
         payload = [{"image": str(p), "results": r, "time_s": t}
                    for p, r, t in zip(images, results, localizer.timings, strict=True)]
+        for item, (value, source) in zip(payload, fovs or (), strict=False):
+            item.update(fov=value, fov_source=source)
         typer.echo(json.dumps(payload, indent=2))
         return
     console = Console()
     for image, hits in zip(images, results, strict=True):
-        table = Table("rank", "lat", "lon", "score", "tile", title=str(image))
+        headings = any("heading" in hit for hit in hits)
+        columns = ("rank", "lat", "lon", "score", *(("heading",) if headings else ()), "tile")
+        table = Table(*columns, title=str(image))
         for hit in hits:
-            table.add_row(
-                str(hit["rank"]),
-                f"{hit['lat']:.6f}",
-                f"{hit['lon']:.6f}",
-                f"{hit['score']:.4f}",
-                hit["tile"],
-            )
+            heading = hit.get("heading")
+            shown = (() if not headings else ("-",) if heading is None else
+                     (f"{heading:.0f}° ({hit['heading_confidence']:.2f})",))
+            table.add_row(str(hit["rank"]), f"{hit['lat']:.6f}", f"{hit['lon']:.6f}",
+                          f"{hit['score']:.4f}", *shown, hit["tile"])
         console.print(table)

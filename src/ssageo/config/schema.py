@@ -78,6 +78,13 @@ class Data:
     decode: str = setting("full", "full: decode every pixel, then resize; reduced: JPEGs decode "
                           "at 1/2-1/8 scale while >= the working size (faster)",
                           checks.choice("full", "reduced"))
+    fov: float = setting(360.0, "query field of view (degrees): a fov-wide crop of each "
+                         "panorama at its pixels per degree; 360 = the whole panorama",
+                         checks.real(0, 360, above=True))
+    heading: str = setting("north", "north: the crop is centred on north | random: on a random "
+                           "heading (per sample at training, seeded per query at evaluation); "
+                           "the BEV head then learns the camera's frame",
+                           checks.choice("north", "random"))
     augment: Augment = section(Augment, "training augmentation (both views in step)")
 
 

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from ssageo.config import ConfigError
 from ssageo.data.base import MAX_EXAMPLES, Manifest
+from ssageo.data.fov import QueryCrop, camera_frame_label, crop_panorama, query_crop
 from ssageo.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -43,11 +44,18 @@ class PairDataset(Dataset):
 
     ``data_cfg`` is the config's ``data`` section: ``query_size``, ``reference_size`` (H, W),
     optional ``prior_size`` (default: the reference size), ``decode`` ("full", default, or
-    "reduced": see :func:`ssageo.io.read_image`'s ``min_size``) and ``augment`` (``flip``,
-    ``rotate`` probabilities, ``photometric`` bool), used when ``train`` is True. A sample is
-    ``{"query": (3, Hq, Wq) float32, "reference": (3, Hr, Wr) float32, "index": int}`` plus
+    "reduced": see :func:`ssageo.io.read_image`'s ``min_size``), ``augment`` (``flip``,
+    ``rotate`` probabilities, ``photometric`` bool), used when ``train`` is True, and ``fov`` /
+    ``heading`` (:func:`ssageo.data.fov.query_crop`). A sample is
+    ``{"query": (3, Hq, Wq') float32, "reference": (3, Hr, Wr) float32, "index": int}`` plus
     ``"prior": (Hp, Wp) int64`` class map when every reference has a prior label: ``classes``
     is ``model.bev.classes``, which decides how a stored label is read (``label_to_classes``).
+
+    With a limited FoV or a random heading the query is the crop of the (flipped, rotated)
+    panorama, Wq' = ``crop_width(Wq, fov)``, and the prior is in the crop's camera frame with
+    the cells outside the visible wedge set to ``fov.IGNORE`` (docs/ARCHITECTURE.md, "Limited
+    field of view"). The heading is drawn per sample at training, from ``(crop_seed, index)``
+    otherwise.
 
     Augmentation randomness: with ``seed``, sample ``index`` of epoch ``self.epoch`` (set it
     before each epoch) is augmented by a generator of ``(seed, epoch, index)`` alone, the same in
@@ -56,7 +64,7 @@ class PairDataset(Dataset):
 
     def __init__(self, manifest: Manifest, data_cfg: dict, train: bool,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 seed: int | None = None, classes: int = 2):
+                 seed: int | None = None, classes: int = 2, crop_seed: int = 0):
         if isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes <= 256:
             raise ConfigError(f"model.bev.classes must be an integer 2..256, got {classes!r}")
         self.classes = classes
@@ -64,7 +72,9 @@ class PairDataset(Dataset):
         self.seed, self.epoch = seed, 0
         self.train = train
         self.mean, self.std = tuple(mean), tuple(std)
-        self.query_size = _size(data_cfg, "query_size")
+        self.panorama_size = _size(data_cfg, "query_size")
+        self.crop: QueryCrop = query_crop(data_cfg, crop_seed)
+        self.query_size = self.crop.size(self.panorama_size)
         self.reference_size = _size(data_cfg, "reference_size")
         self.prior_size = (_size(data_cfg, "prior_size") if data_cfg.get("prior_size")
                            else self.reference_size)
@@ -74,7 +84,7 @@ class PairDataset(Dataset):
         # reduced: JPEGs decode at 1/2..1/8 scale while still >= the working size (the tile
         # may be rotated by 90 degrees, so at least its longer side both ways)
         side = max(self.reference_size)
-        self._min_sizes = ((self.query_size, (side, side)) if decode == "reduced"
+        self._min_sizes = ((self.panorama_size, (side, side)) if decode == "reduced"
                            else (None, None))
         aug = data_cfg.get("augment") or {}
         self.p_flip = float(aug.get("flip", 0.0)) if train else 0.0
@@ -125,6 +135,9 @@ class PairDataset(Dataset):
             # exactly W/2; resizing afterwards moves both views consistently.
             tile, prior, query = geometric_augment(tile, prior, query, rng,
                                                    self.p_flip, self.p_rotate)
+        if not self.crop.identity:  # the crop of the panorama as augmented
+            heading = self.crop.heading_for(index, rng if self.train else None)
+            query = crop_panorama(query, self.crop.fov, heading)
         if self._views:  # JPEG on the input pixels, then the resize, then the rest
             images = {"query": query, "reference": tile}
             for name, view in self._views.items():
@@ -139,24 +152,36 @@ class PairDataset(Dataset):
         sample = {"query": to_tensor(query, self.mean, self.std),
                   "reference": to_tensor(tile, self.mean, self.std), "index": index}
         if prior is not None:
-            sample["prior"] = torch.from_numpy(
-                label_to_classes(prior, self.classes, str(m.prior_paths[ref])))
+            classes = label_to_classes(prior, self.classes, str(m.prior_paths[ref]))
+            if not self.crop.identity:
+                classes = camera_frame_label(classes, heading, self.crop.fov)
+            sample["prior"] = torch.from_numpy(classes)
         return sample
 
 
 class ImageDataset(Dataset):
     """Eval-time images: ``{"image": (3, H, W) float32 resized to ``size`` and normalised,
-    "index": int}`` for each path."""
+    "index": int}`` for each path.
+
+    With a ``crop`` (panoramas only), image ``index`` is first cropped to its FoV at the
+    heading ``crop.heading_for(index)`` (reproducible), and resized to ``crop.size(size)``.
+    """
 
     def __init__(self, paths: Sequence[str | Path], size: tuple[int, int],
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 crop: QueryCrop | None = None):
         self.paths = [Path(p) for p in paths]
-        self.size = (int(size[0]), int(size[1]))
+        self.crop = None if crop is None or crop.identity else crop
+        size = (int(size[0]), int(size[1]))
+        self.size = size if self.crop is None else self.crop.size(size)
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        image = resize(read_image(self.paths[index]), self.size)
-        return {"image": to_tensor(image, self.mean, self.std), "index": index}
+        image = read_image(self.paths[index])
+        if self.crop is not None:
+            image = crop_panorama(image, self.crop.fov, self.crop.heading_for(index))
+        return {"image": to_tensor(resize(image, self.size), self.mean, self.std),
+                "index": index}

@@ -160,8 +160,12 @@ class OnnxLocalizer(Localizer):
         self.timings: list[dict] = []
         self.query_size = self.encoder.size
 
-    def embed(self, images: Sequence[str | Path | np.ndarray]) -> np.ndarray:
-        """(B, D) query descriptors of panoramas given as paths or (H, W, 3) uint8 arrays."""
+    def embed(self, images: Sequence[str | Path | np.ndarray],
+              fovs: Sequence[float | None] | None = None) -> np.ndarray:
+        """(B, D) query descriptors of panoramas given as paths or (H, W, 3) uint8 arrays
+        (an exported encoder takes panoramas only: photos need the PyTorch model)."""
+        if fovs is not None and any(f is not None for f in fovs):
+            raise ConfigError("photos (a field of view) need the PyTorch model, not --onnx")
         return self.encoder.embed(images, batch_size=max(len(images), 1))
 
 

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ssageo.data.datasets import ImageDataset
+from ssageo.data.fov import QueryCrop, query_crop
 from ssageo.data.manifest import Manifest
 from ssageo.data.registry import get_spec
 from ssageo.evaluate.descriptors import DescriptorSet
@@ -28,15 +29,17 @@ def embed_paths(
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int = 0,
     progress: bool = True,
+    crop: QueryCrop | None = None,
 ) -> np.ndarray:
     """(N, D) float32 L2-normalised descriptors of the images at ``paths``.
 
-    Each image is resized to ``size`` (H, W), normalised with ``model.data_config()`` and fed to
+    Each image (with a ``crop``: its reproducible FoV crop, see ImageDataset) is resized to
+    ``size`` (H, W), normalised with ``model.data_config()`` and fed to
     ``model.embed(x, view=view)`` in eval mode under inference mode, on the model's device; the
     model's train/eval mode is restored afterwards. An unreadable image raises DataError naming it.
     """
     norm = model.data_config()
-    dataset = ImageDataset(paths, tuple(size), norm["mean"], norm["std"])
+    dataset = ImageDataset(paths, tuple(size), norm["mean"], norm["std"], crop)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     device = next(model.parameters()).device
     was_training = model.training
@@ -64,17 +67,21 @@ def embed_manifest(
     batch_size: int | None = None,
     workers: int | None = None,
     progress: bool = True,
+    crop: QueryCrop | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(query (Q, D), reference (R, D)) float32 descriptors of every image of a manifest.
 
     Input sizes come from ``config["data"]`` (``query_size``, ``reference_size``); the batch size
-    defaults to ``eval.batch_size`` and the loader workers to ``data.workers``.
+    defaults to ``eval.batch_size`` and the loader workers to ``data.workers``. The queries are
+    the FoV crops of ``crop`` (default: the config's ``data.fov`` and ``data.heading``, each
+    query's random heading seeded by its index).
     """
+    crop = crop if crop is not None else query_crop(config["data"])
     batch_size = batch_size or config["eval"]["batch_size"]  # a loaded config has every key
     workers = config["data"]["workers"] if workers is None else workers
     kwargs = {"batch_size": batch_size, "workers": workers, "progress": progress}
     query = embed_paths(
-        model, manifest.query_paths, config["data"]["query_size"], "query", **kwargs
+        model, manifest.query_paths, config["data"]["query_size"], "query", **kwargs, crop=crop
     )
     reference = embed_paths(
         model, manifest.reference_paths, config["data"]["reference_size"], "reference", **kwargs

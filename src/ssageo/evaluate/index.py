@@ -34,7 +34,7 @@ import numpy as np
 from ssageo import __version__
 from ssageo.config import config_hash
 from ssageo.evaluate.ann import exact_topk
-from ssageo.io import DataError, atomic_write
+from ssageo.io import DataError, atomic_write, read_image
 
 if TYPE_CHECKING:  # torch is imported where a model runs: an index opens without it (--onnx)
     import torch
@@ -295,11 +295,19 @@ class Localizer:
         self.timings: list[dict] = []  # per query of the last locate_many: embed_s, search_s
         self.query_size = tuple(self.config["data"]["query_size"])
 
-    def _query_tensor(self, image: str | Path | np.ndarray) -> torch.Tensor:
+    def query_tensor(self, image: str | Path | np.ndarray,
+                     fov: float | None = None) -> torch.Tensor:
+        """(3, H, W) model input of a panorama, or (``fov`` given) of a pinhole photo."""
         from ssageo.data.datasets import ImageDataset
         from ssageo.data.transforms import resize, to_tensor
 
         norm = self.model.data_config()
+        if fov is not None:  # a pinhole photo: the panorama band it covers
+            from ssageo.evaluate.photos import photo_band
+
+            band = photo_band(read_image(image) if not isinstance(image, np.ndarray) else image,
+                              fov, self.query_size)
+            return to_tensor(band, norm["mean"], norm["std"])
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(
@@ -308,11 +316,15 @@ class Localizer:
             return to_tensor(resize(image, self.query_size), norm["mean"], norm["std"])
         return ImageDataset([image], self.query_size, norm["mean"], norm["std"])[0]["image"]
 
-    def embed(self, images: Sequence[str | Path | np.ndarray]) -> np.ndarray:
-        """(B, D) query descriptors of panoramas given as paths or (H, W, 3) uint8 arrays."""
+    def embed(self, images: Sequence[str | Path | np.ndarray],
+              fovs: Sequence[float | None] | None = None) -> np.ndarray:
+        """(B, D) query descriptors of panoramas given as paths or (H, W, 3) uint8 arrays;
+        an image with a FoV in ``fovs`` is a pinhole photo of that horizontal FoV (degrees).
+        A batch holds images of one input size: one FoV, or panoramas only."""
         import torch
 
-        x = torch.stack([self._query_tensor(im) for im in images])
+        fovs = fovs if fovs is not None else [None] * len(images)
+        x = torch.stack([self.query_tensor(im, f) for im, f in zip(images, fovs, strict=True)])
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             desc = self.model.embed(x.to(device), view="query").float().cpu()
@@ -325,9 +337,11 @@ class Localizer:
 
     def locate_many(
         self, images: Sequence[str | Path | np.ndarray], top_k: int = 5, batch_size: int = 16,
-        nprobe: int = 32, rerank: int = 100,
+        nprobe: int = 32, rerank: int = 100, fovs: Sequence[float | None] | None = None,
     ) -> list[list[dict]]:
-        """:meth:`locate` for several images, embedded ``batch_size`` at a time.
+        """:meth:`locate` for several images, embedded ``batch_size`` at a time (pinhole
+        photos, with a horizontal FoV per image in ``fovs``, one at a time: their widths
+        differ).
 
         A compressed index visits ``nprobe`` inverted lists and re-scores its ``rerank`` best
         candidates exactly when it stores float descriptors (both ignored by exact indexes).
@@ -336,10 +350,11 @@ class Localizer:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         results, self.timings = [], []
+        batch_size = 1 if fovs is not None else batch_size
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
             t0 = time.perf_counter()
-            desc = self.embed(batch)
+            desc = self.embed(batch, None if fovs is None else fovs[start : start + batch_size])
             t1 = time.perf_counter()
             scores, rows = self.index.search(desc, top_k, nprobe=nprobe, rerank=rerank)
             t2 = time.perf_counter()

@@ -159,25 +159,30 @@ class PolarProjection(nn.Module):
         )
 
 
-def polar_sampling_grid(size: int, azimuth_bins: int, device=None) -> torch.Tensor:
-    """``grid_sample`` grid (1,N,N,2) that maps a polar map onto a north-up N x N tile.
+def polar_sampling_grid(size: int, azimuth_bins: int, device=None,
+                        fov: float = 360.0) -> torch.Tensor:
+    """``grid_sample`` grid (1,N,N,2) that maps a polar map onto an N x N BEV grid.
 
-    The polar map is (D, W+2): depth bin d (radius, bin 0 nearest the camera) by panorama
-    column, padded by one column on each side so azimuth wraps around at south. Cell (i, j)
-    of the output has east/north coordinates x, y in [-1, 1] (row 0 = north, column 0 = west);
-    its azimuth clockwise from north, ``atan2(x, y)``, picks the column (a panorama column
-    covering [u, u+1) looks at ``360 * u / W - 180`` degrees, README "Conventions") and its
-    radius picks the depth bin, bins spanning 0 .. sqrt(2) so the tile's corners are covered.
-    Building the grid in that convention replaces the flip + 90 degree rotation of the
-    original formulation.
+    The polar map is (D, W+2): depth bin d (radius, bin 0 nearest the camera) by image column,
+    padded by one column on each side (the wrap-around at south for a panorama, the edge
+    column for a crop). Cell (i, j) of the output has right/ahead coordinates x, y in
+    [-1, 1] (row 0 ahead, column 0 left; for a panorama, ahead is north: the tile's grid);
+    its azimuth clockwise from ahead, ``atan2(x, y)``, picks the column (a column covering
+    [u, u+1) of W looks at ``fov * u / W - fov / 2`` degrees: README "Conventions" for the
+    whole panorama, ``ssageo.data.fov`` for a crop) and its radius picks the depth bin, bins
+    spanning 0 .. sqrt(2) so the tile's corners are covered. Cells outside a crop's wedge
+    take its edge columns; the loss ignores them (``fov.camera_frame_label``). Building the
+    grid in that convention replaces the flip + 90 degree rotation of the original
+    formulation.
     """
     coords = (torch.arange(size, dtype=torch.float64, device=device) * 2 + 1) / size - 1
     north = -coords.view(size, 1).expand(size, size)
     east = coords.view(1, size).expand(size, size)
-    azimuth = torch.atan2(east, north) / math.pi  # [-1, 1], 0 = north
+    azimuth = torch.rad2deg(torch.atan2(east, north))  # [-180, 180], 0 = ahead
     radius = torch.sqrt(east**2 + north**2) / math.sqrt(2)  # [0, 1]
     # normalised x over the padded width: real columns occupy [1, W+1) of W+2
-    gx = (azimuth * azimuth_bins / 2 + azimuth_bins / 2 + 1) * 2 / (azimuth_bins + 2) - 1
+    column = (azimuth + fov / 2) / fov * azimuth_bins
+    gx = (column + 1) * 2 / (azimuth_bins + 2) - 1
     gy = radius * 2 - 1
     return torch.stack([gx, gy], dim=-1).unsqueeze(0).float()
 
@@ -204,13 +209,17 @@ class _Resample(torch.autograd.Function):
         return grad_polar.to(ctx.dtype), None
 
 
-def polar_to_cartesian(polar: torch.Tensor, size: int, lean: bool = False) -> torch.Tensor:
-    """(B,C,D,W) polar features -> (B,C,N,N) north-up Cartesian grid (see polar_sampling_grid);
-    ``lean`` keeps only the grid (not the padded polar map) for the backward pass."""
+def polar_to_cartesian(polar: torch.Tensor, size: int, lean: bool = False,
+                       fov: float = 360.0) -> torch.Tensor:
+    """(B,C,D,W) polar features of a ``fov``-degree view -> (B,C,N,N) Cartesian grid in the
+    view's frame (north-up for a panorama; see polar_sampling_grid); ``lean`` keeps only the
+    grid (not the padded polar map) for the backward pass."""
     b, _, _, w = polar.shape
-    wrap = torch.arange(-1, w + 1, device=polar.device) % w  # one column more on each side
-    padded = polar.index_select(-1, wrap)
-    grid = polar_sampling_grid(size, w, polar.device).to(polar.dtype).expand(b, -1, -1, -1)
+    pad = torch.arange(-1, w + 1, device=polar.device)  # one column more on each side
+    pad = pad % w if fov >= 360.0 else pad.clamp(0, w - 1)  # wrap at south; edge of a crop
+    padded = polar.index_select(-1, pad)
+    grid = polar_sampling_grid(size, w, polar.device, fov).to(polar.dtype)
+    grid = grid.expand(b, -1, -1, -1)
     if lean and torch.is_grad_enabled():
         return _Resample.apply(padded, grid)
     return F.grid_sample(padded, grid, mode="bilinear", padding_mode="border",
@@ -221,13 +230,15 @@ class BEVHead(nn.Module):
     """Trunk features of the panorama (B,C,H,W) -> BEV logits (B,K,8N,8N) on the tile's grid.
 
     ``lean`` selects the memory-lean projection and decoder (benchmarks/RESULTS.md); it does
-    not change the maths.
+    not change the maths. ``fov``: the degrees the query's columns span (``data.fov``); below
+    360 the logits are in the crop's camera frame and only its visible wedge is meaningful.
     """
 
     def __init__(self, channels: int, depth_bins: int, grid_size: int, classes: int,
                  lean: bool = True) -> None:
         super().__init__()
         self.grid_size = grid_size
+        self.fov = 360.0
         self.projection = PolarProjection(channels, depth_bins, lean=lean)
         self.decoder = BEVDecoder(channels, classes, lean=lean)
 
@@ -236,4 +247,4 @@ class BEVHead(nn.Module):
         n = self.grid_size
         lean = (self.decoder.runs_lean((features.shape[0], features.shape[1], n, n))
                 if isinstance(self.decoder, BEVDecoder) else self.projection.lean)  # benchmarks
-        return self.decoder(polar_to_cartesian(polar, n, lean))
+        return self.decoder(polar_to_cartesian(polar, n, lean, self.fov))

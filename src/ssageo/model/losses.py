@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ssageo.data.fov import IGNORE  # label cells outside a limited FoV's wedge: no loss there
+
 
 def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All ranks' rows of ``x`` concatenated (gradient flows back to each rank), and this rank.
@@ -78,9 +80,13 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> 
 
     ``logits`` (B,K,H,W); ``target`` (B,H,W) int64 class indices. Per sample, not pooled over
     the batch: a class absent from a sample's labels counts there with its own (small) Dice.
+    Pixels labelled IGNORE count in neither sum.
     """
     probs = logits.softmax(dim=1)
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    onehot = F.one_hot(target.clamp(min=0), logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    if bool((target < 0).any()):
+        keep = (target >= 0).unsqueeze(1).to(probs.dtype)
+        probs, onehot = probs * keep, onehot * keep
     inter = (probs * onehot).sum((2, 3))  # (B,K)
     total = probs.sum((2, 3)) + onehot.sum((2, 3))
     return (1 - (2 * inter + eps) / (total + eps)).mean()
@@ -95,12 +101,14 @@ def resize_prior(prior: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def bev_loss(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """0.5 cross-entropy + 0.5 Dice of (B,K,S,S) logits against a (B,H,W) class-map prior."""
+    """0.5 cross-entropy + 0.5 Dice of (B,K,S,S) logits against a (B,H,W) class-map prior
+    (cells labelled IGNORE, outside a limited field of view, take no part)."""
     target = resize_prior(prior, tuple(logits.shape[-2:]))
-    if int(target.max()) >= logits.shape[1] or int(target.min()) < 0:
+    if int(target.max()) >= logits.shape[1] or int(target.min()) < IGNORE:
         raise ValueError(f"prior holds class {int(target.max())}, outside the model's "
                          f"{logits.shape[1]} BEV classes")
-    return 0.5 * F.cross_entropy(logits, target) + 0.5 * dice_loss(logits, target)
+    return (0.5 * F.cross_entropy(logits, target, ignore_index=IGNORE)
+            + 0.5 * dice_loss(logits, target))
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,11 @@ class SSAModel(nn.Module):
             )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
 
+    def set_query_fov(self, fov: float) -> None:
+        """Tell the BEV head how many degrees the query images span (``data.fov``)."""
+        if self.bev is not None:
+            self.bev.fov = float(fov)
+
     def encoder(self, view: str) -> Encoder:
         """The encoder of ``view`` ('query' or 'reference'; the same one when shared)."""
         if view not in VIEWS:
@@ -316,5 +321,6 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
     scale_init = config["loss"]["logit_scale_init"]
     model = SSAModel(model_cfg, reference_size, query_size, scale_init)
     model.model_cfg = copy.deepcopy(config["model"])
+    model.set_query_fov((config.get("data") or {}).get("fov") or 360.0)
     load_weights(model, weights, data)
     return model.to(map_location), config

@@ -23,6 +23,7 @@ from ssageo.report.analysis import (
     grad_cam,
     held_out_manifest,
     load_run,
+    recall_by_fov,
     retrieve,
     subset,
 )
@@ -204,6 +205,12 @@ def build_report(run_dir: str | Path, out: str | Path | None = None,
                         if checkpoint == "best" else "the last evaluation")
                      + "); recalls in %."),
     ]
+    say("cropping queries to smaller fields of view")
+    sections.append(html.Section(
+        "Recall vs. field of view", html.metrics_table(recall_by_fov(main_run, main_found)),
+        f"{main_label} on the report's sample of {main_found.manifest.num_queries} held-out "
+        f"places: each query cropped to the field of view (heading "
+        f"{get(main_run.config, 'data.heading', 'north')}, seeded per query); recalls in %."))
     say("drawing training curves")
     sections.append(html.Section("Training curves", html.image(
         figures.training_curves(logs), "training curves",

@@ -140,12 +140,37 @@ def retrieve(run: Run, manifest, k: int = 5) -> Retrieval:
     return Retrieval(manifest, query, reference, top, rank, error)
 
 
+FOV_TABLE = (360.0, 180.0, 90.0, 70.0)  # the field's protocol (ConGeo; issue 19)
+
+
+def recall_by_fov(run: Run, found: Retrieval, fovs=FOV_TABLE) -> dict[str, dict[str, float]]:
+    """R@1/5/10 (%) of ``found``'s queries cropped to each FoV (the run's ``data.heading``,
+    seeded per query), ranked against the same reference descriptors:
+    ``{"360°": {"R@1": ..}, ..}``."""
+    from ssageo.data.fov import QueryCrop, query_crop
+    from ssageo.evaluate.embed import embed_paths
+    from ssageo.evaluate.metrics import rank_queries
+
+    m, heading = found.manifest, query_crop(run.config["data"]).heading
+    table = {}
+    for fov in fovs:
+        query = embed_paths(run.model, m.query_paths, get(run.config, "data.query_size"),
+                            "query", workers=0, progress=False, crop=QueryCrop(fov, heading))
+        rank = rank_queries(query, found.reference, m.positive)["rank"]
+        table[f"{fov:g}°"] = {f"R@{k}": 100.0 * float(np.mean(rank < k)) for k in (1, 5, 10)}
+    return table
+
+
 def _inputs(run: Run, paths: list[Path], size_key: str) -> torch.Tensor:
-    """(N, 3, H, W) model inputs for ``paths`` at the config's ``data.<size_key>``."""
+    """(N, 3, H, W) model inputs for ``paths`` at the config's ``data.<size_key>`` (queries
+    cropped as the run's ``data.fov`` / ``data.heading`` say)."""
     from ssageo.data import ImageDataset
+    from ssageo.data.fov import query_crop
 
     cfg = run.model.data_config()
-    dataset = ImageDataset(paths, get(run.config, f"data.{size_key}"), cfg["mean"], cfg["std"])
+    crop = query_crop(run.config["data"]) if size_key == "query_size" else None
+    dataset = ImageDataset(paths, get(run.config, f"data.{size_key}"), cfg["mean"], cfg["std"],
+                           crop)
     return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
 
 

@@ -10,7 +10,6 @@ around the model); the server listens on 127.0.0.1 unless told otherwise.
 from __future__ import annotations
 
 import errno
-import inspect
 import json
 import re
 import sys
@@ -56,7 +55,6 @@ class LocateService:
         self.index_path = Path(index)
         self.top_k, self.max_bytes = top_k, max_bytes
         self.lock = threading.Lock()
-        self._fov = "fov" in inspect.signature(self.localizer.locate_many).parameters
         self.count = len(self.localizer.index.coords)  # a sharded manifest's metadata has 0
 
     def page(self) -> str:
@@ -70,8 +68,8 @@ class LocateService:
                top_k: int | None = None) -> dict:
         """The page's answer for an uploaded image (its bytes and file name).
 
-        DataError (shown on the page) for an image that cannot be decoded or is too large,
-        and for a limited field of view where this build cannot place photos.
+        DataError (shown on the page) for an image that cannot be decoded or is too large, or
+        a field of view outside 1..360 degrees; a FoV under 360 makes the image a photo.
         """
         name = _safe_name(name)
         if len(data) > self.max_bytes:
@@ -86,7 +84,8 @@ class LocateService:
             except DataError as exc:  # name the upload, not the temporary folder
                 raise DataError(str(exc).replace(str(path), name)) from None
         notes = self._notes(image, fov)
-        kwargs = {"fov": fov} if self._fov and fov is not None and fov < 360 else {}
+        # a photo (FoV < 360) is mapped onto the panorama band it covers (locate --fov)
+        kwargs = {"fovs": [fov]} if fov is not None and fov < 360 else {}
         with self.lock:
             start = time.perf_counter()
             hits = self.localizer.locate_many([image], top_k, **kwargs)[0]
@@ -108,10 +107,6 @@ class LocateService:
         answered at all."""
         if fov is not None and not 0 < fov <= 360:
             raise DataError(f"field of view {fov:g} degrees: give 1..360")
-        if fov is not None and fov < 360 and not self._fov:
-            raise DataError(
-                f"field of view {fov:g} degrees: this ssageo build places only 360-degree "
-                "panoramas (photos need `ssageo locate --fov`); upload a panorama or set 360")
         h, w = self.localizer.query_size
         aspect = image.shape[1] / image.shape[0]
         if (fov is None or fov >= 360) and abs(aspect / (w / h) - 1) > ASPECT_TOLERANCE:
@@ -134,7 +129,7 @@ class LocateService:
         model = self.localizer.model
         if getattr(model, "bev", None) is None:
             return None
-        x = self.localizer._query_tensor(image)[None].to(next(model.parameters()).device)
+        x = self.localizer.query_tensor(image)[None].to(next(model.parameters()).device)
         with torch.inference_mode():
             logits = model(x, None, with_bev=True)["bev_logits"]
         return logits.softmax(dim=1)[0, 1].float().cpu().numpy()

@@ -21,6 +21,7 @@ import numpy as np
 from ssageo.config import ConfigError
 from ssageo.io import atomic_write_text, read_image, write_error, write_image
 from ssageo.synth.layouts import VIGOR_CITIES, Job, Plan, plan_cvact, plan_cvusa, plan_vigor
+from ssageo.synth.photos import PHOTO_CSV, check_photo_fov, photo_paths, render_photos
 from ssageo.synth.places import world_for_places
 from ssageo.synth.render import (
     SKY,
@@ -89,13 +90,15 @@ def generate(out: Path, layout: str = "cvusa", places: int = 200, seed: int = 0,
              sat_size: int = 256, pano_size: tuple[int, int] = (512, 128),
              split: str = "same-area", overwrite: bool = False, preview: bool = False,
              progress: bool = False, workers: int | None = None,
-             origin: tuple[float, float] | None = None) -> dict:
+             origin: tuple[float, float] | None = None, photos: float | None = None) -> dict:
     """Generate a synthetic data set in one of the real layouts under ``out``.
 
     ``pano_size`` is (W, H). ``workers`` processes render images (default: 2 for large runs,
     else 1; the output is byte-identical either way). ``origin`` (lat, lon) anchors the local
-    tangent plane (VIGOR uses each city's own origin). Returns a summary: counts, files, world
-    parameters, seconds, and how many images were rendered or already present.
+    tangent plane (VIGOR uses each city's own origin). ``photos`` (degrees): also a pinhole
+    photo of that horizontal FoV per place (:mod:`ssageo.synth.photos`). Returns a summary:
+    counts, files, world parameters, seconds, and how many images were rendered or already
+    present.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -104,6 +107,8 @@ def generate(out: Path, layout: str = "cvusa", places: int = 200, seed: int = 0,
     origin = tuple(origin) if origin is not None else DEFAULT_ORIGIN
     params = {"layout": layout, "places": places, "seed": seed, "sat_size": sat_size,
               "pano_size": list(pano_size), "split": split, "origin": list(origin)}
+    if photos is not None:  # recorded only when asked, so older worlds still resume
+        params["photos"] = check_photo_fov(photos)
     _prepare(out, params, overwrite)
     meta = _metadata(params)
 
@@ -119,7 +124,8 @@ def generate(out: Path, layout: str = "cvusa", places: int = 200, seed: int = 0,
         planner = {"cvusa": plan_cvusa, "cvact": plan_cvact, "university": plan_university}
         plan = planner[layout](world, pts, split, seed)
     planned = ["world.json", *(["preview.png"] if preview else []),
-               *(p for job in plan.jobs for p in (job.image, *job.labels))]
+               *(p for job in plan.jobs for p in (job.image, *job.labels)),
+               *(photo_paths(plan) if photos is not None else ())]
     _write_record(out, planned)  # before anything else, so an interrupted run is removable too
     atomic_write_text(out / "world.json", json.dumps({**meta, "complete": False}, indent=2))
 
@@ -127,6 +133,9 @@ def generate(out: Path, layout: str = "cvusa", places: int = 200, seed: int = 0,
     # The layout's index files are known once written: recorded as they are (a kill between
     # the two leaves them unrecorded, so --overwrite refuses to guess and names them).
     index = plan.finish(out)
+    if photos is not None:
+        render_photos(out, worlds, plan, seed, params["photos"], pano_size)
+        index["files"]["photos"] = PHOTO_CSV
     _write_record(out, [*planned, *index["files"].values()])
     if preview:
         write_preview(out, plan)

@@ -107,6 +107,7 @@ class Trainer:
         self.model = build_model(dict(model_cfg, pretrained=None) if self.resume else model_cfg,
                                  d["reference_size"], d["query_size"],
                                  self.config["loss"]["logit_scale_init"]).to(device)
+        self.model.set_query_fov(d["fov"])  # the BEV head's columns span data.fov degrees
         on_main(self._prepare_run_dir, self.dist)
         self.val_manifest, self.val_note = _validation_manifest(self.manifest, self.config)
         self.log(f"validation: {self.val_note}")
