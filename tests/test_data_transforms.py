@@ -234,3 +234,21 @@ def test_jpeg_compression_comes_before_the_resize():
     after = jpeg(image=resize(img, size))["image"]
     got = pipeline(image=img)["image"]
     assert np.array_equal(got, before) and not np.array_equal(got, after)
+
+
+def test_a_perspective_query_is_flipped_with_its_tile_but_never_rolled_or_turned():
+    # Sample4Geo's University-1652 recipe: drone view and tile flipped together, tile turned alone
+    from ssageo.data.transforms import geometric_augment, rot90
+
+    tile = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    drone = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
+    seen = set()
+    for seed in range(40):
+        t, _, q = geometric_augment(tile, None, drone, np.random.default_rng(seed), 0.5, 0.75,
+                                    panorama=False)
+        flipped = np.array_equal(q, drone[:, ::-1])
+        assert flipped or np.array_equal(q, drone)  # never rolled: only a plain mirror
+        base = tile[:, ::-1] if flipped else tile
+        k = next(k for k in range(4) if np.array_equal(t, rot90(base, k)))
+        seen.add((flipped, k))
+    assert {k for _, k in seen} == {0, 1, 2, 3} and {f for f, _ in seen} == {True, False}

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from ssageo.config import ConfigError
 from ssageo.data.base import MAX_EXAMPLES, Manifest
 from ssageo.data.fov import QueryCrop, camera_frame_label, crop_panorama, query_crop
+from ssageo.data.registry import get_spec
 from ssageo.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -89,6 +90,7 @@ class PairDataset(Dataset):
         aug = data_cfg.get("augment") or {}
         self.p_flip = float(aug.get("flip", 0.0)) if train else 0.0
         self.p_rotate = float(aug.get("rotate", 0.0)) if train else 0.0
+        self.panorama = get_spec(manifest.dataset).query == "panorama"  # else perspective
         self.photometric = bool(aug.get("photometric", False)) and train
         without = [r for r, p in zip(manifest.reference_paths, manifest.prior_paths, strict=True)
                    if p is None]
@@ -134,7 +136,7 @@ class PairDataset(Dataset):
             # Geometry first, on the native pixel grid, where the panorama's north column is
             # exactly W/2; resizing afterwards moves both views consistently.
             tile, prior, query = geometric_augment(tile, prior, query, rng,
-                                                   self.p_flip, self.p_rotate)
+                                                   self.p_flip, self.p_rotate, self.panorama)
         if not self.crop.identity:  # the crop of the panorama as augmented
             heading = self.crop.heading_for(index, rng if self.train else None)
             query = crop_panorama(query, self.crop.fov, heading)

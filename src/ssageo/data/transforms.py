@@ -57,19 +57,23 @@ def rotate_pair(tile: np.ndarray, pano: np.ndarray, k: int) -> tuple[np.ndarray,
 
 def geometric_augment(
     tile: np.ndarray, prior: np.ndarray | None, pano: np.ndarray, rng: np.random.Generator,
-    p_flip: float = 0.5, p_rotate: float = 0.75,
+    p_flip: float = 0.5, p_rotate: float = 0.75, panorama: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """The one place where a tile (H, W[, 3]), its prior label (H', W') and its panorama
+    """The one place where a tile (H, W[, 3]), its prior label (H', W') and its query
     (Hq, Wq[, 3]) are flipped and rotated together, so the three cannot drift apart.
 
-    Returns contiguous (tile, prior, pano); ``prior`` may be None.
+    A ``panorama`` query is mirrored about its north column and rolled with the tile's
+    rotation; a perspective query (a drone view: ``panorama=False``) is mirrored plainly with
+    the tile and not turned, while the tile turns alone (as Sample4Geo's University-1652
+    training: a synchronised flip, RandomRotate90 of the satellite tile only).
+    Returns contiguous (tile, prior, query); ``prior`` may be None.
     """
     if rng.random() < p_flip:
-        tile, pano = flip_pair(tile, pano)
+        tile, pano = flip_pair(tile, pano) if panorama else (_fliplr(tile), _fliplr(pano))
         prior = None if prior is None else _fliplr(prior)
     if rng.random() < p_rotate:
         k = int(rng.integers(1, 4))
-        tile, pano = rotate_pair(tile, pano, k)
+        tile, pano = rotate_pair(tile, pano, k) if panorama else (rot90(tile, k), pano)
         prior = None if prior is None else rot90(prior, k)
     as_c = np.ascontiguousarray
     return as_c(tile), None if prior is None else as_c(prior), as_c(pano)
