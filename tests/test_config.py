@@ -173,7 +173,7 @@ PRESETS = {
         **_S4G, "data.dataset": "university", "data.vigor_mode": "drone-satellite",
         "data.query_size": [384, 384], "train.epochs": 1, "train.warmup_epochs": 0.1,
         "train.sampling.neighbour_select": 0, "train.sampling.first": "random",
-        "train.sampling.similarity": False, "data.augment.rotate": 0.0},
+        "train.sampling.similarity": False, "data.augment.rotate": 0.75},
 }
 
 
