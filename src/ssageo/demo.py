@@ -50,8 +50,9 @@ SAT_SIZE = 128
 PANO_SIZE = (512, 128)
 # The demo's training regime on top of the synth-cpu preset (none so far: the cheaper backbone
 # measured for issue 18 learned less per step than resnet18; benchmarks/RESULTS.md, "The
-# demo's training regime"), and what the default budget bought on an idle 2-core machine
-# (2026-11-24): FULL_STEPS steps per model, SSA R@1 FULL_R1 % on the 200 held-out places.
+# demo's training regime"), and what the default budget bought on the 2-core machine the plan
+# was sized on (2026-11-24, lightly loaded): FULL_STEPS steps per model, SSA R@1 FULL_R1 % on
+# the 200 held-out places.
 REGIME: list[str] = []
 FULL_STEPS = 300
 FULL_R1 = 6.5
@@ -157,7 +158,7 @@ def plan_text(plan: Plan, budget_minutes: float) -> str:
     while need < 10_000 and plan_from_costs(need, cost).epochs * _steps_per_epoch(
             _places(need)) < FULL_STEPS:
         need += 1
-    return (f"{text}\nnote: this machine runs these steps slower than the idle 2-core machine "
+    return (f"{text}\nnote: this machine runs these steps slower than the 2-core machine "
             f"the demo was sized on, so only {steps} of the {FULL_STEPS} steps per model that "
             f"gave SSA R@1 {FULL_R1:g} % there fit in {budget_minutes:g} min: expect a lower "
             f"R@1 (benchmarks/RESULTS.md). --budget-minutes {need} trains them here.")
