@@ -16,6 +16,7 @@ machine first, so every figure printed comes from this run.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -121,8 +122,13 @@ def _places(budget_minutes: float) -> int:
     return int(min(4000, max(200, 100 * budget_minutes)))
 
 
+@functools.cache
+def _batch_size() -> int:
+    return int(demo_config(Path("."), 0, True)["train"]["batch_size"])
+
+
 def _steps_per_epoch(places: int) -> int:
-    return int(places * 0.8) // int(demo_config(Path("."), 0, True)["train"]["batch_size"])
+    return int(places * 0.8) // _batch_size()
 
 
 def _training_seconds(budget_minutes: float) -> float:
