@@ -84,3 +84,28 @@ def test_the_final_table_keeps_model_names_whole_in_80_columns():
     text = console.export_text()
     assert "no-SSA baseline" in text, text
     assert all(len(line) <= 80 for line in text.splitlines()), text
+
+
+def test_the_plan_says_when_a_slow_machine_buys_fewer_steps_than_the_regime_needs():
+    from ssageo.demo import FULL_STEPS, plan_from_costs, plan_text
+
+    fast = plan_from_costs(10, {"ssa": 0.2, "baseline": 0.15})
+    text = plan_text(fast, 10)
+    assert "note:" not in text and f"{fast.epochs} epochs" in text
+    assert fast.places == 1000 and fast.epochs * 50 >= FULL_STEPS
+
+    slow = plan_from_costs(10, {"ssa": 2.0, "baseline": 1.5})  # a busy machine: 100x slower
+    assert 1 <= slow.epochs < fast.epochs
+    text = plan_text(slow, 10)
+    steps = slow.epochs * 50
+    assert f"only {steps} of the {FULL_STEPS} steps" in text and "expect a lower R@1" in text
+    need = int(text.rsplit("--budget-minutes ", 1)[1].split()[0])
+    # the budget it names buys the steps at these step times, and one minute less does not
+    costs = slow.seconds_per_step
+    assert plan_from_costs(need, costs).epochs * (int(_places(need) * 0.8) // 16) >= FULL_STEPS
+    assert plan_from_costs(need - 1, costs).epochs * (
+        int(_places(need - 1) * 0.8) // 16) < FULL_STEPS
+
+
+def _places(budget_minutes: float) -> int:
+    return int(min(4000, max(200, 100 * budget_minutes)))

@@ -1,0 +1,130 @@
+"""Experiments for the demo's training regime (issue 18): what reaches R@1 >= 25 % on the demo
+world's held-out places within the demo's compute budget?
+
+Three subcommands, all on 1 torch thread (set ``OMP_NUM_THREADS=1``) so that runs can be
+compared by steps and by single-thread step time, not by the wall time of a shared machine:
+
+- ``world OUT [--places 1000] [--seed 0]``: the demo's world (CVUSA layout, 128 px tiles,
+  512x128 panoramas) with the demo's VFM-like oracle priors, made by the demo's own code;
+- ``steptime --backbones a,b+bev [override ...]``: median single-thread step time of each
+  backbone (``+bev``: with the BEV head) at the demo's sizes, interleaved step by step in one
+  process (fair on a busy machine); prints one line per backbone with its ratio to the first;
+- ``train --steps N WORLD RUN [override ...]``: ``ssageo.train.train`` with the demo's
+  overrides plus the given ones for N steps, then R@1/5/10 of ``checkpoints/last`` on the val
+  split; appends one JSON line (overrides, steps, metrics, mean step time) to
+  ``RUN/../sweep.jsonl``.
+
+    OMP_NUM_THREADS=1 python benchmarks/demo_sweep.py world /tmp/dw
+    OMP_NUM_THREADS=1 python benchmarks/demo_sweep.py steptime --backbones resnet18,resnet10t
+    OMP_NUM_THREADS=1 python benchmarks/demo_sweep.py train --steps 300 /tmp/dw /tmp/sweep/r18 \
+        model.bev.enabled=false
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import ssageo  # noqa: F401  (before timm)
+
+
+def make_world(out: Path, places: int, seed: int) -> None:
+    """The demo's world and priors, by the demo's own stages."""
+    from ssageo.demo import PANO_SIZE, SAT_SIZE, VFM_LIKE
+    from ssageo.priors.oracle import Corruption, OracleBackend
+    from ssageo.priors.run import list_tiles, run_priors
+    from ssageo.synth import generate
+
+    generate(out, layout="cvusa", places=places, seed=seed, sat_size=SAT_SIZE,
+             pano_size=PANO_SIZE, progress=True)
+    result = run_priors(list_tiles(out), OracleBackend(out, Corruption(**VFM_LIKE), seed=seed),
+                        force=True)
+    print(f"priors mIoU {result.statistics['miou']:.3f}")
+
+
+def step_times(backbones: list[str], overrides: list[str], steps: int) -> dict[str, float]:
+    """Median single-thread step time per backbone, interleaved step by step; a name ending in
+    ``+bev`` is that backbone with the BEV head (the SSA model), otherwise without it."""
+    from ssageo.demo import StepTimer, demo_config
+
+    timers = {b: StepTimer(demo_config(Path("."), 0, b.endswith("+bev"),
+                                       [f"model.backbone={b.removesuffix('+bev')}", *overrides]))
+              for b in backbones}
+    times: dict[str, list[float]] = {b: [] for b in backbones}
+    for i in range(steps + 1):
+        for b, timer in timers.items():
+            t = timer.step()
+            if i:  # the first step warms up allocators and kernels
+                times[b].append(t)
+    return {b: sorted(v)[len(v) // 2] for b, v in times.items()}
+
+
+def train_and_evaluate(world: Path, run: Path, steps: int, overrides: list[str]) -> dict:
+    """Train ``steps`` steps with the demo's config + ``overrides``; val metrics of the last."""
+    from ssageo.data import load_manifest
+    from ssageo.demo import demo_config
+    from ssageo.evaluate.embed import evaluate_model
+    from ssageo.model import load_model
+    from ssageo.train import train
+
+    bev = "model.bev.enabled=false" not in overrides
+    base = demo_config(world, 0, bev, overrides)
+    n_train = len(load_manifest(world, split="train").positive)
+    per_epoch = n_train // int(base["train"]["batch_size"])
+    epochs = max(1, -(-steps // per_epoch))
+    config = demo_config(world, 0, bev, [*overrides, f"train.epochs={epochs}",
+                                         f"train.max_steps_per_epoch={-(-steps // epochs)}",
+                                         f"eval.every={epochs}", "train.checkpoint_every=100000"])
+    started = time.perf_counter()
+    summary = train(config, run)
+    wall = time.perf_counter() - started
+    model, config = load_model(summary["last_checkpoint"])
+    metrics = evaluate_model(model.eval(), load_manifest(world, split="val"), config)
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    step_s = [config["train"]["batch_size"] / r["pairs_per_s"] for r in log
+              if r["kind"] == "step"]
+    record = {"run": run.name, "overrides": overrides, "steps": summary["steps"],
+              "epochs": epochs, "wall_s": round(wall, 1),
+              "mean_step_s": round(sum(step_s) / len(step_s), 3),
+              **{k: metrics[k] for k in ("R@1", "R@5", "R@10", "R@1%")}}
+    with open(run.parent / "sweep.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record))
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("world")
+    w.add_argument("out", type=Path)
+    w.add_argument("--places", type=int, default=1000)
+    w.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("steptime")
+    s.add_argument("--backbones", required=True)
+    s.add_argument("--steps", type=int, default=5)
+    s.add_argument("overrides", nargs="*")
+    t = sub.add_parser("train")
+    t.add_argument("world", type=Path)
+    t.add_argument("run", type=Path)
+    t.add_argument("--steps", type=int, required=True)
+    t.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.command == "world":
+        make_world(args.out, args.places, args.seed)
+    elif args.command == "steptime":
+        names = args.backbones.split(",")
+        times = step_times(names, args.overrides, args.steps)
+        for b, v in times.items():
+            print(f"{b}: {v:.3f} s/step ({v / times[names[0]]:.2f}x {names[0]})")
+    else:
+        train_and_evaluate(args.world, args.run, args.steps, args.overrides)
+
+
+if __name__ == "__main__":
+    main()
