@@ -25,6 +25,7 @@ from ssageo.data.transforms import (
     resize,
     resize_label,
     to_tensor,
+    to_uint8_tensor,
     train_pipeline,
 )
 from ssageo.io import DataError, read_image
@@ -48,6 +49,9 @@ class PairDataset(Dataset):
     ``{"query": (3, Hq, Wq) float32, "reference": (3, Hr, Wr) float32, "index": int}`` plus
     ``"prior": (Hp, Wp) int64`` class map when every reference has a prior label: ``classes``
     is ``model.bev.classes``, which decides how a stored label is read (``label_to_classes``).
+    With ``normalise=False`` (training) the images are (3, H, W) uint8 and the prior uint8, a
+    quarter and an eighth of the bytes to collate and copy: ``to_device_normalised`` makes
+    the same float32 / int64 values on the device.
 
     Augmentation randomness: with ``seed``, sample ``index`` of epoch ``self.epoch`` (set it
     before each epoch) is augmented by a generator of ``(seed, epoch, index)`` alone, the same in
@@ -56,7 +60,7 @@ class PairDataset(Dataset):
 
     def __init__(self, manifest: Manifest, data_cfg: dict, train: bool,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 seed: int | None = None, classes: int = 2):
+                 seed: int | None = None, classes: int = 2, normalise: bool = True):
         if isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes <= 256:
             raise ConfigError(f"model.bev.classes must be an integer 2..256, got {classes!r}")
         self.classes = classes
@@ -64,6 +68,7 @@ class PairDataset(Dataset):
         self.seed, self.epoch = seed, 0
         self.train = train
         self.mean, self.std = tuple(mean), tuple(std)
+        self.normalise = normalise
         self.query_size = _size(data_cfg, "query_size")
         self.reference_size = _size(data_cfg, "reference_size")
         self.prior_size = (_size(data_cfg, "prior_size") if data_cfg.get("prior_size")
@@ -136,21 +141,31 @@ class PairDataset(Dataset):
             tile = resize(tile, self.reference_size)
         if prior is not None:
             prior = resize_label(prior, self.prior_size)
-        sample = {"query": to_tensor(query, self.mean, self.std),
-                  "reference": to_tensor(tile, self.mean, self.std), "index": index}
+        sample = {"query": _image_tensor(query, self), "reference": _image_tensor(tile, self),
+                  "index": index}
         if prior is not None:
-            sample["prior"] = torch.from_numpy(
-                label_to_classes(prior, self.classes, str(m.prior_paths[ref])))
+            # classes <= 256: a uint8 label holds every class index
+            sample["prior"] = torch.from_numpy(label_to_classes(
+                prior, self.classes, str(m.prior_paths[ref]),
+                np.int64 if self.normalise else np.uint8))
         return sample
+
+
+def _image_tensor(image: np.ndarray, ds: PairDataset | ImageDataset) -> torch.Tensor:
+    """``ds``'s sample tensor of an (H, W, 3) uint8 image: normalised float32, or uint8."""
+    return to_tensor(image, ds.mean, ds.std) if ds.normalise else to_uint8_tensor(image)
 
 
 class ImageDataset(Dataset):
     """Eval-time images: ``{"image": (3, H, W) float32 resized to ``size`` and normalised,
-    "index": int}`` for each path."""
+    "index": int}`` for each path (uint8, not normalised, with ``normalise=False``: see
+    PairDataset)."""
 
     def __init__(self, paths: Sequence[str | Path], size: tuple[int, int],
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 normalise: bool = True):
         self.paths = [Path(p) for p in paths]
+        self.normalise = normalise
         self.size = (int(size[0]), int(size[1]))
         self.mean, self.std = tuple(mean), tuple(std)
 
@@ -159,4 +174,4 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image = resize(read_image(self.paths[index]), self.size)
-        return {"image": to_tensor(image, self.mean, self.std), "index": index}
+        return {"image": _image_tensor(image, self), "index": index}

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ssageo.config import ConfigError, load_config, save_config
 from ssageo.data.datasets import PairDataset
+from ssageo.data.transforms import to_device_normalised
 from ssageo.io import DataError, atomic_write_text
 from ssageo.train import precision
 from ssageo.train.distributed import (
@@ -210,7 +211,7 @@ def _train(config: dict, out: Path, resume: bool, t: dict, dist_info: DistInfo) 
     # Augmentation depends only on (seed, epoch, index): each place is drawn at most once per
     # epoch, so this is independent of worker count and of where a resumed run starts.
     dataset = PairDataset(manifest, d, True, norm["mean"], norm["std"], seed=t["seed"],
-                          classes=config["model"]["bev"]["classes"])
+                          classes=config["model"]["bev"]["classes"], normalise=False)
     steps_per_epoch = min(len(np.unique(manifest.positive)) // t["batch_size"],
                           t["max_steps_per_epoch"] or math.inf)
     total_steps = t["epochs"] * steps_per_epoch
@@ -249,9 +250,8 @@ def _train(config: dict, out: Path, resume: bool, t: dict, dist_info: DistInfo) 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             fmt = torch.channels_last if t["channels_last"] else torch.contiguous_format
-            query = batch["query"].to(device, non_blocking=True, memory_format=fmt)
-            reference = batch["reference"].to(device, non_blocking=True, memory_format=fmt)
-            prior = batch["prior"].to(device) if "prior" in batch else None
+            batch = to_device_normalised(batch, device, norm["mean"], norm["std"], fmt)
+            query, reference, prior = batch["query"], batch["reference"], batch.get("prior")
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
                                 enabled=amp_dtype is not None):
                 outputs = net(query, reference)
