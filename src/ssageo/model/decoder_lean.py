@@ -78,19 +78,15 @@ class _UpSplit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, conv, weight, k, top_from):  # noqa: D102
-        # the conv as a sum over input-channel groups: only the top-k input is upsampled whole
-        top = upsample(x[:, top_from:])
-        values, index = top.topk(k, dim=1)
+        values, index = _top_values(upsample(x[:, top_from:]), k)
+        # the conv as a sum over input-channel groups, each upsampled again (cheap): the
+        # upsampled top-k input (4x x's channels from top_from on) is freed before the convs
         out = None
         for c0 in range(0, x.shape[1], UP_CHANNELS):
             c1 = min(x.shape[1], c0 + UP_CHANNELS)
-            part = (upsample(x[:, c0:c1]) if c1 <= top_from
-                    else top[:, c0 - top_from:c1 - top_from] if c0 >= top_from
-                    else upsample(x[:, c0:c1]))
-            y = conv._conv_forward(part, weight[:, c0:c1], None)
+            y = conv._conv_forward(upsample(x[:, c0:c1]), weight[:, c0:c1], None)
             out = y if out is None else out.add_(y)
-        small = x.shape[1] - top_from <= 256
-        ctx.save_for_backward(x, weight, index.to(torch.uint8 if small else torch.int32))
+        ctx.save_for_backward(x, weight, index)
         ctx.conv, ctx.top_from = conv, top_from
         return out, values
 
@@ -117,6 +113,23 @@ class _UpSplit(torch.autograd.Function):
 
 #: input channels per step of the UpStage's backward pass (``_UpSplit``)
 UP_CHANNELS = 16
+#: image rows per step of the top-k selection: its int64 indices exist for these rows only
+TOP_ROWS = 32
+
+
+def _top_values(top: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top.topk(k, dim=1)``, its indices as bytes when channel numbers fit (else int32):
+    a few rows at a time (each pixel's selection is its own), so topk's int64 indices (twice
+    the values' size) are never made for the whole map."""
+    b, _, h, w = top.shape
+    values = top.new_empty(b, k, h, w)
+    index = torch.empty(b, k, h, w, dtype=torch.uint8 if top.shape[1] <= 256 else torch.int32,
+                        device=top.device)
+    for r0 in range(0, h, TOP_ROWS):
+        rows = slice(r0, r0 + TOP_ROWS)
+        v, i = top[:, :, rows].topk(k, dim=1)
+        values[:, :, rows], index[:, :, rows] = v, i
+    return values, index
 
 
 def _scatter_top(grad_up: torch.Tensor, index: torch.Tensor, grad_values: torch.Tensor,
