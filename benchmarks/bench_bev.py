@@ -134,7 +134,8 @@ def child_live(args: argparse.Namespace) -> dict:
     features.grad = None
     with LiveTensors() as live:
         _pass(head, features, args.child_live)
-    return {"peak_mb": live.peak / MB, "at_peak": [(n / MB, op) for n, op in live.at_peak]}
+    return {"peak_mb": live.peak / MB, "at_peak": [(n / MB, op) for n, op in live.at_peak],
+            "where": live.where}
 
 
 def child_time(args: argparse.Namespace) -> dict:
@@ -213,6 +214,7 @@ def main() -> None:
           f"ratio {live['lean']['peak_mb'] / live['straightforward']['peak_mb']:.3f}")
     print("  alive at the lean peak (MB, creating operator): " + ", ".join(
         f"{mb:.1f} {op}" for mb, op in live["lean"]["at_peak"]))
+    print("  in: " + " < ".join(reversed(live["lean"]["where"])))
     if args.no_time:
         return
     times = _run_child(args, ["--child-time"])

@@ -5,6 +5,7 @@
         ...                          # the work measured
     live.peak                        # bytes of tensor storages created inside and alive at once
     live.at_peak                     # [(bytes, creating operator)] of those, largest first
+    live.where                       # the package's innermost frames at that moment
 
 Every aten operator's outputs are seen (a TorchDispatchMode, on the thread that runs the work:
 on the CPU the backward pass runs there too). A storage counts from the operator that created
@@ -15,6 +16,9 @@ workspaces are not in a GPU's tensor figure either.
 """
 
 from __future__ import annotations
+
+import traceback
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -29,6 +33,7 @@ class LiveTensors(TorchDispatchMode):
         super().__init__()
         self.live = WeakIdKeyDictionary()  # storage -> (bytes, operator); gone when freed
         self.peak, self.at_peak, self.top = 0, [], top
+        self.where: list[str] = []  # the innermost ssageo frames at the peak
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -43,4 +48,6 @@ class LiveTensors(TorchDispatchMode):
         if now > self.peak:
             self.peak = now
             self.at_peak = sorted(self.live.values(), reverse=True)[: self.top]
+            self.where = [f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                          for f in traceback.extract_stack() if "ssageo" in f.filename][-4:]
         return out

@@ -167,6 +167,22 @@ def test_lean_up_stage_never_makes_top_k_indices_for_the_whole_map():
     assert 0 < mode.largest <= 3 * 32 * 12  # k * TOP_ROWS * width, not k * 80 * 12
 
 
+@pytest.mark.parametrize("owned", [False, True])
+def test_norm_relu_backward_formula_equals_autograd_in_float64(owned):
+    from ssageo.model.decoder_lean import _norm_relu_backward, _normalised
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 6, 5, 7, dtype=torch.float64)[:, 1::2]  # a strided view
+    y = torch.relu(torch.nn.functional.instance_norm(x))
+    (expected,) = torch.autograd.grad(y, x, grad)
+    kept = grad.clone()
+    xhat, rstd = _normalised(x.detach())
+    got = _norm_relu_backward(xhat, rstd, grad.contiguous() if owned else grad, owned)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(grad, kept)  # a gradient it does not own is left as it was
+
+
 def test_lean_resampling_keeps_only_the_grid_and_matches_grid_sample():
     torch.manual_seed(0)
     polar = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)

@@ -74,7 +74,8 @@ def _norm_relu_backward(xhat: torch.Tensor, rstd: torch.Tensor, grad: torch.Tens
     g = grad.to(xhat.dtype, copy=not owned).mul_(xhat > 0)
     n = xhat.shape[2] * xhat.shape[3]
     mean_g = g.sum((2, 3), keepdim=True).div_(n)
-    mean_gx = torch.linalg.vecdot(g.flatten(2), xhat.flatten(2)).div_(n)[..., None, None]
+    # a batched product: vecdot would make the elementwise product g * xhat first
+    mean_gx = torch.matmul(g.flatten(2).unsqueeze(-2), xhat.flatten(2).unsqueeze(-1)).div_(n)
     return g.sub_(mean_g).addcmul_(xhat, mean_gx, value=-1).mul_(rstd)
 
 
