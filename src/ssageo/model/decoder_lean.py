@@ -51,9 +51,14 @@ class _NormReLUConv(torch.autograd.Function):
         if conv is not None:
             bias_sizes = None if conv.bias is None else [conv.bias.shape[0]]
             # under autocast the forward conv ran in the gradient's (low) precision
-            grad, *conv_grads = torch.ops.aten.convolution_backward(
-                grad, xhat.clamp(min=0).to(grad.dtype), weight.to(grad.dtype), bias_sizes,
-                *_geometry(conv), [True, True, conv.bias is not None])
+            low = weight.to(grad.dtype)
+            # the weight's gradient first, then the input's: the activation is gone before
+            # the input gradient is made (one full-size tensor fewer at once)
+            conv_grads = torch.ops.aten.convolution_backward(
+                grad, xhat.clamp(min=0).to(grad.dtype), low, bias_sizes, *_geometry(conv),
+                [False, True, conv.bias is not None])[1:]
+            grad = torch.ops.aten.convolution_backward(  # the input's values are not read
+                grad, xhat.to(grad.dtype), low, None, *_geometry(conv), [True, False, False])[0]
         return _norm_relu_backward(xhat, rstd, grad, owned=conv is not None), None, *conv_grads
 
 
