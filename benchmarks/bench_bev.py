@@ -7,6 +7,10 @@ It is measured twice: with glibc's default malloc, whose heap keeps freed blocks
 (fragmentation, so RSS overstates what the pass needs), and with glibc's mmap threshold
 pinned at 1 MiB (MALLOC_MMAP_THRESHOLD_), so every tensor of 1 MiB or more is returned to the
 system when freed and RSS follows the live tensor memory.
+Live tensors: each variant in its own subprocess runs a warm-up pass, then one pass under
+``live_tensors.LiveTensors`` (every tensor storage created in the pass counted until freed:
+what a GPU's max_memory_allocated reports, the issue's definition); printed with what is alive
+at the lean head's peak.
 Time: one subprocess builds every variant (same weights) and runs them interleaved, a
 warm-up round then ``--repeats`` rounds, so machine load hits all variants alike; it prints
 the median forward+backward time. "lean, BLAS matmuls" is the lean head with the projection's
@@ -121,6 +125,19 @@ def child_memory(args: argparse.Namespace) -> dict:
     return {"base_mb": base / MB, "growth_mb": (peak_rss.peak() - base) / MB}
 
 
+def child_live(args: argparse.Namespace) -> dict:
+    from live_tensors import LiveTensors
+
+    head, features = _build(args, args.child_live)
+    _pass(head, features, args.child_live)  # warm-up: oneDNN kernels, thread pools
+    head.zero_grad(set_to_none=True)
+    features.grad = None
+    with LiveTensors() as live:
+        _pass(head, features, args.child_live)
+    return {"peak_mb": live.peak / MB, "at_peak": [(n / MB, op) for n, op in live.at_peak],
+            "where": live.where}
+
+
 def child_time(args: argparse.Namespace) -> dict:
     variants = TIME_VARIANTS[:2] if args.projection_only else TIME_VARIANTS
     built = {v: _build(args, v) for v in variants}
@@ -136,7 +153,7 @@ def child_time(args: argparse.Namespace) -> dict:
 def _run_child(args: argparse.Namespace, extra: list[str], env: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, *extra] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-        if k not in ("child_memory", "child_time", "projection_only")]
+        if k not in ("child_memory", "child_time", "child_live", "projection_only", "no_time")]
     if args.projection_only:
         cmd.append("--projection-only")
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
@@ -160,7 +177,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--child-memory", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--child-time", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-live", choices=MEMORY_VARIANTS[:2], help=argparse.SUPPRESS)
+    parser.add_argument("--no-time", action="store_true", help="memory figures only")
     args = parser.parse_args()
+    if args.child_live:
+        print(json.dumps(child_live(args)))
+        return
     if args.child_memory or args.child_time:
         import torch
 
@@ -186,6 +208,15 @@ def main() -> None:
                           for v in MEMORY_VARIANTS[1:]))
     # with the threshold pinned (the loop's last run), RSS growth follows the live tensor memory
     print(f"live peak lean/straightforward: {growth['lean'] / growth['straightforward']:.3f}")
+    live = {v: _run_child(args, ["--child-live", v]) for v in MEMORY_VARIANTS[:2]}
+    print(f"live tensors (storage tracker, one pass after a warm-up): straightforward "
+          f"{live['straightforward']['peak_mb']:.0f} MB, lean {live['lean']['peak_mb']:.0f} MB, "
+          f"ratio {live['lean']['peak_mb'] / live['straightforward']['peak_mb']:.3f}")
+    print("  alive at the lean peak (MB, creating operator): " + ", ".join(
+        f"{mb:.1f} {op}" for mb, op in live["lean"]["at_peak"]))
+    print("  in: " + " < ".join(reversed(live["lean"]["where"])))
+    if args.no_time:
+        return
     times = _run_child(args, ["--child-time"])
     base = statistics.median(times["straightforward"])
     print(f"time, median of {args.repeats} interleaved rounds after a warm-up round:")

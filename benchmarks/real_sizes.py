@@ -19,6 +19,7 @@ panoramas. Their training splits go through the cvusa / vigor-same presets' ``da
 
 from __future__ import annotations
 
+import io
 import os
 import resource
 import tempfile
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader
 import ssageo.data.datasets as datasets
 from ssageo.config import load_config
 from ssageo.data import PairDataset, load_manifest
-from ssageo.data.transforms import label_to_classes, resize_label
+from ssageo.data.transforms import label_to_classes, resize_label, to_uint8_tensor
 
 DATASETS = {  # name: (preset, layout, places, tile side, panorama (W, H))
     "cvusa": ("cvusa", "cvusa", 16, 750, (1232, 224)),
@@ -85,7 +86,8 @@ def _baseline():
 # --- measurements ---------------------------------------------------------------------------
 def step_costs(ds: PairDataset, pairs: int) -> dict[str, float]:
     """CPU ms per pair of each step of ``PairDataset.__getitem__`` (train, photometric on),
-    with whatever read_image / geometric_augment / to_tensor ``datasets`` holds now."""
+    with whatever read_image / geometric_augment / to_tensor ``datasets`` holds now; the last
+    step makes ``ds``'s sample tensors (float32 normalised, or uint8 with ``normalise=False``)."""
     cost: dict[str, float] = {}
     m = ds.manifest
 
@@ -94,6 +96,13 @@ def step_costs(ds: PairDataset, pairs: int) -> dict[str, float]:
         out = fn(*a, **k)
         cost[name] = cost.get(name, 0.0) + time.process_time() - t0
         return out
+
+    def tensors(q, r, prior):
+        label = label_to_classes(prior, ds.classes, dtype=np.int64 if ds.normalise else np.uint8)
+        if not ds.normalise:
+            return to_uint8_tensor(q), to_uint8_tensor(r), torch.from_numpy(label)
+        return (datasets.to_tensor(q, ds.mean, ds.std), datasets.to_tensor(r, ds.mean, ds.std),
+                torch.from_numpy(label))
 
     for n in range(pairs):
         i = n % len(ds)
@@ -115,13 +124,75 @@ def step_costs(ds: PairDataset, pairs: int) -> dict[str, float]:
             for op in colour:
                 x = timed("photometric (colour, blur, dropout)", op, image=x)["image"]
             images[name] = x
-        label = timed("label resize + classes", lambda p: label_to_classes(
-            resize_label(p, ds.prior_size), ds.classes), prior)
-        timed("to-tensor", lambda q, r, lab: (datasets.to_tensor(q, ds.mean, ds.std),
-                                              datasets.to_tensor(r, ds.mean, ds.std),
-                                              torch.from_numpy(lab)),
-              images["query"], images["reference"], label)
+        prior = timed("label resize", resize_label, prior, ds.prior_size)
+        timed("label classes + to-tensor (both views)", tensors, images["query"],
+              images["reference"], prior)
     return {k: 1e3 * v / pairs for k, v in cost.items()}
+
+
+def _turbojpeg():
+    """PyTurboJPEG's decoder, or None where it (or the system libturbojpeg) is missing."""
+    try:
+        from turbojpeg import TJPF_RGB, TurboJPEG
+
+        jpeg = TurboJPEG()
+    except (ImportError, OSError, RuntimeError):
+        return None
+    return lambda data, scale=(1, 1): jpeg.decode(data, pixel_format=TJPF_RGB,
+                                                  scaling_factor=scale)
+
+
+def decoder_costs(manifest, images: int = 48) -> None:
+    """CPU ms per image of each decoder on the world's tiles and panoramas (bytes already read;
+    ``read_image`` reads the file and checks its header too, as the loader runs it)."""
+    turbo = _turbojpeg()
+    for kind, paths in (("tile", manifest.reference_paths), ("panorama", manifest.query_paths)):
+        _decoders(kind, [paths[i % len(paths)] for i in range(images)], turbo)
+
+
+def _decoders(kind: str, paths: list, turbo) -> None:
+    import cv2
+    from PIL import Image
+
+    from ssageo.io import read_image
+
+    rgb = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+    blobs = [Path(p).read_bytes() for p in paths]
+    jpeg = Path(paths[0]).suffix.lower() in (".jpg", ".jpeg")
+    ways = {"read_image (as loaded)": lambda i: read_image(paths[i]),
+            "PIL": lambda i: np.asarray(Image.open(io.BytesIO(blobs[i])).convert("RGB")),
+            "OpenCV full": lambda i: cv2.imdecode(np.frombuffer(blobs[i], np.uint8), rgb)}
+    if jpeg:
+        # the REDUCED_GRAYSCALE flag carries only the scale (as read_image uses it): RGB stays
+        ways["OpenCV 1/2 (IMREAD_REDUCED_*_2)"] = lambda i: cv2.imdecode(
+            np.frombuffer(blobs[i], np.uint8), rgb | cv2.IMREAD_REDUCED_GRAYSCALE_2)
+        if turbo is not None:
+            ways["PyTurboJPEG full"] = lambda i: turbo(blobs[i])
+            ways["PyTurboJPEG 1/2"] = lambda i: turbo(blobs[i], (1, 2))
+    shape = ways["OpenCV full"](0).shape
+    print(f"  decoders, {kind} {shape[1]}x{shape[0]} {Path(paths[0]).suffix}, CPU ms per image "
+          f"over {len(paths)}:" + ("" if turbo or not jpeg else
+                                   " (PyTurboJPEG: not importable here)"))
+    for name, way in ways.items():
+        way(0)  # warm-up (library loading)
+        t0 = time.process_time()
+        for i in range(len(paths)):
+            way(i)
+        print(f"    {name:38s} {1e3 * (time.process_time() - t0) / len(paths):7.2f}")
+
+
+def device_normalise_cost(ds: PairDataset, batch: int = 32, rounds: int = 8) -> float:
+    """CPU ms per pair of ``to_device_normalised`` on one collated uint8 batch (here the
+    'device' is this CPU, one thread: on a GPU it runs there instead)."""
+    from torch.utils.data import default_collate
+
+    from ssageo.data.transforms import to_device_normalised
+
+    b = default_collate([ds[i % len(ds)] for i in range(batch)])
+    t0 = time.process_time()
+    for _ in range(rounds):
+        to_device_normalised(b, "cpu", ds.mean, ds.std)
+    return 1e3 * (time.process_time() - t0) / (rounds * batch)
 
 
 def one_worker(ds: PairDataset, samples: int, batch: int = 32) -> tuple[float, float]:
@@ -158,6 +229,16 @@ def _world(tmp: Path, name: str) -> Path:
     return root
 
 
+#: the loader configurations compared, in one run: (label, data overrides, PairDataset kwargs,
+#: baseline code patched in). "uint8" is what `ssageo train` runs (normalise=False).
+CONFIGS = (
+    ("baseline", {}, {}, True),
+    ("float32", {}, {}, False),
+    ("uint8", {}, {"normalise": False}, False),
+    ("uint8+reduced", {"decode": "reduced"}, {"normalise": False}, False),
+)
+
+
 def real_sizes(pairs: int = 64, samples: int = 256) -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,30 +249,31 @@ def real_sizes(pairs: int = 64, samples: int = 256) -> None:
             print(f"{name}: preset {preset}: query {data['query_size']}, reference "
                   f"{data['reference_size']}, photometric {data['augment']['photometric']}, "
                   f"decode {data['decode']}; CPU ms per pair over {pairs} pairs:")
-            ds = PairDataset(manifest, data, train=True, seed=0)
-            with _baseline():
-                before = step_costs(ds, pairs)
-            now = step_costs(ds, pairs)
-            reduced = step_costs(PairDataset(manifest, {**data, "decode": "reduced"}, train=True,
-                                             seed=0), pairs)
-            print(f"  {'step':38s} {'baseline':>9s} {'now':>9s} {'reduced':>9s}")
-            for step in now:
-                print(f"  {step:38s} {before[step]:9.2f} {now[step]:9.2f} {reduced[step]:9.2f}")
-            total = {k: sum(v.values()) for k, v in
-                     (("before", before), ("now", now), ("reduced", reduced))}
-            print(f"  {'total':38s} {total['before']:9.2f} {total['now']:9.2f} "
-                  f"{total['reduced']:9.2f}   now / baseline x{total['before'] / total['now']:.2f}")
+            sets = {label: PairDataset(manifest, {**data, **over}, train=True, seed=0, **kw)
+                    for label, over, kw, _ in CONFIGS}
+            costs = {}
+            for label, _, _, old in CONFIGS:
+                with _baseline() if old else nullcontext():
+                    costs[label] = step_costs(sets[label], pairs)
+            print(f"  {'step':40s}" + "".join(f" {label:>13s}" for label in costs))
+            for step in costs["uint8"]:
+                print(f"  {step:40s}" + "".join(f" {c[step]:13.2f}" for c in costs.values()))
+            total = {label: sum(c.values()) for label, c in costs.items()}
+            print(f"  {'total':40s}" + "".join(f" {t:13.2f}" for t in total.values()))
+            print(f"  normalise on the device (run here on the CPU, 1 thread): "
+                  f"{device_normalise_cost(sets['uint8']):.2f} ms per pair")
+            decoder_costs(manifest)
             rates = {}
-            for label, ds_, ctx in (
-                    ("baseline", ds, _baseline),
-                    ("now", ds, nullcontext),
-                    ("reduced", PairDataset(manifest, {**data, "decode": "reduced"},
-                                            train=True, seed=0), nullcontext)):
-                with ctx():
-                    rates[label] = one_worker(ds_, samples)
-                print(f"  one worker, {label:9s}: {rates[label][0]:6.1f} pairs per CPU s, "
-                      f"{rates[label][1]:6.1f} pairs/s wall ({_load()})")
-            print(f"{name} real sizes: {rates['now'][0]:.0f} pairs/s per core")
+            for label, _, _, old in CONFIGS:
+                with _baseline() if old else nullcontext():
+                    rates[label] = one_worker(sets[label], samples)
+                outside = 1e3 / rates[label][0] - total[label]
+                print(f"  one worker, {label:13s}: {rates[label][0]:6.1f} pairs per CPU s, "
+                      f"{rates[label][1]:6.1f} pairs/s wall ({_load()}); {outside:5.1f} ms per "
+                      "pair in the worker outside the steps")
+            print(f"  uint8 / float32 handover, per core: "
+                  f"x{rates['uint8'][0] / rates['float32'][0]:.2f}")
+            print(f"{name} real sizes: {rates['uint8'][0]:.0f} pairs/s per core")
 
 
 def flops() -> None:

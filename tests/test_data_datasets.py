@@ -131,3 +131,33 @@ def test_samples_are_the_normalised_pixels_channels_first():
     expected = ((torch.from_numpy(rgb).float() / 255 - mean) / std).permute(2, 0, 1)
     assert x.shape == (3, 48, 80) and x.is_contiguous() and x.dtype == torch.float32
     torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)
+
+
+def test_uint8_handover_normalised_on_the_device_equals_the_float_samples(manifest):
+    """Training and evaluation hand uint8 over (normalise=False) and normalise after the move:
+    the model sees bit for bit the floats the float datasets give, and the same labels."""
+    from ssageo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_device_normalised
+
+    cfg = _cfg(flip=0.5, rotate=0.75, photometric=True)
+    floats = PairDataset(manifest, cfg, train=True, seed=3)
+    small = PairDataset(manifest, cfg, train=True, seed=3, normalise=False)
+    sample = small[5]
+    assert sample["query"].dtype == torch.uint8 and sample["prior"].dtype == torch.uint8
+    assert sample["query"].shape == (3, *cfg["query_size"]) and sample["query"].is_contiguous()
+    batches = [next(iter(DataLoader(ds, batch_size=4))) for ds in (floats, small)]
+    moved = to_device_normalised(batches[1], "cpu", IMAGENET_MEAN, IMAGENET_STD,
+                                 torch.channels_last)
+    for key in ("query", "reference", "prior"):
+        assert moved[key].dtype == batches[0][key].dtype
+        assert torch.equal(moved[key], batches[0][key]), key
+    assert moved["query"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(moved["index"], batches[0]["index"])
+    # a float batch is moved as it is; evaluation images too
+    again = to_device_normalised(batches[0], "cpu", IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.equal(again["query"], batches[0]["query"])
+    paths = manifest.reference_paths[:3]
+    images = [next(iter(DataLoader(ImageDataset(paths, (40, 40), normalise=n), batch_size=3)))
+              for n in (True, False)]
+    assert images[1]["image"].dtype == torch.uint8
+    assert torch.equal(to_device_normalised(images[1], "cpu", IMAGENET_MEAN,
+                                            IMAGENET_STD)["image"], images[0]["image"])

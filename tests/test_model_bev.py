@@ -122,11 +122,13 @@ def test_lean_decoder_functions_pass_gradcheck_in_float64():
     assert torch.autograd.gradcheck(lambda t: refine.lean(t, classifier), (c1,))
 
 
-@pytest.mark.parametrize("group", [1, 3, 16])  # groups crossing top_from .. one group
-def test_up_stage_channel_groups_match_the_plain_stage_in_float64(group, monkeypatch):
+# channel groups crossing top_from .. one group; top-k rows: bands of 1, 4 (one partial), all
+@pytest.mark.parametrize("group, rows", [(1, 32), (3, 4), (16, 1)])
+def test_up_stage_channel_groups_match_the_plain_stage_in_float64(group, rows, monkeypatch):
     from ssageo.model import decoder_lean
 
     monkeypatch.setattr(decoder_lean, "UP_CHANNELS", group)
+    monkeypatch.setattr(decoder_lean, "TOP_ROWS", rows)
     torch.manual_seed(0)
     stage = UpStage(8, 3, top_from=5).double()  # top-k over the last 3 channels
     x = torch.randn(2, 8, 3, 4, dtype=torch.float64)
@@ -141,6 +143,44 @@ def test_up_stage_channel_groups_match_the_plain_stage_in_float64(group, monkeyp
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     assert torch.autograd.gradcheck(stage.lean, (x[:1].clone().requires_grad_(),))
+
+
+def test_lean_up_stage_never_makes_top_k_indices_for_the_whole_map():
+    """topk's int64 indices (twice the values' bytes) are made a few rows at a time only."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestIndex(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.int64:
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    torch.manual_seed(0)
+    stage = UpStage(8, 3, top_from=5)
+    x = torch.randn(1, 8, 40, 6, requires_grad=True)  # 80 rows after upsampling
+    with LargestIndex() as mode:
+        stage.lean(x).sum().backward()
+    assert 0 < mode.largest <= 3 * 32 * 12  # k * TOP_ROWS * width, not k * 80 * 12
+
+
+@pytest.mark.parametrize("owned", [False, True])
+def test_norm_relu_backward_formula_equals_autograd_in_float64(owned):
+    from ssageo.model.decoder_lean import _norm_relu_backward, _normalised
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 6, 5, 7, dtype=torch.float64)[:, 1::2]  # a strided view
+    y = torch.relu(torch.nn.functional.instance_norm(x))
+    (expected,) = torch.autograd.grad(y, x, grad)
+    kept = grad.clone()
+    xhat, rstd = _normalised(x.detach())
+    got = _norm_relu_backward(xhat, rstd, grad.contiguous() if owned else grad, owned)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(grad, kept)  # a gradient it does not own is left as it was
 
 
 def test_lean_resampling_keeps_only_the_grid_and_matches_grid_sample():

@@ -27,6 +27,7 @@ from ssageo.data.transforms import (
     resize,
     resize_label,
     to_tensor,
+    to_uint8_tensor,
     train_pipeline,
 )
 from ssageo.io import DataError, read_image
@@ -51,6 +52,9 @@ class PairDataset(Dataset):
     ``{"query": (3, Hq, Wq') float32, "reference": (3, Hr, Wr) float32, "index": int}`` plus
     ``"prior": (Hp, Wp) int64`` class map when every reference has a prior label: ``classes``
     is ``model.bev.classes``, which decides how a stored label is read (``label_to_classes``).
+    With ``normalise=False`` (training) the images are (3, H, W) uint8 and the prior uint8, a
+    quarter and an eighth of the bytes to collate and copy: ``to_device_normalised`` makes
+    the same float32 / int64 values on the device.
 
     With a limited FoV or a random heading the query is the crop of the (flipped, rotated)
     panorama, Wq' = ``crop_width(Wq, fov)``, and the prior is in the crop's camera frame with
@@ -65,7 +69,8 @@ class PairDataset(Dataset):
 
     def __init__(self, manifest: Manifest, data_cfg: dict, train: bool,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 seed: int | None = None, classes: int = 2, crop_seed: int = 0):
+                 seed: int | None = None, classes: int = 2, crop_seed: int = 0,
+                 normalise: bool = True):
         if isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes <= 256:
             raise ConfigError(f"model.bev.classes must be an integer 2..256, got {classes!r}")
         self.classes = classes
@@ -73,6 +78,7 @@ class PairDataset(Dataset):
         self.seed, self.epoch = seed, 0
         self.train = train
         self.mean, self.std = tuple(mean), tuple(std)
+        self.normalise = normalise
         self.panorama_size = _size(data_cfg, "query_size")
         self.crop: QueryCrop = query_crop(data_cfg, crop_seed)
         self.query_size = self.crop.size(self.panorama_size)
@@ -151,19 +157,28 @@ class PairDataset(Dataset):
             tile = resize(tile, self.reference_size)
         if prior is not None:
             prior = resize_label(prior, self.prior_size)
-        sample = {"query": to_tensor(query, self.mean, self.std),
-                  "reference": to_tensor(tile, self.mean, self.std), "index": index}
+        sample = {"query": _image_tensor(query, self), "reference": _image_tensor(tile, self),
+                  "index": index}
         if prior is not None:
-            classes = label_to_classes(prior, self.classes, str(m.prior_paths[ref]))
+            # classes <= 256: a uint8 label holds every class index (a FoV crop's camera-frame
+            # label is int64: its cells outside the wedge are IGNORE, -1)
+            classes = label_to_classes(prior, self.classes, str(m.prior_paths[ref]),
+                                       np.int64 if self.normalise else np.uint8)
             if not self.crop.identity:
                 classes = camera_frame_label(classes, heading, self.crop.fov)
             sample["prior"] = torch.from_numpy(classes)
         return sample
 
 
+def _image_tensor(image: np.ndarray, ds: PairDataset | ImageDataset) -> torch.Tensor:
+    """``ds``'s sample tensor of an (H, W, 3) uint8 image: normalised float32, or uint8."""
+    return to_tensor(image, ds.mean, ds.std) if ds.normalise else to_uint8_tensor(image)
+
+
 class ImageDataset(Dataset):
     """Eval-time images: ``{"image": (3, H, W) float32 resized to ``size`` and normalised,
-    "index": int}`` for each path.
+    "index": int}`` for each path (uint8, not normalised, with ``normalise=False``: see
+    PairDataset).
 
     With a ``crop`` (panoramas only), image ``index`` is first cropped to its FoV at the
     heading ``crop.heading_for(index)`` (reproducible), and resized to ``crop.size(size)``.
@@ -171,8 +186,9 @@ class ImageDataset(Dataset):
 
     def __init__(self, paths: Sequence[str | Path], size: tuple[int, int],
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 crop: QueryCrop | None = None):
+                 crop: QueryCrop | None = None, normalise: bool = True):
         self.paths = [Path(p) for p in paths]
+        self.normalise = normalise
         self.crop = None if crop is None or crop.identity else crop
         size = (int(size[0]), int(size[1]))
         self.size = size if self.crop is None else self.crop.size(size)
@@ -185,5 +201,4 @@ class ImageDataset(Dataset):
         image = read_image(self.paths[index])
         if self.crop is not None:
             image = crop_panorama(image, self.crop.fov, self.crop.heading_for(index))
-        return {"image": to_tensor(resize(image, self.size), self.mean, self.std),
-                "index": index}
+        return {"image": _image_tensor(resize(image, self.size), self), "index": index}

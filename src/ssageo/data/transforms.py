@@ -135,10 +135,10 @@ def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
 
 
-def label_to_classes(label: np.ndarray, classes: int = 2,
-                     source: str = "prior label") -> np.ndarray:
-    """A stored prior label -> int64 class map for a ``classes``-way BEV head
-    (``model.bev.classes``).
+def label_to_classes(label: np.ndarray, classes: int = 2, source: str = "prior label",
+                     dtype: type = np.int64) -> np.ndarray:
+    """A stored prior label -> ``dtype`` (int64, or uint8 when ``classes`` <= 256) class map for
+    a ``classes``-way BEV head (``model.bev.classes``).
 
     A label whose values are all below ``classes`` is a class-index map, kept as it is. Otherwise
     it must be a binary label (object 255 -> class 1): with two classes, one reaching above 127,
@@ -148,14 +148,20 @@ def label_to_classes(label: np.ndarray, classes: int = 2,
     """
     top = int(label.max()) if label.size else 0
     if top < classes:
-        return label.astype(np.int64)
+        return label.astype(dtype)
     binary = top > 127 if classes == 2 else bool(np.isin(label, (0, 255)).all())
     if binary:
-        return (label > 127).astype(np.int64)
+        return (label > 127).astype(dtype)
     values = np.unique(label)
     found = ", ".join(str(v) for v in values[values >= classes][:5])
     raise DataError(f"{source}: holds value(s) {found}, but model.bev.classes is {classes}: a "
                     f"label must hold class indices 0..{classes - 1} or be a binary 0/255 label")
+
+
+def _affine(mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (scale, offset) per channel: normalised = uint8 value * scale + offset."""
+    std = np.asarray(std, np.float32)
+    return 1.0 / (255.0 * std), -np.asarray(mean, np.float32) / std
 
 
 def to_tensor(image: np.ndarray, mean, std) -> torch.Tensor:
@@ -164,10 +170,39 @@ def to_tensor(image: np.ndarray, mean, std) -> torch.Tensor:
     # other workers for the same cores (6x slower on 2 cores in bench_data.py).
     # The channels are moved first, on the uint8 pixels, and the arithmetic runs in place: the
     # same values as (x * scale + offset).transpose, 10x cheaper at 384 px (RESULTS.md).
-    std = np.asarray(std, np.float32)
-    scale = (1.0 / (255.0 * std))[:, None, None]
-    offset = (-np.asarray(mean, np.float32) / std)[:, None, None]
+    scale, offset = _affine(mean, std)
     x = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)  # (3, H, W)
-    x *= scale
-    x += offset
+    x *= scale[:, None, None]
+    x += offset[:, None, None]
     return torch.from_numpy(x)
+
+
+def to_uint8_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H, W) uint8 tensor, normalised later by
+    :func:`to_device_normalised` (a quarter of to_tensor's bytes to collate and copy)."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+#: the image keys of a PairDataset / ImageDataset sample
+IMAGE_KEYS = ("query", "reference", "image")
+
+
+def to_device_normalised(batch: dict, device: torch.device | str, mean, std,
+                         memory_format: torch.memory_format = torch.contiguous_format) -> dict:
+    """A loader batch on ``device``, ready for the model: uint8 images (``normalise=False``
+    datasets) become float32 normalised with ``mean``/``std`` there, to the same values as
+    :func:`to_tensor` (the same float32 product, then sum); float images are moved as they are;
+    a prior label becomes int64. Training and evaluation both move their batches through here.
+    """
+    out = dict(batch)
+    scale, offset = (torch.from_numpy(v).view(3, 1, 1).to(device) for v in _affine(mean, std))
+    for key in IMAGE_KEYS:
+        if key not in batch:
+            continue
+        x = batch[key].to(device, non_blocking=True)
+        # mul_ then add_, two roundings as in to_tensor (a fused multiply-add would round once)
+        out[key] = (x.to(torch.float32, memory_format=memory_format).mul_(scale).add_(offset)
+                    if x.dtype == torch.uint8 else x.to(memory_format=memory_format))
+    if "prior" in batch:
+        out["prior"] = batch["prior"].to(device, non_blocking=True).long()
+    return out

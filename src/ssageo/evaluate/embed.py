@@ -14,6 +14,7 @@ from ssageo.data.datasets import ImageDataset
 from ssageo.data.fov import QueryCrop, query_crop
 from ssageo.data.manifest import Manifest
 from ssageo.data.registry import get_spec
+from ssageo.data.transforms import to_device_normalised
 from ssageo.evaluate.descriptors import DescriptorSet
 from ssageo.evaluate.metrics import retrieval_metrics
 from ssageo.io import DataError
@@ -39,7 +40,8 @@ def embed_paths(
     model's train/eval mode is restored afterwards. An unreadable image raises DataError naming it.
     """
     norm = model.data_config()
-    dataset = ImageDataset(paths, tuple(size), norm["mean"], norm["std"], crop)
+    dataset = ImageDataset(paths, tuple(size), norm["mean"], norm["std"], crop,
+                           normalise=False)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     device = next(model.parameters()).device
     was_training = model.training
@@ -48,7 +50,8 @@ def embed_paths(
     try:
         with torch.inference_mode():
             for batch in tqdm(loader, desc=f"embed {view}", unit="batch", disable=not progress):
-                desc = model.embed(batch["image"].to(device), view=view)
+                x = to_device_normalised(batch, device, norm["mean"], norm["std"])["image"]
+                desc = model.embed(x, view=view)
                 chunks.append(desc.float().cpu().numpy())
     except DataError as exc:
         # a loader worker re-raises with its whole traceback in the message: keep the last line

@@ -69,8 +69,9 @@ class _LeanPolar(torch.autograd.Function):
         out = features.new_empty(c, depth_bins, b, w)
         work = _Work(cols, weight, depth_bins, chunk)
         for c0, c1 in work.chunks():
-            soft, _ = work.softmax(c0, c1)
+            soft, logits = work.softmax(c0, c1)
             torch.sum(soft.mul_(cols[c0:c1].unsqueeze(1)), dim=-1, out=out[c0:c1])
+            del logits  # freed before the next chunk's product, not after it
         ctx.save_for_backward(cols, weight, bias)
         ctx.depth_bins, ctx.chunk = depth_bins, chunk
         return out.permute(2, 0, 1, 3)  # (B,C,D,W)
@@ -82,8 +83,9 @@ class _LeanPolar(torch.autograd.Function):
         depth_bins = ctx.depth_bins
         work = _Work(cols, weight, depth_bins, ctx.chunk)
         grad_out = grad_out.permute(1, 2, 0, 3).unsqueeze(-1)  # (C,D,B,W,1), a view
-        grad_cols = torch.empty_like(cols)  # dF through the weighted sum, chunk by chunk
-        grad_flat = torch.zeros_like(work.flat)  # dF through the logits, accumulated
+        # dF: through the weighted sum chunk by chunk, plus through the logits (all channels
+        # from every chunk), accumulated in place
+        grad_cols = torch.zeros_like(cols)
         grad_weight = torch.empty_like(work.weight2d)
         out = cols.new_empty(ctx.chunk, depth_bins, *cols.shape[1:3], 1)
         for c0, c1 in work.chunks():
@@ -93,12 +95,13 @@ class _LeanPolar(torch.autograd.Function):
             p = torch.sum(torch.mul(soft, features, out=spare), dim=-1, keepdim=True,
                           out=out[: c1 - c0])
             soft.mul_(grad_out[c0:c1])  # S * dP
-            torch.sum(soft, dim=1, out=grad_cols[c0:c1])
+            grad_cols[c0:c1] += soft.sum(dim=1)
             d_logits = torch.sub(features, p, out=spare).mul_(soft)  # S * dP * (F - P)
             d_logits = d_logits.view(rows.stop - rows.start, -1)
             grad_weight[rows] = _matmul(d_logits, work.flat.t())
-            grad_flat += _matmul(work.weight2d[rows].t(), d_logits)
-        grad_features = grad_cols.add_(grad_flat.view_as(cols)).permute(1, 0, 3, 2).contiguous()
+            grad_cols.view_as(work.flat).add_(_matmul(work.weight2d[rows].t(), d_logits))
+            del soft, spare, d_logits  # this chunk's logits go before the next chunk's come
+        grad_features = grad_cols.permute(1, 0, 3, 2).contiguous()
         return grad_features, grad_weight.view_as(weight), torch.zeros_like(bias), None, None
 
 

@@ -46,17 +46,42 @@ class _NormReLUConv(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         x, weight = ctx.saved_tensors
         conv = ctx.conv
-        with torch.enable_grad():
-            x = x.detach().requires_grad_()
-            act = _norm_relu(x)
+        xhat, rstd = _normalised(x)
         conv_grads = [None, None]
         if conv is not None:
             bias_sizes = None if conv.bias is None else [conv.bias.shape[0]]
             # under autocast the forward conv ran in the gradient's (low) precision
-            grad, *conv_grads = torch.ops.aten.convolution_backward(
-                grad, act.to(grad.dtype), weight.to(grad.dtype), bias_sizes, *_geometry(conv),
-                [True, True, conv.bias is not None])
-        return torch.autograd.grad(act, x, grad.to(act.dtype))[0], None, *conv_grads
+            low = weight.to(grad.dtype)
+            # the weight's gradient first, then the input's: the activation is gone before
+            # the input gradient is made (one full-size tensor fewer at once)
+            conv_grads = torch.ops.aten.convolution_backward(
+                grad, xhat.clamp(min=0).to(grad.dtype), low, bias_sizes, *_geometry(conv),
+                [False, True, conv.bias is not None])[1:]
+            grad = torch.ops.aten.convolution_backward(  # the input's values are not read
+                grad, xhat.to(grad.dtype), low, None, *_geometry(conv), [True, False, False])[0]
+        return _norm_relu_backward(xhat, rstd, grad, owned=conv is not None), None, *conv_grads
+
+
+def _normalised(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(instance-normalised ``x``, 1/std per sample and channel), as F.instance_norm (biased
+    variance, NORM_EPS) up to rounding."""
+    var, mean = torch.var_mean(x, dim=(2, 3), correction=0, keepdim=True)
+    rstd = (var + NORM_EPS).rsqrt_()
+    return (x - mean).mul_(rstd), rstd
+
+
+def _norm_relu_backward(xhat: torch.Tensor, rstd: torch.Tensor, grad: torch.Tensor,
+                        owned: bool) -> torch.Tensor:
+    """Gradient of relu(instance_norm(x)) w.r.t. ``x`` from its normalised values ``xhat``:
+    ``rstd * (g - mean(g) - xhat * mean(g * xhat))`` with ``g = grad * (xhat > 0)``, in place
+    in ``grad`` when the caller ``owned`` it (else in one new tensor), so only ``xhat`` and
+    the gradient are ever as large as ``x`` (autograd's batch-norm backward makes 3-4 more)."""
+    g = grad.to(xhat.dtype, copy=not owned).mul_(xhat > 0)
+    n = xhat.shape[2] * xhat.shape[3]
+    mean_g = g.sum((2, 3), keepdim=True).div_(n)
+    # a batched product: vecdot would make the elementwise product g * xhat first
+    mean_gx = torch.matmul(g.flatten(2).unsqueeze(-2), xhat.flatten(2).unsqueeze(-1)).div_(n)
+    return g.sub_(mean_g).addcmul_(xhat, mean_gx, value=-1).mul_(rstd)
 
 
 def norm_relu_conv(x: torch.Tensor, conv: nn.Conv2d | None = None) -> torch.Tensor:
@@ -78,19 +103,15 @@ class _UpSplit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, conv, weight, k, top_from):  # noqa: D102
-        # the conv as a sum over input-channel groups: only the top-k input is upsampled whole
-        top = upsample(x[:, top_from:])
-        values, index = top.topk(k, dim=1)
+        values, index = _top_values(upsample(x[:, top_from:]), k)
+        # the conv as a sum over input-channel groups, each upsampled again (cheap): the
+        # upsampled top-k input (4x x's channels from top_from on) is freed before the convs
         out = None
         for c0 in range(0, x.shape[1], UP_CHANNELS):
             c1 = min(x.shape[1], c0 + UP_CHANNELS)
-            part = (upsample(x[:, c0:c1]) if c1 <= top_from
-                    else top[:, c0 - top_from:c1 - top_from] if c0 >= top_from
-                    else upsample(x[:, c0:c1]))
-            y = conv._conv_forward(part, weight[:, c0:c1], None)
+            y = conv._conv_forward(upsample(x[:, c0:c1]), weight[:, c0:c1], None)
             out = y if out is None else out.add_(y)
-        small = x.shape[1] - top_from <= 256
-        ctx.save_for_backward(x, weight, index.to(torch.uint8 if small else torch.int32))
+        ctx.save_for_backward(x, weight, index)
         ctx.conv, ctx.top_from = conv, top_from
         return out, values
 
@@ -117,6 +138,23 @@ class _UpSplit(torch.autograd.Function):
 
 #: input channels per step of the UpStage's backward pass (``_UpSplit``)
 UP_CHANNELS = 16
+#: image rows per step of the top-k selection: its int64 indices exist for these rows only
+TOP_ROWS = 32
+
+
+def _top_values(top: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top.topk(k, dim=1)``, its indices as bytes when channel numbers fit (else int32):
+    a few rows at a time (each pixel's selection is its own), so topk's int64 indices (twice
+    the values' size) are never made for the whole map."""
+    b, _, h, w = top.shape
+    values = top.new_empty(b, k, h, w)
+    index = torch.empty(b, k, h, w, dtype=torch.uint8 if top.shape[1] <= 256 else torch.int32,
+                        device=top.device)
+    for r0 in range(0, h, TOP_ROWS):
+        rows = slice(r0, r0 + TOP_ROWS)
+        v, i = top[:, :, rows].topk(k, dim=1)
+        values[:, :, rows], index[:, :, rows] = v, i
+    return values, index
 
 
 def _scatter_top(grad_up: torch.Tensor, index: torch.Tensor, grad_values: torch.Tensor,

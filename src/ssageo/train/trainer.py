@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ssageo.data.datasets import PairDataset
+from ssageo.data.transforms import to_device_normalised
 from ssageo.io import DataError
 from ssageo.model.losses import ssa_loss
 from ssageo.train import precision
@@ -125,11 +126,12 @@ class Trainer:
         )
         self.amp_dtype = precision.autocast_dtype(t["amp"], device)
         self.scaler = precision.make_scaler(self.amp_dtype, device)
-        norm = self.model.data_config()
+        norm = self.norm = self.model.data_config()
         # Augmentation depends only on (seed, epoch, index): each place is drawn at most once
         # per epoch, so it is independent of worker count and of where a resumed run starts.
         self.dataset = PairDataset(self.manifest, d, True, norm["mean"], norm["std"],
-                                   seed=t["seed"], classes=model_cfg["bev"]["classes"])
+                                   seed=t["seed"], classes=model_cfg["bev"]["classes"],
+                                   normalise=False)  # uint8 from the loader: to_device_normalised
         # An epoch takes every place (query) once, in batches of distinct tiles: about Q / B
         # batches, not (distinct tiles) / B, far fewer where many queries share a tile
         # (University-1652: ~54 drone views per satellite tile); the lr schedule's length
@@ -258,9 +260,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         fmt = torch.channels_last if t["channels_last"] else torch.contiguous_format
-        query = batch["query"].to(device, non_blocking=True, memory_format=fmt)
-        reference = batch["reference"].to(device, non_blocking=True, memory_format=fmt)
-        prior = batch["prior"].to(device) if "prior" in batch else None
+        batch = to_device_normalised(batch, device, self.norm["mean"], self.norm["std"], fmt)
+        query, reference, prior = batch["query"], batch["reference"], batch.get("prior")
         with torch.autocast(device.type, dtype=self.amp_dtype or torch.bfloat16,
                             enabled=self.amp_dtype is not None):
             outputs = self.net(query, reference)
