@@ -17,6 +17,7 @@ machine first, so every figure printed comes from this run.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from ssageo.io import DataError, atomic_write_text
 DONE = "demo.json"
 # The oracle corruption that stands in for a vision foundation model's errors.
 VFM_LIKE = {"erode": 1, "drop": 0.15, "false_positives": 0.15}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -163,16 +166,16 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
         state["plan"] = plan_budget(budget_minutes, seed, world).__dict__
         save()
     plan = Plan(**state["plan"])
-    console.print(f"budget {budget_minutes:g} min: {plan.places} places, {plan.epochs} epochs "
-                  f"per model; measured step time SSA {plan.seconds_per_step['ssa']:.2f} s, "
-                  f"baseline {plan.seconds_per_step['baseline']:.2f} s", highlight=False)
+    logger.info("budget %g min: %d places, %d epochs per model; measured step time SSA %.2f s, "
+                "baseline %.2f s", budget_minutes, plan.places, plan.epochs,
+                plan.seconds_per_step["ssa"], plan.seconds_per_step["baseline"])
 
     if stage("world", "2/6 synthetic world (CVUSA layout)"):
         from ssageo.synth import generate
 
         summary = generate(world, layout="cvusa", places=plan.places, seed=seed, sat_size=128,
                            pano_size=(512, 128), progress=True)
-        console.print(f"{summary['counts']} places written to {world}", highlight=False)
+        logger.info("%s places written to %s", summary["counts"], world)
         finish("world")
 
     if stage("priors", "3/6 oracle priors with VFM-like errors"):
@@ -185,8 +188,8 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
             raise RuntimeError(f"prior labels failed for {len(result.failed)} tiles, "
                                f"e.g. {result.failed[0][0]}: {result.failed[0][1]}")
         state["prior_miou"] = result.statistics["miou"]
-        console.print(f"{result.done} labels, mIoU vs truth {state['prior_miou']:.3f} "
-                      f"(corruption {VFM_LIKE})", highlight=False)
+        logger.info("%d labels, mIoU vs truth %.3f (corruption %s)", result.done,
+                    state["prior_miou"], VFM_LIKE)
         finish("priors")
 
     from ssageo.train import train
@@ -204,13 +207,13 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
             train(None if resume else config, run, resume=resume)
             finish(run.name)
 
-    results = {label: evaluate_run(run, console) for label, run in runs.items()}
+    results = {label: evaluate_run(run) for label, run in runs.items()}
     console.rule("[bold]report")
     from ssageo.report import build_report
 
     report = build_report(runs["SSA"], out=out / "report.html", compare=runs["no-SSA baseline"],
                           checkpoint="last",
-                          progress=lambda msg: console.print(f"report: {msg}", highlight=False))
+                          progress=lambda msg: logger.info("report: %s", msg))
     state["wall_seconds_this_session"] = round(time.perf_counter() - started, 1)
     state["results"] = results
     save()
@@ -221,7 +224,7 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
     return state
 
 
-def evaluate_run(run: Path, console: Console) -> dict:
+def evaluate_run(run: Path) -> dict:
     """Held-out metrics of a run's final checkpoint (cached in ``eval.json``) + training time."""
     from ssageo.data import load_manifest
     from ssageo.evaluate.embed import evaluate_model
@@ -235,7 +238,7 @@ def evaluate_run(run: Path, console: Console) -> dict:
     checkpoint = summary["last_checkpoint"]
     model, config = load_model(checkpoint)
     manifest = load_manifest(config["data"]["root"], split="val")
-    console.print(f"evaluating {checkpoint} on the val split", highlight=False)
+    logger.info("evaluating %s on the val split", checkpoint)
     metrics = evaluate_model(model.eval(), manifest, config)
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in log if r["kind"] == "step"]

@@ -11,7 +11,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from ssageo.cli import app
-from ssageo.data.check import check_dataset
 
 data_app = typer.Typer(help="Inspect datasets (CVUSA, CVACT, VIGOR).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -33,6 +32,8 @@ def check(
     Exit status 0 when the dataset is usable (splits that are absent as a whole, e.g. a separate
     download, are named but allowed), 1 otherwise.
     """
+    from ssageo.data.check import check_dataset  # here: it imports torch (the CLI starts fast)
+
     report = check_dataset(root, dataset, vigor_mode, strict=strict, progress=not as_json,
                            full=full)
     if as_json:

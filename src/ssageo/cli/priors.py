@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from ssageo.cli import app
 from ssageo.config import ConfigError, load_config
-from ssageo.priors.record import LabelRecord
-from ssageo.priors.run import PriorSummary, list_tiles, run_priors
+
+if TYPE_CHECKING:  # the priors stage imports the data stage, which imports torch
+    from ssageo.priors.run import PriorSummary
 
 
 class Backend(str, Enum):
@@ -96,6 +98,9 @@ def priors(
     parameters (recorded in ROOT/priors-run.json) unless --force; the exit status is 1 when any
     tile failed.
     """
+    from ssageo.priors.record import LabelRecord
+    from ssageo.priors.run import list_tiles, run_priors
+
     console = Console()
     tiles = list_tiles(root, dataset, split or None)
     # What the labels depend on, recorded beside them: checked before any model is loaded.

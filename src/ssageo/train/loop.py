@@ -17,6 +17,7 @@ would. Only rank 0 writes, holding the run directory's lock (``ssageo.train.rund
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -51,6 +52,8 @@ from ssageo.train.state import (
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -153,7 +156,7 @@ def _train(config: dict, out: Path, resume: bool, t: dict, dist_info: DistInfo) 
 
     d = config["data"]
     main, device = dist_info.is_main, dist_info.device
-    log = (lambda msg: tqdm.write(f"[train] {msg}")) if main else (lambda msg: None)
+    log = logger.info if main else (lambda msg: None)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(t.get("threads", "auto"), int(d["workers"]),
                                           dist_info.world_size))
