@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ssageo.config import ConfigError, load_config
+from ssageo.constants import CONFIG_FILE, EVAL_FILE, METRICS_FILE, REPORT_FILE, SUMMARY_FILE
 from ssageo.io import DataError, atomic_write_text
 
 DONE = "demo.json"
@@ -203,7 +204,7 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
                 f"train.sampling.similarity_every={plan.similarity_every}",
             ])
             # a run a killed demo started: continue it (from step 0 when it has no checkpoint)
-            resume = (run / "config.yaml").is_file()
+            resume = (run / CONFIG_FILE).is_file()
             train(None if resume else config, run, resume=resume)
             finish(run.name)
 
@@ -211,7 +212,7 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
     console.rule("[bold]report")
     from ssageo.report import build_report
 
-    report = build_report(runs["SSA"], out=out / "report.html", compare=runs["no-SSA baseline"],
+    report = build_report(runs["SSA"], out=out / REPORT_FILE, compare=runs["no-SSA baseline"],
                           checkpoint="last",
                           progress=lambda msg: logger.info("report: %s", msg))
     state["wall_seconds_this_session"] = round(time.perf_counter() - started, 1)
@@ -230,17 +231,17 @@ def evaluate_run(run: Path) -> dict:
     from ssageo.evaluate.embed import evaluate_model
     from ssageo.model import load_model
 
-    cached = run / "eval.json"
+    cached = run / EVAL_FILE
     if cached.is_file():
         return json.loads(cached.read_text())
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads((run / SUMMARY_FILE).read_text())
     # The final weights: the val split is the one reported, so nothing is selected on it.
     checkpoint = summary["last_checkpoint"]
     model, config = load_model(checkpoint)
     manifest = load_manifest(config["data"]["root"], split="val")
     logger.info("evaluating %s on the val split", checkpoint)
     metrics = evaluate_model(model.eval(), manifest, config)
-    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
     steps = [r for r in log if r["kind"] == "step"]
     batch = config["train"]["batch_size"]  # pairs_per_s = batch / (wall time of that step)
     metrics["train_seconds"] = round(sum(batch / r["pairs_per_s"] for r in steps), 1)

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ssageo.constants import VIGOR_CITIES as VIGOR_CITIES  # re-exported (its readers use it)
 from ssageo.io import DataError, atomic_write_bytes
 
 DATASETS = ("cvusa", "cvact", "vigor")
 SPLITS = ("train", "val", "test")
 VIGOR_MODES = ("same-area", "cross-area")
-VIGOR_CITIES = ("Chicago", "NewYork", "SanFrancisco", "Seattle")
 CACHE_VERSION = 2  # bump when the manifest's content or meaning changes
 MAX_EXAMPLES = 5  # problems are reported as a count plus this many examples
 

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ssageo.constants import EARTH_RADIUS_M as EARTH_RADIUS_M  # re-exported (ssageo.data)
 from ssageo.data.manifest import Manifest, cache_dir_for
 from ssageo.io import DataError, atomic_write_bytes
-
-EARTH_RADIUS_M = 6_371_008.8
 
 
 def haversine(lat1, lon1, lat2, lon2) -> np.ndarray:

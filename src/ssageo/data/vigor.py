@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ssageo.constants import VIGOR_CROSS_AREA
 from ssageo.data.manifest import (
     VIGOR_CITIES,
     Manifest,
@@ -29,7 +30,6 @@ from ssageo.data.textfile import read_lines
 from ssageo.io import DataError
 
 COLUMNS = 13
-CROSS_AREA = {"train": ("NewYork", "Seattle"), "test": ("Chicago", "SanFrancisco")}
 
 
 def layout(root: Path) -> str:
@@ -54,7 +54,7 @@ def split_plan(root: Path, split: str, mode: str) -> tuple[list[str], str, list[
     if mode == "same-area":
         wanted, name = VIGOR_CITIES, f"same_area_balanced_{split}.txt"
     else:
-        wanted, name = CROSS_AREA[split], "pano_label_balanced.txt"
+        wanted, name = VIGOR_CROSS_AREA[split], "pano_label_balanced.txt"
     cities = [c for c in wanted if (root / "splits" / c).is_dir()]
     if not cities:
         raise SplitUnavailable(f"{root / 'splits'}: none of the {mode} {split} cities "

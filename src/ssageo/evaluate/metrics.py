@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ssageo.data.neighbours import EARTH_RADIUS_M, haversine
+from ssageo.constants import EARTH_RADIUS_M
+from ssageo.data.neighbours import haversine
 
 ArrayLike = np.ndarray | torch.Tensor
 

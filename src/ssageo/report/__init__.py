@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ssageo.config import get
+from ssageo.constants import REPORT_FILE
 from ssageo.io import atomic_write_text, read_image
 from ssageo.report import figures, html
 from ssageo.report.analysis import (
@@ -176,7 +177,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None,
     say = progress or (lambda message: None)
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir / "report.html"
+    out = Path(out) if out is not None else run_dir / REPORT_FILE
     dirs = [run_dir] + ([Path(compare)] if compare is not None else [])
     labels = _labels(dirs)
     say("reading training logs")

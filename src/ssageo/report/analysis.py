@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ssageo.config import ConfigError, get, load_config
+from ssageo.constants import CONFIG_FILE
 from ssageo.io import DataError
 
 CHECKPOINTS = ("best", "last")  # the best validation checkpoint when there is one
@@ -38,8 +39,8 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> Run:
     from ssageo.model import load_model
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise DataError(f"{run_dir / 'config.yaml'}: not found (is {run_dir} a training run?)")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise DataError(f"{run_dir / CONFIG_FILE}: not found (is {run_dir} a training run?)")
     if checkpoint not in CHECKPOINTS:
         raise ConfigError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, "
                           f"got {checkpoint!r}")
@@ -47,7 +48,7 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> Run:
         folder = run_dir / "checkpoints" / name
         if (folder / "model.safetensors").is_file():
             model, _ = load_model(folder)
-            return Run(run_dir, load_config(run_dir / "config.yaml"), model.eval(), folder)
+            return Run(run_dir, load_config(run_dir / CONFIG_FILE), model.eval(), folder)
     raise DataError(f"{run_dir / 'checkpoints'}: no best/ or last/ checkpoint with "
                     "model.safetensors (has training written one yet?)")
 

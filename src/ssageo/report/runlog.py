@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ssageo.constants import METRICS_FILE, SUMMARY_FILE
 from ssageo.io import DataError
 
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 # Evaluation metrics shown in tables, in this order, where a run has them.
 EVAL_KEYS = ("R@1", "R@5", "R@10", "R@1%", "hit_rate", "median_error_m", "mean_error_m")
 

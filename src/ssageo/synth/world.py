@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from ssageo.constants import EARTH_RADIUS_M
+
 RES = 0.5  # metres per world cell
 CLASS_NAMES = ("ground", "road", "building", "tree", "water")
 GROUND, ROAD, BUILDING, TREE, WATER = range(5)
 DISTRICT_TYPES = ("dense", "suburban", "rural")
 DISTRICT_M = 256.0  # side of one district; arterial roads run along district edges
-EARTH_RADIUS_M = 6371008.8  # mean Earth radius, the one haversine users assume
 DEFAULT_ORIGIN = (40.1106, -88.2073)  # a plausible US town (CVUSA-like)
 
 # Street grid per district type: spacing (m), street width (m), share of districts.

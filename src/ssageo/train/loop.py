@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ssageo.config import ConfigError, load_config, save_config
+from ssageo.constants import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from ssageo.data.datasets import PairDataset
 from ssageo.io import DataError, atomic_write_text
 from ssageo.train import precision
@@ -48,10 +49,6 @@ from ssageo.train.state import (
     save_checkpoint,
     seed_everything,
 )
-
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.yaml"
 
 logger = logging.getLogger(__name__)
 
