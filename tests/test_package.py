@@ -1,6 +1,8 @@
 """The package's shape: public exports, and constants that live in one place."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import ssageo
@@ -37,3 +39,15 @@ def test_shared_constants_are_written_once():
                     and type(node.value) in (str, float):
                 found.append(f"{path.relative_to(SRC)}:{node.lineno}: {node.value!r}")
     assert not found, "use ssageo.constants instead:\n" + "\n".join(found)
+
+
+def test_the_quick_run_leaves_out_the_slow_tests():
+    root = SRC.parents[1]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "not slow", "--collect-only",
+                           "-q", "-p", "no:cacheprovider", "tests/test_demo.py"],
+                          capture_output=True, text=True, cwd=root, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    collected = [line for line in done.stdout.splitlines() if "::" in line]
+    assert collected == [
+        "tests/test_demo.py::test_the_final_table_keeps_model_names_whole_in_80_columns"]
+    assert "1 deselected" in done.stdout  # the slow demo run
