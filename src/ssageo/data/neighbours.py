@@ -1,4 +1,5 @@
-"""GPS neighbour lists for the hard-negative sampler (METHOD.md section 5), cached beside the data.
+"""GPS neighbour lists for the hard-negative sampler (docs/METHOD.md section 5), cached beside
+the data.
 
 For each query, the k nearest other queries: by great-circle distance on (lat, lon) for CVUSA
 (ground GPS) and VIGOR (the positive tiles' centres, never a query of the same tile), by

@@ -1,5 +1,5 @@
 """The BEV head of the ground branch: polar projection with learned depth, polar -> Cartesian
-resampling onto the satellite tile's grid, and the multi-scale decoder (METHOD.md section 2;
+resampling onto the satellite tile's grid, and the multi-scale decoder (docs/METHOD.md section 2;
 the decoder is in ``decoder.py``).
 
 The polar projection computes, for every channel c, depth bin d and column w,

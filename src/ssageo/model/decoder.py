@@ -1,4 +1,4 @@
-"""The BEV head's multi-scale decoder (METHOD.md section 2), (B,C,N,N) -> (B,K,8N,8N), built as
+"""The BEV head's multi-scale decoder (docs/METHOD.md section 2), (B,C,N,N) -> (B,K,8N,8N), built as
 the SSA authors' ``MLSP`` (``model_training/sample4geo/BEV_Layout.py``):
 
 - two residual blocks C -> C/2 -> C/2 (3x3 convs with bias, InstanceNorm without affine

@@ -1,4 +1,4 @@
-"""The three real on-disk layouts (CVUSA, CVACT, VIGOR), as DATA.md describes them.
+"""The three real on-disk layouts (CVUSA, CVACT, VIGOR), as docs/DATA.md describes them.
 
 Each ``plan_*`` function turns worlds and places into render jobs (what to draw, where to write
 it) plus a ``finish`` callable that writes the layout's index files (csv / .mat / split lists)

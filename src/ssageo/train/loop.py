@@ -1,4 +1,4 @@
-"""The training loop (METHOD.md section 5), in one file.
+"""The training loop (docs/METHOD.md section 5), in one file.
 
 ``train(config, out)`` trains an SSA model on ``data.root`` and writes the run directory:
 
