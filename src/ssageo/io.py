@@ -50,7 +50,7 @@ WRITE_REASONS = {
 
 def write_error(path: Path, exc: OSError) -> OutputError:
     """One-line OutputError naming ``path`` and why writing it failed."""
-    reason = WRITE_REASONS.get(exc.errno) or exc.strerror or str(exc)
+    reason = WRITE_REASONS.get(exc.errno or 0) or exc.strerror or str(exc)
     return OutputError(f"{path}: cannot write: {reason}")
 
 

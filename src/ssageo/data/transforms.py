@@ -86,7 +86,8 @@ RESIZE_INTERPOLATION = cv2.INTER_LINEAR_EXACT
 
 def hole_range(height: int) -> tuple[int, int]:
     """CoarseDropout hole side range in pixels for a base ``height`` (at least 1 px)."""
-    return tuple(max(1, int(f * height)) for f in HOLE_FRACTION)
+    low, high = (max(1, int(f * height)) for f in HOLE_FRACTION)
+    return low, high
 
 
 def train_pipeline(view: str, size: tuple[int, int], hole_height: int) -> albumentations.Compose:

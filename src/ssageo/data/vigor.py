@@ -51,6 +51,7 @@ def split_plan(root: Path, split: str, mode: str) -> tuple[list[str], str, list[
     if split not in ("train", "test"):
         raise DataError(f"VIGOR has no '{split}' split: use 'train' or 'test' (with "
                         "--vigor-mode same-area or cross-area)")
+    wanted: tuple[str, ...]
     if mode == "same-area":
         wanted, name = VIGOR_CITIES, f"same_area_balanced_{split}.txt"
     else:

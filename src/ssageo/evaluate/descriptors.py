@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ssageo.evaluate.metrics import retrieval_metrics
 from ssageo.io import DataError, atomic_write
@@ -38,7 +39,8 @@ class DescriptorSet:
     query_coords: np.ndarray | None = None
     reference_coords: np.ndarray | None = None
 
-    def metrics(self, block_size: int = 4096, device: str | None = None) -> dict[str, float | int]:
+    def metrics(self, block_size: int = 4096,
+                device: str | torch.device | None = None) -> dict[str, float | int]:
         """The retrieval metrics of :func:`ssageo.evaluate.metrics.retrieval_metrics`."""
         return retrieval_metrics(
             self.query,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,11 +18,14 @@ from ssageo.evaluate.descriptors import DescriptorSet
 from ssageo.evaluate.metrics import retrieval_metrics
 from ssageo.io import DataError
 
+if TYPE_CHECKING:  # the model stage imports timm
+    from ssageo.model.ssa import SSAModel
+
 DEFAULT_BATCH_SIZE = 64
 
 
 def embed_paths(
-    model: torch.nn.Module,
+    model: SSAModel,
     paths: Sequence[str | Path],
     size: Sequence[int],
     view: str,
@@ -36,7 +40,7 @@ def embed_paths(
     model's train/eval mode is restored afterwards. An unreadable image raises DataError naming it.
     """
     norm = model.data_config()
-    dataset = ImageDataset(paths, tuple(size), norm["mean"], norm["std"])
+    dataset = ImageDataset(paths, (size[0], size[1]), norm["mean"], norm["std"])
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     device = next(model.parameters()).device
     was_training = model.training
@@ -58,7 +62,7 @@ def embed_paths(
 
 
 def embed_manifest(
-    model: torch.nn.Module,
+    model: SSAModel,
     manifest: Manifest,
     config: dict,
     batch_size: int | None = None,
@@ -72,7 +76,7 @@ def embed_manifest(
     """
     batch_size = batch_size or get(config, "eval.batch_size", DEFAULT_BATCH_SIZE)
     workers = get(config, "data.workers", 0) if workers is None else workers
-    kwargs = {"batch_size": batch_size, "workers": workers, "progress": progress}
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "workers": workers, "progress": progress}
     query = embed_paths(
         model, manifest.query_paths, config["data"]["query_size"], "query", **kwargs
     )

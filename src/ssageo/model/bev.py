@@ -24,7 +24,7 @@ from ssageo.model.decoder import BEVDecoder
 
 
 def naive_polar_projection(
-    features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, depth_bins: int
+    features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, depth_bins: int
 ) -> torch.Tensor:
     """Reference formulation: (B,C,H,W) -> (B,C,D,W) through the full (B,C,D,H,W) logits."""
     b, c, h, w = features.shape

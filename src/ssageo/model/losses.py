@@ -88,7 +88,7 @@ def resize_prior(prior: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def bev_loss(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """0.5 cross-entropy + 0.5 Dice of (B,K,S,S) logits against a (B,H,W) class-map prior."""
-    target = resize_prior(prior, tuple(logits.shape[-2:]))
+    target = resize_prior(prior, (logits.shape[-2], logits.shape[-1]))
     if int(target.max()) >= logits.shape[1] or int(target.min()) < 0:
         raise ValueError(f"prior holds class {int(target.max())}, outside the model's "
                          f"{logits.shape[1]} BEV classes")

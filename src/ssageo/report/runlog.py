@@ -142,12 +142,12 @@ def epoch_rows(log: RunLog) -> list[dict[str, Any]]:
         target = row(int(rec.get("epoch", 0)))
         target["skipped"] = target.get("skipped", 0) + 1
     for rec in log.evals:
-        epoch = rec.get("epoch")
-        if epoch is None:
+        at = rec.get("epoch")
+        if at is None:
             step = rec.get("step", math.inf)
             before = [s for s in log.steps if s.get("step", -1) <= step]
-            epoch = before[-1].get("epoch", 0) if before else 0
-        row(int(epoch)).update({k: rec[k] for k in EVAL_KEYS if k in rec})
+            at = before[-1].get("epoch", 0) if before else 0
+        row(int(at)).update({k: rec[k] for k in EVAL_KEYS if k in rec})
     return [rows[e] for e in sorted(rows)]
 
 

@@ -174,8 +174,8 @@ def plan_epoch(
 
 
 def similarity_neighbours(
-    query: torch.Tensor,
-    reference: torch.Tensor,
+    query: torch.Tensor | np.ndarray,
+    reference: torch.Tensor | np.ndarray,
     positive: np.ndarray,
     k: int,
     block_size: int = 4096,
