@@ -218,7 +218,7 @@ def _decode_with_opencv(img: Image.Image, path: Path, mode: str,
 _OPENCV_MODES = {("RGB", "RGB"), ("L", "L"), ("L", "RGB")}
 
 
-def _to_eight_bit(img, path: Path):
+def _to_eight_bit(img: Image.Image, path: Path) -> Image.Image:
     """``img`` with 16-bit, 32-bit integer or float samples scaled to an 8-bit "L" image.
 
     16-bit (I;16, I;16B, ...) maps 0..65535 to 0..255. Mode "I" (32-bit integer, what some

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -11,6 +12,11 @@ from rich.table import Table
 
 from ssageo.cli import app
 from ssageo.io import atomic_write_text, check_output
+
+if TYPE_CHECKING:  # the data stage imports torch: the CLI imports it when a command runs
+    import numpy as np
+
+    from ssageo.data.manifest import Manifest
 
 index_app = typer.Typer(help="Geo-referenced indexes of satellite tiles.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
@@ -26,7 +32,7 @@ def _device(name: str) -> str:
     return resolve_device(name, "--device")
 
 
-def _manifest(data: Path, dataset: str, split: str | None, vigor_mode: str):
+def _manifest(data: Path, dataset: str, split: str | None, vigor_mode: str) -> Manifest:
     from ssageo.data import detect_dataset, load_manifest
 
     if split is None:
@@ -44,7 +50,7 @@ def _embed_checkpoint(
     batch_size: int | None,
     workers: int | None,
     device: str,
-):
+) -> tuple[Manifest, np.ndarray, np.ndarray]:
     from ssageo.evaluate.embed import embed_manifest
     from ssageo.model import load_model
 

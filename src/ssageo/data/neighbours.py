@@ -14,13 +14,14 @@ import io
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ssageo.constants import EARTH_RADIUS_M as EARTH_RADIUS_M  # re-exported (ssageo.data)
 from ssageo.data.manifest import Manifest, cache_dir_for
 from ssageo.io import DataError, atomic_write_bytes
 
 
-def haversine(lat1, lon1, lat2, lon2) -> np.ndarray:
+def haversine(lat1: ArrayLike, lon1: ArrayLike, lat2: ArrayLike, lon2: ArrayLike) -> np.ndarray:
     """Great-circle angle in radians between points given in **degrees** (broadcasts).
 
     Multiply by :data:`EARTH_RADIUS_M` for metres.

@@ -14,6 +14,7 @@ looks at azimuth ``360 * u / W - 180`` degrees. Hence:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import cv2
@@ -155,15 +156,15 @@ def label_to_classes(label: np.ndarray, classes: int = 2,
                     f"label must hold class indices 0..{classes - 1} or be a binary 0/255 label")
 
 
-def to_tensor(image: np.ndarray, mean, std) -> torch.Tensor:
+def to_tensor(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, H, W) float32 normalised with ``mean``/``std`` (0-1 scale)."""
     # numpy, not torch: in DataLoader workers torch's intra-op threads only contend with the
     # other workers for the same cores (6x slower on 2 cores in bench_data.py).
     # The channels are moved first, on the uint8 pixels, and the arithmetic runs in place: the
     # same values as (x * scale + offset).transpose, 10x cheaper at 384 px (RESULTS.md).
-    std = np.asarray(std, np.float32)
-    scale = (1.0 / (255.0 * std))[:, None, None]
-    offset = (-np.asarray(mean, np.float32) / std)[:, None, None]
+    spread = np.asarray(std, np.float32)
+    scale = (1.0 / (255.0 * spread))[:, None, None]
+    offset = (-np.asarray(mean, np.float32) / spread)[:, None, None]
     x = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)  # (3, H, W)
     x *= scale
     x += offset

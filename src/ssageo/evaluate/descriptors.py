@@ -178,7 +178,8 @@ def validate(arrays: dict[str, np.ndarray], path: Path) -> None:
             _check_coords(arrays[name], name, n, path)
 
 
-def _check_indices(x: np.ndarray, name: str, shape: tuple, low: int, high: int, path: Path):
+def _check_indices(x: np.ndarray, name: str, shape: tuple, low: int, high: int,
+                   path: Path) -> None:
     if x.dtype.kind not in "iu":
         raise DataError(f"{path}: '{name}' must hold integers, got dtype {x.dtype}")
     if x.ndim != len(shape) or any(s not in (None, n) for s, n in zip(shape, x.shape, strict=True)):

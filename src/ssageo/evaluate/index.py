@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from ssageo.data.transforms import resize, to_tensor
 from ssageo.evaluate.ann import exact_topk
 from ssageo.evaluate.embed import DEFAULT_BATCH_SIZE, embed_paths
 from ssageo.io import DataError, atomic_write
+
+if TYPE_CHECKING:  # shards imports this module
+    from ssageo.evaluate.shards import ShardedIndex
 
 INDEX_FORMAT = "ssageo-index"
 INDEX_VERSION = 1
@@ -215,7 +219,7 @@ def index_metadata(
     }
 
 
-def open_index(path: str | Path):
+def open_index(path: str | Path) -> GeoIndex | ShardedIndex:
     """A :class:`GeoIndex` (one ``.npz`` file) or a sharded index (a folder with a manifest)."""
     path = Path(path)
     if path.is_dir():

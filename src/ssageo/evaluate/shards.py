@@ -24,6 +24,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -201,7 +202,7 @@ def build_sharded(
 
 
 def _write_shard(folder: Path, manifest: dict, desc: np.ndarray, coords: np.ndarray,
-                 tiles: list[str], index) -> None:
+                 tiles: list[str], index: Any) -> None:
     """Write one shard's files, then record them in the manifest (written last)."""
     name = f"shard-{len(manifest['shards']):05d}"
     arrays = {"coords": coords, "tiles": np.asarray(tiles, dtype=str)}
@@ -211,7 +212,7 @@ def _write_shard(folder: Path, manifest: dict, desc: np.ndarray, coords: np.ndar
     if manifest["kind"] == "exact" or manifest["params"].get("rerank_store"):
         files[f"{name}.f32.npy"] = lambda f: np.save(f, desc)
     for file, save in files.items():
-        def write(tmp: Path, save=save) -> None:
+        def write(tmp: Path, save: Callable[[Any], None] = save) -> None:
             with tmp.open("wb") as f:
                 save(f)
 

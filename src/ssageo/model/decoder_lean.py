@@ -5,6 +5,8 @@ redo for the backward pass and recomputes normalised activations and upsampled m
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,15 +37,16 @@ class _NormReLUConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, conv, weight, bias):  # noqa: D102
+    def forward(ctx: Any, x: torch.Tensor, conv: nn.Conv2d | None,  # noqa: D102
+                weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
         act = _norm_relu(x)
         ctx.save_for_backward(x, weight)
         ctx.conv = conv
-        return act if conv is None else conv._conv_forward(act, weight, bias)
+        return act if conv is None or weight is None else conv._conv_forward(act, weight, bias)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
         x, weight = ctx.saved_tensors
         conv = ctx.conv
         with torch.enable_grad():
@@ -77,11 +80,12 @@ class _UpSplit(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, conv, weight, k, top_from):  # noqa: D102
+    def forward(ctx: Any, x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,  # noqa: D102
+                k: int, top_from: int) -> tuple[torch.Tensor, torch.Tensor]:
         # the conv as a sum over input-channel groups: only the top-k input is upsampled whole
         top = upsample(x[:, top_from:])
         values, index = top.topk(k, dim=1)
-        out = None
+        out: torch.Tensor | None = None
         for c0 in range(0, x.shape[1], UP_CHANNELS):
             c1 = min(x.shape[1], c0 + UP_CHANNELS)
             part = (upsample(x[:, c0:c1]) if c1 <= top_from
@@ -92,11 +96,13 @@ class _UpSplit(torch.autograd.Function):
         small = x.shape[1] - top_from <= 256
         ctx.save_for_backward(x, weight, index.to(torch.uint8 if small else torch.int32))
         ctx.conv, ctx.top_from = conv, top_from
+        assert out is not None  # x has channels
         return out, values
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_conv, grad_values):  # noqa: D102
+    def backward(ctx: Any, grad_conv: torch.Tensor,  # noqa: D102
+                 grad_values: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, index = ctx.saved_tensors
         conv, (b, c, h, w) = ctx.conv, x.shape
         grad_x, grad_weight = torch.empty_like(x), torch.empty_like(weight)

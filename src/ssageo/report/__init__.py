@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +165,8 @@ def is_report(path: Path) -> bool:
 
 def build_report(run_dir: str | Path, out: str | Path | None = None,
                  compare: str | Path | None = None, data_root: str | Path | None = None,
-                 max_examples: int = 6, max_places: int = 100, progress=None,
+                 max_examples: int = 6, max_places: int = 100,
+                 progress: Callable[[str], None] | None = None,
                  checkpoint: str = "best") -> Path:
     """Write the HTML report of a training run; returns its path.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ import torch.nn.functional as F
 from ssageo.config import ConfigError, get, load_config
 from ssageo.constants import CONFIG_FILE
 from ssageo.io import DataError
+
+if TYPE_CHECKING:
+    from ssageo.data.manifest import Manifest
 
 CHECKPOINTS = ("best", "last")  # the best validation checkpoint when there is one
 
@@ -53,7 +57,7 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> Run:
                     "model.safetensors (has training written one yet?)")
 
 
-def held_out_manifest(config: dict, data_root: Path | None = None):
+def held_out_manifest(config: dict, data_root: Path | None = None) -> Manifest:
     """The run's held-out split: ``val`` (CVUSA, CVACT), ``test`` for VIGOR (no val split).
 
     ``data_root`` replaces the config's ``data.root`` (for a dataset that has moved).
@@ -73,7 +77,7 @@ def held_out_manifest(config: dict, data_root: Path | None = None):
                          vigor_mode=get(config, "data.vigor_mode", "same-area"))
 
 
-def subset(manifest, max_places: int, seed: int = 0):
+def subset(manifest: Manifest, max_places: int, seed: int = 0) -> Manifest:
     """A manifest of at most ``max_places`` queries (a seeded random choice) whose gallery is
     their positive and semi-positive references, indices remapped."""
     n = manifest.num_queries
@@ -83,7 +87,7 @@ def subset(manifest, max_places: int, seed: int = 0):
     remap = np.full(manifest.num_references, -1, dtype=np.int64)
     remap[used] = np.arange(len(used))
 
-    def pick(values, index):
+    def pick(values: Any, index: np.ndarray) -> Any:
         return None if values is None else [values[i] for i in index]
 
     return dataclasses.replace(
@@ -116,7 +120,7 @@ class Retrieval:
     error_m: np.ndarray | None  # (Q,) metres from the query to its top-1 tile, if coordinates
 
 
-def retrieve(run: Run, manifest, k: int = 5) -> Retrieval:
+def retrieve(run: Run, manifest: Manifest, k: int = 5) -> Retrieval:
     """Embed ``manifest`` with the run's model and rank its gallery for every query."""
     from ssageo.evaluate.embed import embed_manifest
     from ssageo.evaluate.metrics import haversine_m, rank_queries

@@ -13,10 +13,13 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ssageo.constants import METRICS_FILE, SUMMARY_FILE
 from ssageo.io import DataError
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 # Evaluation metrics shown in tables, in this order, where a run has them.
 EVAL_KEYS = ("R@1", "R@5", "R@10", "R@1%", "hit_rate", "median_error_m", "mean_error_m")
@@ -178,7 +181,7 @@ def format_value(key: str, value: Any) -> str:
     return str(value)
 
 
-def log_table(log: RunLog):
+def log_table(log: RunLog) -> Table:
     """A rich Table of ``epoch_rows(log)``: one row per epoch (recalls in %, errors in m)."""
     from rich.table import Table
 

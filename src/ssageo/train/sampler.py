@@ -14,12 +14,16 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ssageo.config import ConfigError
 from ssageo.io import DataError
+
+if TYPE_CHECKING:
+    from ssageo.data.manifest import Manifest
 
 FIRST_SOURCES = ("random", "gps", "similarity")
 
@@ -211,7 +215,7 @@ def first_source(sampling: dict) -> str:
     return first
 
 
-def epoch_neighbours(sampler: HardNegativeSampler, model: torch.nn.Module, manifest,
+def epoch_neighbours(sampler: HardNegativeSampler, model: torch.nn.Module, manifest: Manifest,
                      config: dict, epoch: int, log: Callable[[str], None] = print) -> None:
     """Give ``sampler`` the neighbour lists epoch ``epoch`` uses (docs/METHOD.md section 5).
 
