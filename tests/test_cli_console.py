@@ -30,18 +30,6 @@ def test_import_and_help_do_not_import_torch(args):
     assert not {"torch", "torchvision", "timm"} & modules
 
 
-def test_the_nms_fallback_still_precedes_torchvision_when_imported_late():
-    # `import ssageo` no longer imports _compat; the first torchvision import (here timm's) runs it
-    code = ("import ssageo, sys\n"
-            "assert 'ssageo._compat' not in sys.modules\n"
-            "import timm, torch\n"
-            "assert 'ssageo._compat' in sys.modules\n"
-            "print(torch.ops.torchvision.nms(torch.zeros(0, 4), torch.zeros(0), 0.5).numel())\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "0", done.stderr[-2000:]
-
-
 def test_records_are_shown_on_stderr_with_training_tagged(capsys):
     console.install()
     console.install()  # once only: a second install adds no second handler
