@@ -4,8 +4,12 @@ import sys
 
 def test_timm_model_builds_after_importing_ssageo():
     # A fresh interpreter: the fallback must be in place before torchvision's first import.
+    # `import ssageo` stays light (no torch); timm's import of torchvision runs the fallback.
     code = (
-        "import ssageo, timm, torch\n"
+        "import sys, ssageo\n"
+        "assert 'torch' not in sys.modules and 'ssageo._compat' not in sys.modules\n"
+        "import timm, torch\n"
+        "assert 'ssageo._compat' in sys.modules\n"
         "m = timm.create_model('convnext_atto', pretrained=False)\n"
         "y = m(torch.zeros(1, 3, 32, 32))\n"
         "print(tuple(y.shape))\n"

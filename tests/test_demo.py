@@ -60,7 +60,7 @@ def test_demo_runs_every_stage_prints_the_table_and_reuses_stages_on_rerun(tmp_p
     (out / "demo.json").write_text(json.dumps(state))
     third = _demo(out, "--budget-minutes", "1", "--seed", "3")
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    assert f"resumed from {baseline / 'checkpoints' / 'best'}" in third.stdout.replace("\n", "")
+    assert f"[train] resumed from {baseline / 'checkpoints' / 'best'}" in third.stderr
     again = json.loads((out / "demo.json").read_text())
     assert again["done"] == ["world", "priors", "ssa", "baseline"]
     for key in ("R@1", "R@5", "R@10", "R@1%", "steps"):

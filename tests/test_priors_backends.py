@@ -1,5 +1,6 @@
 """`ssageo priors` with the oracle and files backends on generated worlds."""
 
+import logging
 import shutil
 
 import numpy as np
@@ -117,14 +118,20 @@ def test_files_import_rejects_unknown_names_and_wrong_sizes_listing_paths(world,
     assert not any(t.prior_path.exists() for t in tiles)  # nothing written on rejection
 
 
-def test_files_import_reports_tiles_without_a_mask_and_fails(world, tmp_path):
+def test_files_import_reports_tiles_without_a_mask_and_fails(world, tmp_path, caplog, capsys):
     tiles = _masks_from_truth(world, tmp_path / "masks")
     (tmp_path / "masks" / f"{tiles[0].path.stem}.png").unlink()
-    summary = run_priors(tiles, FilesBackend(tmp_path / "masks", tiles), progress=False)
+    with caplog.at_level(logging.ERROR, logger="ssageo"):
+        summary = run_priors(tiles, FilesBackend(tmp_path / "masks", tiles), progress=False)
     assert summary.done == len(tiles) - 1
     assert [p for p, _ in summary.failed] == [str(tiles[0].path)]
+    # the library logs the failure (it prints nothing itself); the CLI renders it
+    assert [(r.name, r.levelno) for r in caplog.records] == [("ssageo.priors.run", logging.ERROR)]
+    assert f"failed {tiles[0].path}: " in caplog.records[0].getMessage()
+    assert capsys.readouterr().out == ""
     result = _priors(world, "--backend", "files", "--masks", tmp_path / "masks")
     assert result.exit_code == 1 and "failed 1" in result.output
+    assert f"failed {tiles[0].path}: " in result.output
 
 
 def test_vigor_tiles_are_every_tile_of_every_city(synth_world):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -28,11 +29,14 @@ from rich.console import Console
 from rich.table import Table
 
 from ssageo.config import ConfigError, load_config
+from ssageo.constants import REPORT_FILE
 from ssageo.io import DataError, atomic_write_text
 
 DONE = "demo.json"
 # The oracle corruption that stands in for a vision foundation model's errors.
 VFM_LIKE = {"erode": 1, "drop": 0.15, "false_positives": 0.15}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -233,14 +237,14 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
         state["plan"] = plan_budget(budget_minutes, seed, world).__dict__
         save()
     plan = Plan(**state["plan"])
-    console.print(plan_text(plan, budget_minutes), highlight=False)
+    logger.info(plan_text(plan, budget_minutes))
 
     if stage("world", "2/6 synthetic world (CVUSA layout)"):
         from ssageo.synth import generate
 
         summary = generate(world, layout="cvusa", places=plan.places, seed=seed,
                            sat_size=SAT_SIZE, pano_size=PANO_SIZE, progress=True)
-        console.print(f"{summary['counts']} places written to {world}", highlight=False)
+        logger.info("%s places written to %s", summary["counts"], world)
         finish("world")
 
     if stage("priors", "3/6 oracle priors with VFM-like errors"):
@@ -253,8 +257,8 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
             raise RuntimeError(f"prior labels failed for {len(result.failed)} tiles, "
                                f"e.g. {result.failed[0][0]}: {result.failed[0][1]}")
         state["prior_miou"] = result.statistics["miou"]
-        console.print(f"{result.done} labels, mIoU vs truth {state['prior_miou']:.3f} "
-                      f"(corruption {VFM_LIKE})", highlight=False)
+        logger.info("%d labels, mIoU vs truth %.3f (corruption %s)", result.done,
+                    state["prior_miou"], VFM_LIKE)
         finish("priors")
 
     from ssageo.train import train
@@ -273,13 +277,13 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
             train(None if resume else config, run, resume=resume)
             finish(run.name)
 
-    results = {label: evaluate_run(run, console) for label, run in runs.items()}
+    results = {label: evaluate_run(run) for label, run in runs.items()}
     console.rule("[bold]report")
     from ssageo.report import build_report
 
-    report = build_report(runs["SSA"], out=out / "report.html", compare=runs["no-SSA baseline"],
+    report = build_report(runs["SSA"], out=out / REPORT_FILE, compare=runs["no-SSA baseline"],
                           checkpoint="last",
-                          progress=lambda msg: console.print(f"report: {msg}", highlight=False))
+                          progress=lambda msg: logger.info("report: %s", msg))
     state["wall_seconds_this_session"] = round(time.perf_counter() - started, 1)
     state["results"] = results
     save()
@@ -290,7 +294,7 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
     return state
 
 
-def evaluate_run(run: Path, console: Console) -> dict:
+def evaluate_run(run: Path) -> dict:
     """Held-out metrics of a run's final checkpoint (cached in ``eval.json``) + training time."""
     from ssageo.data import load_manifest
     from ssageo.evaluate.embed import evaluate_model
@@ -305,7 +309,7 @@ def evaluate_run(run: Path, console: Console) -> dict:
     checkpoint = summary["last_checkpoint"]
     model, config = load_model(checkpoint)
     manifest = load_manifest(config["data"]["root"], split="val")
-    console.print(f"evaluating {checkpoint} on the val split", highlight=False)
+    logger.info("evaluating %s on the val split", checkpoint)
     metrics = evaluate_model(model.eval(), manifest, config)
     steps = read_run_log(run).steps
     batch = config["train"]["batch_size"]  # pairs_per_s = batch / (wall time of that step)

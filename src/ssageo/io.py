@@ -50,7 +50,7 @@ WRITE_REASONS = {
 
 def write_error(path: Path, exc: OSError) -> OutputError:
     """One-line OutputError naming ``path`` and why writing it failed."""
-    reason = WRITE_REASONS.get(exc.errno) or exc.strerror or str(exc)
+    reason = WRITE_REASONS.get(exc.errno or 0) or exc.strerror or str(exc)
     return OutputError(f"{path}: cannot write: {reason}")
 
 
@@ -218,7 +218,7 @@ def _decode_with_opencv(img: Image.Image, path: Path, mode: str,
 _OPENCV_MODES = {("RGB", "RGB"), ("L", "L"), ("L", "RGB")}
 
 
-def _to_eight_bit(img, path: Path):
+def _to_eight_bit(img: Image.Image, path: Path) -> Image.Image:
     """``img`` with 16-bit, 32-bit integer or float samples scaled to an 8-bit "L" image.
 
     16-bit (I;16, I;16B, ...) maps 0..65535 to 0..255. Mode "I" (32-bit integer, what some

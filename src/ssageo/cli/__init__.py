@@ -12,6 +12,7 @@ from typing import NoReturn
 import typer
 
 from ssageo import __version__
+from ssageo.cli import console
 from ssageo.cli.errors import describe, report_bug
 
 app = typer.Typer(
@@ -36,6 +37,7 @@ def _root(
     ),
 ) -> None:
     """Cross-view geo-localization with Spatial Semantic Alignment (SSA)."""
+    console.install()  # here, not in main(): commands invoked through typer's runner log too
 
 
 # Command modules register themselves on `app` when imported.

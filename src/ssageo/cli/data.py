@@ -34,7 +34,7 @@ def check(
     Exit status 0 when the dataset is usable (splits that are absent as a whole, e.g. a separate
     download, are named but allowed), 1 otherwise.
     """
-    from ssageo.data.check import check_dataset  # here: the data stage loads torch
+    from ssageo.data.check import check_dataset  # here: it imports torch (the CLI starts fast)
 
     report = check_dataset(root, dataset, vigor_mode, strict=strict, progress=not as_json,
                            full=full)

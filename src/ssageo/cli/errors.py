@@ -67,7 +67,7 @@ def _first_line(exc: BaseException) -> str:
 
 def describe_os_error(exc: OSError) -> str:
     """``PATH: what is wrong`` for an OSError (the message alone where it names no path)."""
-    reason = _ERRNO_TEXT.get(exc.errno) or (exc.strerror or "").lower()
+    reason = _ERRNO_TEXT.get(exc.errno or 0) or (exc.strerror or "").lower()
     if exc.filename is None or not reason:
         return reason if exc.errno is not None and reason else _first_line(exc)
     if exc.filename2 is not None:  # a rename: its target is the path the user gave

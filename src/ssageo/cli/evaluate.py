@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -12,6 +13,12 @@ from rich.table import Table
 from ssageo.cli import app
 from ssageo.data.registry import dataset_choices, mode_help
 from ssageo.io import atomic_write_text, check_output
+
+if TYPE_CHECKING:  # the data stage imports torch: the CLI imports it when a command runs
+    import numpy as np
+
+    from ssageo.data.fov import QueryCrop
+    from ssageo.data.manifest import Manifest
 
 index_app = typer.Typer(help="Geo-referenced indexes of satellite tiles.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
@@ -29,7 +36,7 @@ def _device(name: str) -> str:
     return resolve_device(name, "--device")
 
 
-def _manifest(data: Path, dataset: str, split: str | None, vigor_mode: str):
+def _manifest(data: Path, dataset: str, split: str | None, vigor_mode: str) -> Manifest:
     from ssageo.data import detect_dataset, get_spec, load_manifest
 
     if split is None:
@@ -48,7 +55,7 @@ def _embed_checkpoint(
     device: str,
     fov: float | None = None,
     heading: str | None = None,
-):
+) -> tuple[Manifest, np.ndarray, np.ndarray, QueryCrop]:
     """(manifest, query, reference descriptors, QueryCrop): ``fov`` / ``heading`` default to
     the checkpoint's ``data.fov`` / ``data.heading``."""
     from ssageo.data.fov import QueryCrop, query_crop

@@ -13,7 +13,7 @@ from ssageo.cli import app
 from ssageo.config import ConfigError, load_config
 from ssageo.data.registry import dataset_choices
 
-if TYPE_CHECKING:  # imported when run: the priors stages load torch, which other commands avoid
+if TYPE_CHECKING:  # the priors stage imports the data stage, which imports torch
     from ssageo.priors.run import PriorSummary
 
 

@@ -36,10 +36,11 @@ def report(
     RUN_DIR/report.html, the run's own report, is refreshed on every run; a report already at
     an --out path is replaced only with --force; any other file there, never.
     """
+    from ssageo.constants import REPORT_FILE
     from ssageo.io import check_output
     from ssageo.report import build_report, is_report
 
-    check_output(out or run_dir / "report.html", "an `ssageo report` page", is_report,
+    check_output(out or run_dir / REPORT_FILE, "an `ssageo report` page", is_report,
                  force=force or out is None)
     console = Console(stderr=True)
     with console.status("building the report") as status:

@@ -17,7 +17,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name in _WHERE:
         return getattr(importlib.import_module(f"ssageo.data.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'ssageo.data' has no attribute {name!r}")

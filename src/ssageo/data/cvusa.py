@@ -63,7 +63,7 @@ def read_pairs(path: Path, root: Path) -> list[tuple[Path, Path]]:
     A first line of 2-3 columns none of which looks like a path (no folder, no image suffix,
     e.g. ``sat,pano,annotation``) is a header and skipped.
     """
-    pairs = []
+    pairs: list[tuple[Path, Path]] = []
     for n, line in read_lines(path, "CVUSA split file"):
         cols = [c.strip() for c in line.split(",")]
         where = f"{path}:{n}"

@@ -1,4 +1,5 @@
-"""GPS neighbour lists for the hard-negative sampler (METHOD.md section 5), cached beside the data.
+"""GPS neighbour lists for the hard-negative sampler (docs/METHOD.md section 5), cached beside
+the data.
 
 For each query, the k nearest other queries, never one with the same positive tile, on the
 coordinates its dataset's spec names (``DatasetSpec.coords``): great-circle distance on the
@@ -14,16 +15,16 @@ import io
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 
+from ssageo.constants import EARTH_RADIUS_M as EARTH_RADIUS_M  # re-exported (ssageo.data)
 from ssageo.data.base import Manifest
 from ssageo.data.manifest import cache_dir_for
 from ssageo.data.registry import get_spec
 from ssageo.io import DataError, atomic_write_bytes
 
-EARTH_RADIUS_M = 6_371_008.8
 
-
-def haversine(lat1, lon1, lat2, lon2) -> np.ndarray:
+def haversine(lat1: ArrayLike, lon1: ArrayLike, lat2: ArrayLike, lon2: ArrayLike) -> np.ndarray:
     """Great-circle angle in radians between points given in **degrees** (broadcasts).
 
     Multiply by :data:`EARTH_RADIUS_M` for metres.

@@ -14,6 +14,7 @@ looks at azimuth ``360 * u / W - 180`` degrees. Hence:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import cv2
@@ -90,7 +91,8 @@ RESIZE_INTERPOLATION = cv2.INTER_LINEAR_EXACT
 
 def hole_range(height: int) -> tuple[int, int]:
     """CoarseDropout hole side range in pixels for a base ``height`` (at least 1 px)."""
-    return tuple(max(1, int(f * height)) for f in HOLE_FRACTION)
+    low, high = (max(1, int(f * height)) for f in HOLE_FRACTION)
+    return low, high
 
 
 def train_pipeline(view: str, size: tuple[int, int], hole_height: int) -> albumentations.Compose:
@@ -158,13 +160,13 @@ def label_to_classes(label: np.ndarray, classes: int = 2, source: str = "prior l
                     f"label must hold class indices 0..{classes - 1} or be a binary 0/255 label")
 
 
-def _affine(mean, std) -> tuple[np.ndarray, np.ndarray]:
+def _affine(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """float32 (scale, offset) per channel: normalised = uint8 value * scale + offset."""
     std = np.asarray(std, np.float32)
     return 1.0 / (255.0 * std), -np.asarray(mean, np.float32) / std
 
 
-def to_tensor(image: np.ndarray, mean, std) -> torch.Tensor:
+def to_tensor(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, H, W) float32 normalised with ``mean``/``std`` (0-1 scale)."""
     # numpy, not torch: in DataLoader workers torch's intra-op threads only contend with the
     # other workers for the same cores (6x slower on 2 cores in bench_data.py).
@@ -187,7 +189,8 @@ def to_uint8_tensor(image: np.ndarray) -> torch.Tensor:
 IMAGE_KEYS = ("query", "reference", "image")
 
 
-def to_device_normalised(batch: dict, device: torch.device | str, mean, std,
+def to_device_normalised(batch: dict, device: torch.device | str, mean: Sequence[float],
+                         std: Sequence[float],
                          memory_format: torch.memory_format = torch.contiguous_format) -> dict:
     """A loader batch on ``device``, ready for the model: uint8 images (``normalise=False``
     datasets) become float32 normalised with ``mean``/``std`` there, to the same values as

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ssageo.constants import VIGOR_CITIES, VIGOR_CROSS_AREA
 from ssageo.data.base import (
     DatasetSpec,
     Manifest,
@@ -30,8 +31,7 @@ from ssageo.io import DataError
 
 COLUMNS = 13
 VIGOR_MODES = ("same-area", "cross-area")
-VIGOR_CITIES = ("Chicago", "NewYork", "SanFrancisco", "Seattle")
-CROSS_AREA = {"train": ("NewYork", "Seattle"), "test": ("Chicago", "SanFrancisco")}
+CROSS_AREA = VIGOR_CROSS_AREA
 
 SPEC = DatasetSpec(
     name="vigor", title="VIGOR", splits=("train", "test"), held_out="test", validation=None,
@@ -71,10 +71,11 @@ def split_plan(root: Path, split: str, mode: str) -> tuple[list[str], str, list[
     if split not in ("train", "test"):
         raise DataError(f"VIGOR has no '{split}' split: use 'train' or 'test' (with "
                         "--vigor-mode same-area or cross-area)")
+    wanted: tuple[str, ...]
     if mode == "same-area":
         wanted, name = VIGOR_CITIES, f"same_area_balanced_{split}.txt"
     else:
-        wanted, name = CROSS_AREA[split], "pano_label_balanced.txt"
+        wanted, name = VIGOR_CROSS_AREA[split], "pano_label_balanced.txt"
     cities = [c for c in wanted if (root / "splits" / c).is_dir()]
     if not cities:
         raise SplitUnavailable(f"{root / 'splits'}: none of the {mode} {split} cities "

@@ -12,6 +12,7 @@ and only when an IVF-PQ index is built or opened.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any  # faiss has no type information
 
 import numpy as np
 
@@ -41,7 +42,7 @@ def exact_topk(
     return best_s, best_i
 
 
-def faiss_module():
+def faiss_module() -> Any:
     """The faiss module, or a one-line ConfigError saying how to install it."""
     try:
         import faiss
@@ -80,23 +81,23 @@ def train(sample: np.ndarray, lists: int, pq_bytes: int, seed: int = 0) -> np.nd
     return faiss.serialize_index(index)
 
 
-def load(trained: np.ndarray):
+def load(trained: np.ndarray) -> Any:
     """The faiss index from a serialised trained index (:func:`train`)."""
     return faiss_module().deserialize_index(trained)
 
 
-def encode(index, x: np.ndarray) -> np.ndarray:
+def encode(index: Any, x: np.ndarray) -> np.ndarray:
     """(n, code_size) uint8 codes (list number + PQ code) of ``x`` under the trained index."""
     return index.sa_encode(np.ascontiguousarray(x, dtype=np.float32))
 
 
-def add_codes(index, codes: np.ndarray, first_id: int) -> None:
+def add_codes(index: Any, codes: np.ndarray, first_id: int) -> None:
     """Add a shard's codes to ``index`` with ids ``first_id, first_id + 1, ...``."""
     ids = np.arange(first_id, first_id + len(codes), dtype=np.int64)
     index.add_sa_codes(np.ascontiguousarray(codes), ids)
 
 
-def search(index, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+def search(index: Any, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
     """(approximate cosine scores, ids) of the ``k`` best entries per query, best first; ids
     are -1 where fewer than ``k`` entries were found in the ``nprobe`` lists visited."""
     index.nprobe = min(nprobe, index.nlist)
@@ -104,7 +105,7 @@ def search(index, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray,
     return 1.0 - dist / 2.0, ids
 
 
-def memory_bytes(index) -> int:
+def memory_bytes(index: Any) -> int:
     """Bytes the searchable index holds in memory: codes, ids, centroids and PQ codebooks."""
     codes = index.ntotal * (index.code_size + 8)  # 8-byte ids in the inverted lists
     return codes + index.nlist * index.d * 4 + index.pq.M * PQ_CENTROIDS * index.pq.dsub * 4

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,7 +33,7 @@ INPUT_NAME, OUTPUT_NAME = "pixels", "descriptors"
 INSTALL_HINT = "pip install 'ssageo[onnx]'"
 
 
-def onnx_session(path: str | Path | None):
+def onnx_session(path: str | Path | None) -> Any:  # onnxruntime.InferenceSession | None
     """An onnxruntime CPU session of ``path`` (None: only check that onnxruntime is there).
 
     ConfigError when onnxruntime is missing; DataError naming the file when it is missing or
@@ -59,7 +59,7 @@ def onnx_session(path: str | Path | None):
         raise DataError(f"{path}: not a usable ONNX model ({first})") from None
 
 
-def export_record(path: Path, session) -> dict:
+def export_record(path: Path, session: Any) -> dict:  # an onnxruntime.InferenceSession
     """The ``ssageo export`` record of an ONNX session; DataError when it has none."""
     text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     try:

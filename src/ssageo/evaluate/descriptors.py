@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ssageo.evaluate.grouped import group_metrics
 from ssageo.evaluate.metrics import retrieval_metrics
@@ -43,7 +44,8 @@ class DescriptorSet:
     reference_coords: np.ndarray | None = None
     reference_groups: np.ndarray | None = None
 
-    def metrics(self, block_size: int = 4096, device: str | None = None) -> dict[str, float | int]:
+    def metrics(self, block_size: int = 4096,
+                device: str | torch.device | None = None) -> dict[str, float | int]:
         """The retrieval metrics of :func:`ssageo.evaluate.metrics.retrieval_metrics`, or with
         ``reference_groups`` those of :func:`ssageo.evaluate.grouped.group_metrics`."""
         if self.reference_groups is not None:
@@ -188,7 +190,8 @@ def validate(arrays: dict[str, np.ndarray], path: Path) -> None:
             _check_coords(arrays[name], name, n, path)
 
 
-def _check_indices(x: np.ndarray, name: str, shape: tuple, low: int, high: int, path: Path):
+def _check_indices(x: np.ndarray, name: str, shape: tuple, low: int, high: int,
+                   path: Path) -> None:
     if x.dtype.kind not in "iu":
         raise DataError(f"{path}: '{name}' must hold integers, got dtype {x.dtype}")
     if x.ndim != len(shape) or any(s not in (None, n) for s, n in zip(shape, x.shape, strict=True)):

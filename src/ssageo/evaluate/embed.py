@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,11 +20,14 @@ from ssageo.evaluate.descriptors import DescriptorSet
 from ssageo.evaluate.metrics import retrieval_metrics
 from ssageo.io import DataError
 
+if TYPE_CHECKING:  # the model stage imports timm
+    from ssageo.model.ssa import SSAModel
+
 DEFAULT_BATCH_SIZE = 64
 
 
 def embed_paths(
-    model: torch.nn.Module,
+    model: SSAModel,
     paths: Sequence[str | Path],
     size: Sequence[int],
     view: str,
@@ -64,7 +68,7 @@ def embed_paths(
 
 
 def embed_manifest(
-    model: torch.nn.Module,
+    model: SSAModel,
     manifest: Manifest,
     config: dict,
     batch_size: int | None = None,
@@ -82,7 +86,7 @@ def embed_manifest(
     crop = crop if crop is not None else query_crop(config["data"])
     batch_size = batch_size or config["eval"]["batch_size"]  # a loaded config has every key
     workers = config["data"]["workers"] if workers is None else workers
-    kwargs = {"batch_size": batch_size, "workers": workers, "progress": progress}
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "workers": workers, "progress": progress}
     query = embed_paths(
         model, manifest.query_paths, config["data"]["query_size"], "query", **kwargs, crop=crop
     )

@@ -39,6 +39,9 @@ from ssageo.io import DataError, atomic_write, read_image
 if TYPE_CHECKING:  # torch is imported where a model runs: an index opens without it (--onnx)
     import torch
 
+if TYPE_CHECKING:  # shards imports this module
+    from ssageo.evaluate.shards import ShardedIndex
+
 INDEX_FORMAT = "ssageo-index"
 INDEX_VERSION = 1
 NORM_TOLERANCE = 1e-3  # float32 descriptors written by build_index are unit length to ~1e-7
@@ -215,7 +218,7 @@ def index_metadata(
     }
 
 
-def open_index(path: str | Path):
+def open_index(path: str | Path) -> GeoIndex | ShardedIndex:
     """A :class:`GeoIndex` (one ``.npz`` file) or a sharded index (a folder with a manifest)."""
     path = Path(path)
     if path.is_dir():

@@ -1,4 +1,4 @@
-"""Exact retrieval metrics of the published protocol (METHOD.md section 6), computed blockwise.
+"""Exact retrieval metrics of the published protocol (docs/METHOD.md section 6), computed blockwise.
 
 For query ``i`` with positive reference ``g(i)``, ``rank_i = #{j : sim(i, j) > sim(i, g(i))}``
 (strict ``>``, so ties favour the query) and ``R@k = mean(rank_i < k)``. The similarity is the
@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ssageo.data.neighbours import EARTH_RADIUS_M, haversine
+from ssageo.constants import EARTH_RADIUS_M
+from ssageo.data.neighbours import haversine
 
 ArrayLike = np.ndarray | torch.Tensor
 

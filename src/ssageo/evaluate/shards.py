@@ -25,7 +25,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -218,7 +218,7 @@ def build_sharded(
     return manifest
 
 
-def _train(folder: Path, manifest: dict, sample: np.ndarray):
+def _train(folder: Path, manifest: dict, sample: np.ndarray) -> Any:  # a faiss index
     """Train the IVF-PQ quantisers on ``sample``, write them, and return the empty index."""
     trained = ann.train(sample, manifest["params"]["lists"], manifest["params"]["pq_bytes"])
     atomic_write_bytes(folder / TRAINED, trained.tobytes())
@@ -227,7 +227,7 @@ def _train(folder: Path, manifest: dict, sample: np.ndarray):
 
 
 def _write_shard(folder: Path, manifest: dict, desc: np.ndarray, coords: np.ndarray,
-                 tiles: list[str], index) -> None:
+                 tiles: list[str], index: Any) -> None:
     """Write one shard's files, then record them in the manifest (written last)."""
     name = f"shard-{len(manifest['shards']):05d}"
     arrays = {"coords": coords, "tiles": np.asarray(tiles, dtype=str)}
@@ -237,7 +237,7 @@ def _write_shard(folder: Path, manifest: dict, desc: np.ndarray, coords: np.ndar
     if manifest["kind"] == "exact" or manifest["params"].get("rerank_store"):
         files[f"{name}.f32.npy"] = lambda f: np.save(f, desc)
     for file, save in files.items():
-        def write(tmp: Path, save=save) -> None:
+        def write(tmp: Path, save: Callable[[Any], None] = save) -> None:
             with tmp.open("wb") as f:
                 save(f)
 
@@ -359,7 +359,7 @@ class _Column:
     def __len__(self) -> int:
         return int(self.index.manifest["count"])
 
-    def __getitem__(self, rows):
+    def __getitem__(self, rows: int | slice | Sequence[int] | np.ndarray) -> Any:
         if isinstance(rows, int | np.integer):
             if not -len(self) <= rows < len(self):
                 raise IndexError(f"row {rows} of an index of {len(self)} tiles")

@@ -4,7 +4,7 @@ CSV of the user's own tiles (streamed: :class:`TilesCsv`)."""
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -126,7 +126,7 @@ class TilesCsv:
         tile = Path(row[0].strip())
         return str(tile if tile.is_absolute() else self.path.parent / tile), lat, lon
 
-    def _iter_from(self, row: int):
+    def _iter_from(self, row: int) -> Iterator[tuple[int, str, float, float]]:
         """(row number, path, lat, lon) from the start of ``row``'s block onwards."""
         line, offset = self.offsets[row // self.block]
         k = row // self.block * self.block

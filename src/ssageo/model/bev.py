@@ -1,5 +1,5 @@
 """The BEV head of the ground branch: polar projection with learned depth, polar -> Cartesian
-resampling onto the satellite tile's grid, and the multi-scale decoder (METHOD.md section 2;
+resampling onto the satellite tile's grid, and the multi-scale decoder (docs/METHOD.md section 2;
 the decoder is in ``decoder.py``).
 
 The polar projection computes, for every channel c, depth bin d and column w,
@@ -14,6 +14,8 @@ and the decoder keeps only conv outputs and recomputes its 384x384 part per samp
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ from ssageo.model.decoder import BEVDecoder
 
 
 def naive_polar_projection(
-    features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, depth_bins: int
+    features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, depth_bins: int
 ) -> torch.Tensor:
     """Reference formulation: (B,C,H,W) -> (B,C,D,W) through the full (B,C,D,H,W) logits."""
     b, c, h, w = features.shape
@@ -63,7 +65,8 @@ class _LeanPolar(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, features, weight, bias, depth_bins, chunk):  # noqa: D102
+    def forward(ctx: Any, features: torch.Tensor, weight: torch.Tensor,  # noqa: D102
+                bias: torch.Tensor, depth_bins: int, chunk: int) -> torch.Tensor:
         b, c, h, w = features.shape
         cols = features.permute(1, 0, 3, 2).contiguous()  # (C,B,W,H)
         out = features.new_empty(c, depth_bins, b, w)
@@ -78,7 +81,7 @@ class _LeanPolar(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):  # noqa: D102
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
         cols, weight, bias = ctx.saved_tensors
         depth_bins = ctx.depth_bins
         work = _Work(cols, weight, depth_bins, ctx.chunk)
@@ -118,7 +121,7 @@ class _Work:
         self.weight2d = weight.reshape(-1, self.channels).to(cols.dtype)
         self.soft = cols.new_empty(min(chunk, self.channels) * depth_bins, self.flat.shape[1])
 
-    def chunks(self):
+    def chunks(self) -> Iterator[tuple[int, int]]:
         """(first, end) channel of every chunk."""
         return ((c0, min(self.channels, c0 + self.chunk))
                 for c0 in range(0, self.channels, self.chunk))
@@ -162,7 +165,8 @@ class PolarProjection(nn.Module):
         )
 
 
-def polar_sampling_grid(size: int, azimuth_bins: int, device=None,
+def polar_sampling_grid(size: int, azimuth_bins: int,
+                        device: torch.device | str | None = None,
                         fov: float = 360.0) -> torch.Tensor:
     """``grid_sample`` grid (1,N,N,2) that maps a polar map onto an N x N BEV grid.
 
@@ -195,7 +199,7 @@ class _Resample(torch.autograd.Function):
     the backward pass: the gradient of the input does not read the input's values."""
 
     @staticmethod
-    def forward(ctx, polar, grid):  # noqa: D102
+    def forward(ctx: Any, polar: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:  # noqa: D102
         ctx.save_for_backward(grid)
         ctx.shape, ctx.dtype = polar.shape, polar.dtype
         return F.grid_sample(polar, grid, mode="bilinear", padding_mode="border",
@@ -203,7 +207,7 @@ class _Resample(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
         (grid,) = ctx.saved_tensors
         values_unread = grad.new_empty(1).expand(ctx.shape)
         # under autocast grid_sample runs in float32 whatever the polar map's precision

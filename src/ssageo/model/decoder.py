@@ -1,4 +1,4 @@
-"""The BEV head's multi-scale decoder (METHOD.md section 2), (B,C,N,N) -> (B,K,8N,8N), built as
+"""The BEV head's multi-scale decoder (docs/METHOD.md section 2), (B,C,N,N) -> (B,K,8N,8N), built as
 the SSA authors' ``MLSP`` (``model_training/sample4geo/BEV_Layout.py``):
 
 - two residual blocks C -> C/2 -> C/2 (3x3 convs with bias, InstanceNorm without affine
@@ -23,6 +23,8 @@ that store only conv outputs and recompute the rest in their backward step (``de
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,7 +35,8 @@ from ssageo.model.decoder_lean import norm_relu_conv, up_split, upsample
 
 def decoder_widths(channels: int) -> tuple[int, tuple[int, int, int]]:
     """(residual width, top-k widths of the three stages) for a C-channel input (see above)."""
-    return max(1, channels // 2), tuple(max(1, channels // d) for d in (4, 8, 16))
+    return max(1, channels // 2), (max(1, channels // 4), max(1, channels // 8),
+                                   max(1, channels // 16))
 
 
 class DoubleConv(nn.Sequential):
@@ -138,7 +141,7 @@ class BEVDecoder(nn.Module):
         self.refine = DoubleConv(c_in, widths[-1])
         self.classifier = nn.Conv2d(widths[-1], classes, 1)
 
-    def runs_lean(self, shape: torch.Size) -> bool:
+    def runs_lean(self, shape: Sequence[int]) -> bool:
         """Whether the lean pass runs for an input of ``shape`` (B,C,N,N)."""
         pixels = shape[0] * (8 * shape[-2]) * (8 * shape[-1])
         return self.lean and torch.is_grad_enabled() and pixels >= self.lean_from

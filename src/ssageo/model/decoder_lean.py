@@ -5,6 +5,8 @@ redo for the backward pass and recomputes normalised activations and upsampled m
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,15 +37,16 @@ class _NormReLUConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, conv, weight, bias):  # noqa: D102
+    def forward(ctx: Any, x: torch.Tensor, conv: nn.Conv2d | None,  # noqa: D102
+                weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
         act = _norm_relu(x)
         ctx.save_for_backward(x, weight)
         ctx.conv = conv
-        return act if conv is None else conv._conv_forward(act, weight, bias)
+        return act if conv is None or weight is None else conv._conv_forward(act, weight, bias)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
         x, weight = ctx.saved_tensors
         conv = ctx.conv
         xhat, rstd = _normalised(x)
@@ -102,22 +105,25 @@ class _UpSplit(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, conv, weight, k, top_from):  # noqa: D102
+    def forward(ctx: Any, x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,  # noqa: D102
+                k: int, top_from: int) -> tuple[torch.Tensor, torch.Tensor]:
         values, index = _top_values(upsample(x[:, top_from:]), k)
         # the conv as a sum over input-channel groups, each upsampled again (cheap): the
         # upsampled top-k input (4x x's channels from top_from on) is freed before the convs
-        out = None
+        out: torch.Tensor | None = None
         for c0 in range(0, x.shape[1], UP_CHANNELS):
             c1 = min(x.shape[1], c0 + UP_CHANNELS)
             y = conv._conv_forward(upsample(x[:, c0:c1]), weight[:, c0:c1], None)
             out = y if out is None else out.add_(y)
         ctx.save_for_backward(x, weight, index)
         ctx.conv, ctx.top_from = conv, top_from
+        assert out is not None  # x has channels
         return out, values
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_conv, grad_values):  # noqa: D102
+    def backward(ctx: Any, grad_conv: torch.Tensor,  # noqa: D102
+                 grad_values: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, index = ctx.saved_tensors
         conv, (b, c, h, w) = ctx.conv, x.shape
         grad_x, grad_weight = torch.empty_like(x), torch.empty_like(weight)

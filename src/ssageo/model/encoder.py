@@ -29,9 +29,12 @@ may use the network: timm's own ``pretrained=True`` path for ``model.pretrained:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-# Importing this module has already run ssageo/__init__ (the torchvision fallbacks timm needs).
+# Importing this module has already run ssageo/__init__, whose import hook installs the
+# torchvision fallbacks timm needs (ssageo._compat) when timm imports torchvision.
 import timm
 import timm.data
 import torch
@@ -53,7 +56,7 @@ _HEAD_CHILDREN = ("head", "global_pool", "fc", "head_drop", "classifier")
 _CHECK_SHAPE = (1, 3, 32, 64)
 
 
-def create_backbone(source: str, name: str = "", **timm_kwargs) -> nn.Module:
+def create_backbone(source: str, name: str = "", **timm_kwargs: Any) -> nn.Module:
     """``timm.create_model(source, num_classes=0)`` built to take any input size (see above).
 
     The model's class decides the size options, so a weight-free copy is first built on the
@@ -209,7 +212,8 @@ class Encoder(nn.Module):
         """(B,C,h,w) trunk features -> (B,D) descriptor (not normalised)."""
         return self._head(features)
 
-    def _head(self, features: torch.Tensor, visit=None) -> torch.Tensor:
+    def _head(self, features: torch.Tensor,
+              visit: Callable[[str, torch.Tensor], None] | None = None) -> torch.Tensor:
         """``head``; ``visit(path, NCHW output)`` is called after each feature module."""
         x = features
         if self._tokens:

@@ -1,4 +1,4 @@
-"""Losses of SSA (METHOD.md section 4): symmetric InfoNCE with a learnable temperature and an
+"""Losses of SSA (docs/METHOD.md section 4): symmetric InfoNCE with a learnable temperature and an
 optional all-gather across processes, and the BEV term 0.5 CE + 0.5 Dice.
 
 The objective is the sum of the named terms in ``LOSS_TERMS``. Everything downstream (the

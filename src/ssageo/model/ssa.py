@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssageo.config import ConfigError, load_config, save_config
+from ssageo.constants import CONFIG_FILE
 from ssageo.io import DataError, atomic_write
 from ssageo.model.bev import BEVHead
 from ssageo.model.encoder import (
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 
 VIEWS = ("query", "reference")
 WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
 # Keys of the model section that do not change the model's shape.
 _SHAPE_FREE = ("pretrained",)
 

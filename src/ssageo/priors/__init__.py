@@ -1,4 +1,4 @@
-"""Satellite semantic priors: the labels that supervise the SSA BEV head (METHOD.md section 3).
+"""Satellite semantic priors: the labels that supervise the SSA BEV head (docs/METHOD.md section 3).
 
 Backends (``langsam``, ``oracle``, ``files``) turn satellite tiles into labels; ``run_priors``
 writes them where the dataset readers look, skipping tiles already done.

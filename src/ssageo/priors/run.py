@@ -8,6 +8,7 @@ do, writes each label atomically where the dataset readers look for it
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ssageo.data.paths import prior_label_path, truth_label_path
 from ssageo.io import DataError, OutputError, write_image
 from ssageo.priors.record import LabelRecord
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -130,16 +133,16 @@ def run_priors(
     backend: PriorBackend,
     force: bool = False,
     progress: bool = True,
-    console: Console | None = None,
+    console: Console | None = None,  # where the progress bar is drawn (default: stderr)
     record: LabelRecord | None = None,
     whole_dataset: bool = False,
 ) -> PriorSummary:
     """Write a prior label for every tile in ``tiles`` with ``backend``; returns the summary.
 
     Tiles whose label already exists are skipped unless ``force``. When a batch fails, its tiles
-    are retried one by one so that only the tiles that really fail are reported (by path, on
-    ``console`` as they happen, and in the summary); the run goes on with the next tiles. An
-    OutputError (disk full, read-only folder) stops it: every next tile would fail the same way.
+    are retried one by one so that only the tiles that really fail are reported (by path, logged
+    as they happen, and in the summary); the run goes on with the next tiles. An OutputError
+    (disk full, read-only folder) stops it: every next tile would fail the same way.
 
     ``record`` (from ``LabelRecord.open``) is written first and tracks an unfinished ``--force``
     run; ``whole_dataset``: ``tiles`` are every tile, so a run without failures completes it.
@@ -152,8 +155,8 @@ def run_priors(
     if record is not None:
         record.start(force)
         if summary.skipped and not record.existed:
-            console.print(f"{summary.skipped} existing label(s) kept although nothing records "
-                          "how they were made (pass --force to redo them)", highlight=False)
+            logger.warning("%d existing label(s) kept although nothing records how they were "
+                           "made (pass --force to redo them)", summary.skipped)
     fractions: list[float] = []
 
     def write(tile: Tile, label: np.ndarray) -> None:
@@ -166,7 +169,7 @@ def run_priors(
 
     def fail(tile: Tile, exc: Exception) -> None:
         summary.failed.append((str(tile.path), f"{type(exc).__name__}: {exc}"))
-        console.print(f"[red]failed[/red] {tile.path}: {exc}", highlight=False)
+        logger.error("failed %s: %s", tile.path, exc)
 
     columns = (TextColumn("priors"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not progress) as bar:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import datetime
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from ssageo.config import get
+from ssageo.constants import REPORT_FILE
 from ssageo.io import atomic_write_text, read_image
 from ssageo.report import figures, html
 from ssageo.report.analysis import (
@@ -160,7 +162,8 @@ def is_report(path: Path) -> bool:
 
 def build_report(run_dir: str | Path, out: str | Path | None = None,
                  compare: str | Path | None = None, data_root: str | Path | None = None,
-                 max_examples: int = 6, max_places: int = 100, progress=None,
+                 max_examples: int = 6, max_places: int = 100,
+                 progress: Callable[[str], None] | None = None,
                  checkpoint: str = "best") -> Path:
     """Write the HTML report of a training run; returns its path.
 
@@ -173,7 +176,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None,
     say = progress or (lambda message: None)
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir / "report.html"
+    out = Path(out) if out is not None else run_dir / REPORT_FILE
     dirs = [run_dir] + ([Path(compare)] if compare is not None else [])
     labels = _labels(dirs)
     say("reading training logs")

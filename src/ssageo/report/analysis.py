@@ -9,8 +9,10 @@ metrics on the full held-out split come from ``metrics.jsonl``, not from here.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +20,9 @@ import torch.nn.functional as F
 
 from ssageo.config import ConfigError, get
 from ssageo.io import DataError
+
+if TYPE_CHECKING:
+    from ssageo.data.manifest import Manifest
 
 CHECKPOINTS = ("best", "last")  # the best validation checkpoint when there is one
 
@@ -54,7 +59,7 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> Run:
                     f"{WEIGHTS_FILE} (has training written one yet?)")
 
 
-def held_out_manifest(config: dict, data_root: Path | None = None):
+def held_out_manifest(config: dict, data_root: Path | None = None) -> Manifest:
     """The run's held-out split (its dataset spec's ``held_out``: ``test`` for VIGOR, which has
     no val split, ``val`` otherwise).
 
@@ -74,7 +79,7 @@ def held_out_manifest(config: dict, data_root: Path | None = None):
                          vigor_mode=config["data"]["vigor_mode"])
 
 
-def subset(manifest, max_places: int, seed: int = 0):
+def subset(manifest: Manifest, max_places: int, seed: int = 0) -> Manifest:
     """A manifest of at most ``max_places`` queries (a seeded random choice) whose gallery is
     their positive and semi-positive references, indices remapped."""
     n = manifest.num_queries
@@ -84,7 +89,7 @@ def subset(manifest, max_places: int, seed: int = 0):
     remap = np.full(manifest.num_references, -1, dtype=np.int64)
     remap[used] = np.arange(len(used))
 
-    def pick(values, index):
+    def pick(values: Any, index: np.ndarray) -> Any:
         return None if values is None else [values[i] for i in index]
 
     return dataclasses.replace(
@@ -117,7 +122,7 @@ class Retrieval:
     error_m: np.ndarray | None  # (Q,) metres from the query to its top-1 tile, if coordinates
 
 
-def retrieve(run: Run, manifest, k: int = 5) -> Retrieval:
+def retrieve(run: Run, manifest: Manifest, k: int = 5) -> Retrieval:
     """Embed ``manifest`` with the run's model and rank its gallery for every query."""
     from ssageo.evaluate.embed import embed_manifest
     from ssageo.evaluate.metrics import haversine_m, rank_queries
@@ -143,7 +148,8 @@ def retrieve(run: Run, manifest, k: int = 5) -> Retrieval:
 FOV_TABLE = (360.0, 180.0, 90.0, 70.0)  # the field's protocol (ConGeo; issue 19)
 
 
-def recall_by_fov(run: Run, found: Retrieval, fovs=FOV_TABLE) -> dict[str, dict[str, float]]:
+def recall_by_fov(run: Run, found: Retrieval,
+                  fovs: Sequence[float] = FOV_TABLE) -> dict[str, dict[str, float]]:
     """R@1/5/10 (%) of ``found``'s queries cropped to each FoV (the run's ``data.heading``,
     seeded per query), ranked against the same reference descriptors:
     ``{"360°": {"R@1": ..}, ..}``."""

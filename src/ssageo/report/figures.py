@@ -10,23 +10,28 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ssageo.report.runlog import loss_terms
 from ssageo.train.rundir import RunLog
 
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 CORRECT = (0.13, 0.70, 0.25)  # green: the true reference tile
 WRONG = (0.85, 0.20, 0.20)
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def _png(fig) -> bytes:
+def _png(fig: Figure) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -35,7 +40,8 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _show(ax, image: np.ndarray, title: str | None = None, border=None, **imshow) -> None:
+def _show(ax: Axes, image: np.ndarray, title: str | None = None,
+          border: str | tuple[float, float, float] | None = None, **imshow: Any) -> None:
     ax.imshow(image, **{"interpolation": "bilinear", **imshow})
     ax.set_xticks([])
     ax.set_yticks([])
@@ -105,7 +111,7 @@ def error_histogram(errors_m: Mapping[str, np.ndarray]) -> bytes:
     bins = np.concatenate([[0.0], np.geomspace(1.0, max(top, 2.0) * 1.05, 30)])
     for label, errors in errors_m.items():
         errors = np.asarray(errors, dtype=float)
-        ax.hist(np.clip(errors, 0, None), bins=bins, alpha=0.6,
+        ax.hist(np.clip(errors, 0, None), bins=bins.tolist(), alpha=0.6,
                 label=f"{label}: median {np.median(errors):.1f} m")
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("distance from the query to its top-1 tile's centre (m)")
@@ -202,7 +208,7 @@ def bev_panels(panoramas: Sequence[np.ndarray], tiles: Sequence[np.ndarray],
     return _png(fig)
 
 
-def _overlay(ax, image: np.ndarray, heat: np.ndarray, title: str) -> None:
+def _overlay(ax: Axes, image: np.ndarray, heat: np.ndarray, title: str) -> None:
     _show(ax, image, title)
     height, width = image.shape[:2]
     ax.imshow(heat, cmap="jet", alpha=0.45, extent=(0, width, height, 0), vmin=0, vmax=1,

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from ssageo.train.rundir import METRICS_FILE, RunLog
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from ssageo.model.losses import LossTerm
 
 # Evaluation metrics shown in tables, in this order, where a run has them.
@@ -61,12 +63,12 @@ def epoch_rows(log: RunLog) -> list[dict[str, Any]]:
         target = row(int(rec.get("epoch", 0)))
         target["skipped"] = target.get("skipped", 0) + 1
     for rec in log.evals:
-        epoch = rec.get("epoch")
-        if epoch is None:
+        at = rec.get("epoch")
+        if at is None:
             step = rec.get("step", math.inf)
             before = [s for s in log.steps if s.get("step", -1) <= step]
-            epoch = before[-1].get("epoch", 0) if before else 0
-        row(int(epoch)).update({k: rec[k] for k in EVAL_KEYS if k in rec})
+            at = before[-1].get("epoch", 0) if before else 0
+        row(int(at)).update({k: rec[k] for k in EVAL_KEYS if k in rec})
     return [rows[e] for e in sorted(rows)]
 
 
@@ -97,7 +99,7 @@ def format_value(key: str, value: Any) -> str:
     return str(value)
 
 
-def log_table(log: RunLog):
+def log_table(log: RunLog) -> Table:
     """A rich Table of ``epoch_rows(log)``: one row per epoch (recalls in %, errors in m)."""
     from rich.table import Table
 

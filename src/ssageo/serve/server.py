@@ -139,7 +139,7 @@ class _Handler(BaseHTTPRequestHandler):
     service: LocateService  # set on the subclass made by make_server
     server_version = "ssageo"
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base's signature
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base's signature
         pass  # one line per request would bury the URL line; failures are printed below
 
     def _send(self, status: int, body: bytes, kind: str) -> None:

@@ -104,7 +104,7 @@ def generate(out: Path, layout: str = "cvusa", places: int = 200, seed: int = 0,
     out = Path(out)
     pano_size = (int(pano_size[0]), int(pano_size[1]))
     check_parameters(layout, places, sat_size, pano_size, split)
-    origin = tuple(origin) if origin is not None else DEFAULT_ORIGIN
+    origin = (origin[0], origin[1]) if origin is not None else DEFAULT_ORIGIN
     params = {"layout": layout, "places": places, "seed": seed, "sat_size": sat_size,
               "pano_size": list(pano_size), "split": split, "origin": list(origin)}
     if photos is not None:  # recorded only when asked, so older worlds still resume

@@ -1,4 +1,4 @@
-"""The three real on-disk layouts (CVUSA, CVACT, VIGOR), as DATA.md describes them.
+"""The three real on-disk layouts (CVUSA, CVACT, VIGOR), as docs/DATA.md describes them.
 
 Each ``plan_*`` function turns worlds and places into render jobs (what to draw, where to write
 it) plus a ``finish`` callable that writes the layout's index files (csv / .mat / split lists)
@@ -13,19 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ssageo.constants import VIGOR_CITIES as CITIES
 from ssageo.data.paths import prior_label_path, truth_label_path
 from ssageo.io import atomic_write, atomic_write_text
 from ssageo.synth.places import assign_splits, tile_cover
 from ssageo.synth.render import TILE_CELLS
 from ssageo.synth.world import World
 
-VIGOR_CITIES = {  # name -> origin (lat, lon) of its local tangent plane
-    "Chicago": (41.8781, -87.6298),
-    "NewYork": (40.7128, -74.0060),
-    "SanFrancisco": (37.7749, -122.4194),
-    "Seattle": (47.6062, -122.3321),
-}
-VIGOR_CROSS_TRAIN = ("NewYork", "Seattle")  # cross-area: test on Chicago + SanFrancisco
+VIGOR_CITIES = dict(zip(CITIES, (  # name -> origin (lat, lon) of its local tangent plane
+    (41.8781, -87.6298), (40.7128, -74.0060), (37.7749, -122.4194), (47.6062, -122.3321),
+), strict=True))
 # ACT_data.mat's split structs, fields in file order. The index vector must be the SECOND field:
 # Sample4Geo's and SSA's loaders read it by position (`anuData['trainSet'][0][0][1]`), OriCNN's
 # and ours by name (`trainInd` / `valInd`), on the same file. The first field's name and content

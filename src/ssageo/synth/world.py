@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from ssageo.constants import EARTH_RADIUS_M
+
 RES = 0.5  # metres per world cell
 CLASS_NAMES = ("ground", "road", "building", "tree", "water")
 GROUND, ROAD, BUILDING, TREE, WATER = range(5)
 DISTRICT_TYPES = ("dense", "suburban", "rural")
 DISTRICT_M = 256.0  # side of one district; arterial roads run along district edges
-EARTH_RADIUS_M = 6371008.8  # mean Earth radius, the one haversine users assume
 DEFAULT_ORIGIN = (40.1106, -88.2073)  # a plausible US town (CVUSA-like)
 
 # Street grid per district type: spacing (m), street width (m), share of districts.
@@ -376,7 +377,7 @@ def _suburban_block(world: World, rng: np.random.Generator, r0: int, r1: int, c0
                            rng.uniform(6, 11), _tree_colour(rng))
     # Street trees along the block edge.
     for r in (r0 + 3, r1 - 3):
-        for c in np.arange(c0 + 8, c1 - 8, 24):
+        for c in range(c0 + 8, c1 - 8, 24):
             if rng.random() < 0.6:
                 paint_tree(world, r, c, rng.uniform(2, 3), rng.uniform(6, 9), _tree_colour(rng))
 
@@ -403,12 +404,12 @@ def _rural_block(world: World, rng: np.random.Generator, r0: int, r1: int, c0: i
         world.albedo[r0:r1, c0:c1][pond] = (48, 92, 130)
         world.facade[r0:r1, c0:c1][pond] = (48, 92, 130)
     if rng.random() < 0.5:  # a farm with a barn
-        rr, cc = rng.uniform(r0 + 10, r1 - 40), rng.uniform(c0 + 10, c1 - 50)
-        if rr > r0 and cc > c0:
-            paint_building(world, int(rr), int(rr + 24), int(cc), int(cc + 40),
+        fr, fc = rng.uniform(r0 + 10, r1 - 40), rng.uniform(c0 + 10, c1 - 50)
+        if fr > r0 and fc > c0:
+            paint_building(world, int(fr), int(fr + 24), int(fc), int(fc + 40),
                            float(rng.uniform(5, 9)), _roof(rng), _wall(rng))
     # A tree row along the northern edge and a cluster somewhere.
-    for c in np.arange(c0 + 6, c1 - 6, int(rng.integers(10, 18))):
+    for c in range(c0 + 6, c1 - 6, int(rng.integers(10, 18))):
         paint_tree(world, r0 + 5, c, rng.uniform(2.5, 4), rng.uniform(8, 14), _tree_colour(rng))
     cr, cc = rng.uniform(r0, r1), rng.uniform(c0, c1)
     for _ in range(int(rng.integers(3, 15))):

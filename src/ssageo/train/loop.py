@@ -1,4 +1,4 @@
-"""The entry point of training (METHOD.md section 5): ``train(config, out)``.
+"""The entry point of training (docs/METHOD.md section 5): ``train(config, out)``.
 
 ``train`` checks the config, sets up the processes (torchrun), locks the run directory and runs
 a ``ssageo.train.trainer.Trainer`` in it, which writes (through ``ssageo.train.rundir``):

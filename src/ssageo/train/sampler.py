@@ -1,4 +1,4 @@
-"""Hard-negative epoch sampler (METHOD.md section 5): batches of mutually confusable places.
+"""Hard-negative epoch sampler (docs/METHOD.md section 5): batches of mutually confusable places.
 
 A *place* is a training query. Its *key* is the index of its positive reference tile: two places
 with the same key (VIGOR panoramas of one tile) never share a batch, because InfoNCE treats every
@@ -14,12 +14,16 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ssageo.config import ConfigError
 from ssageo.io import DataError
+
+if TYPE_CHECKING:
+    from ssageo.data.manifest import Manifest
 
 FIRST_SOURCES = ("random", "gps", "similarity")
 
@@ -126,7 +130,7 @@ def plan_epoch(
     neighbour_range: int,
     rng: np.random.Generator,
 ) -> list[np.ndarray]:
-    """Plan one epoch of hard-negative batches (METHOD.md section 5).
+    """Plan one epoch of hard-negative batches (docs/METHOD.md section 5).
 
     Places are taken in a random order; after a place joins the batch, its nearest
     ``neighbour_select // 2`` neighbours and ``neighbour_select // 2`` drawn at random from the
@@ -174,8 +178,8 @@ def plan_epoch(
 
 
 def similarity_neighbours(
-    query: torch.Tensor,
-    reference: torch.Tensor,
+    query: torch.Tensor | np.ndarray,
+    reference: torch.Tensor | np.ndarray,
     positive: np.ndarray,
     k: int,
     block_size: int = 4096,
@@ -211,9 +215,9 @@ def first_source(sampling: dict) -> str:
     return first
 
 
-def epoch_neighbours(sampler: HardNegativeSampler, model: torch.nn.Module, manifest,
+def epoch_neighbours(sampler: HardNegativeSampler, model: torch.nn.Module, manifest: Manifest,
                      config: dict, epoch: int, log: Callable[[str], None] = print) -> None:
-    """Give ``sampler`` the neighbour lists epoch ``epoch`` uses (METHOD.md section 5).
+    """Give ``sampler`` the neighbour lists epoch ``epoch`` uses (docs/METHOD.md section 5).
 
     Similarity neighbours of the current ``model`` are recomputed at epoch ``similarity_start``
     and every ``similarity_every`` epochs after (when ``similarity`` is on). Before the first

@@ -15,6 +15,7 @@ processes (``all_true``).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -56,6 +57,8 @@ from ssageo.train.state import (
     seed_everything,
 )
 
+logger = logging.getLogger(__name__)
+
 
 class Trainer:
     """A training run into the run directory ``out``, which the caller has opened and locked
@@ -76,9 +79,9 @@ class Trainer:
         self.started_from: Path | None = None
 
     def log(self, message: str) -> None:
-        """A progress line (main process only), printed above the progress bar."""
+        """A progress line (main process only), logged (the CLI shows it above the bar)."""
         if self.dist.is_main:
-            tqdm.write(f"[train] {message}")
+            logger.info(message)
 
     def run(self) -> dict:
         """Set up, restore (when resuming) and train; returns the summary."""
