@@ -33,7 +33,11 @@ def run_main(argv, capsys):
 def assert_one_line(code, err, *names, status=2):
     assert code == status, err
     assert "Traceback" not in err
-    assert err.startswith("error: ") and err.strip().count("\n") == 0, err
+    # the one error line ends stderr; lines before it are the run's log (e.g. "[train] ...")
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), err
+    assert not any(line.startswith("error: ") for line in lines[:-1]), err
+    err = lines[-1]
     for name in names:
         assert name in err, err
 

@@ -1,23 +1,29 @@
 """Evaluation: exact retrieval metrics, descriptor files, extraction, the geo index."""
 
-from ssageo.evaluate.ann import exact_topk
-from ssageo.evaluate.descriptors import (
-    DescriptorSet,
-    is_descriptor_file,
-    load_descriptors,
-    save_descriptors,
-)
-from ssageo.evaluate.embed import (
-    descriptor_set,
-    embed_manifest,
-    embed_paths,
-    evaluate_model,
-    manifest_metrics,
-)
-from ssageo.evaluate.index import GeoIndex, Localizer, build_index, is_index_file, open_index
-from ssageo.evaluate.metrics import haversine_m, one_percent_k, rank_queries, retrieval_metrics
-from ssageo.evaluate.shards import ShardedIndex, build_sharded, build_tile_index
-from ssageo.evaluate.tiles import dataset_tiles, read_tiles_csv
+import importlib
+
+# Lazy (PEP 562): the ONNX deployment path (``locate --onnx``) imports submodules of this package
+# in a process without torch, which the eager imports below would load.
+_WHERE = {
+    "exact_topk": "ann",
+    "DescriptorSet": "descriptors", "is_descriptor_file": "descriptors",
+    "load_descriptors": "descriptors", "save_descriptors": "descriptors",
+    "descriptor_set": "embed", "embed_manifest": "embed", "embed_paths": "embed",
+    "evaluate_model": "embed", "manifest_metrics": "embed",
+    "GeoIndex": "index", "Localizer": "index", "build_index": "index",
+    "is_index_file": "index", "open_index": "index",
+    "haversine_m": "metrics", "one_percent_k": "metrics", "rank_queries": "metrics",
+    "retrieval_metrics": "metrics",
+    "ShardedIndex": "shards", "build_sharded": "shards", "build_tile_index": "shards",
+    "dataset_tiles": "tiles", "read_tiles_csv": "tiles",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"ssageo.evaluate.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'ssageo.evaluate' has no attribute {name!r}")
+
 
 __all__ = [
     "DescriptorSet",

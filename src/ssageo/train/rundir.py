@@ -31,15 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ssageo.config import load_config, save_config
+from ssageo.constants import CONFIG_FILE, EVAL_FILE, METRICS_FILE, SUMMARY_FILE
 from ssageo.io import DataError, atomic_write_text
 from ssageo.train.state import PROGRESS_FILE, RESUMABLE, tidy_checkpoints
 
 LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-EVAL_FILE = "eval.json"
 # Record kinds of metrics.jsonl and the RunLog list each is collected in.
 RECORD_KINDS = {"step": "steps", "eval": "evals", "nonfinite": "nonfinite"}
 
