@@ -1,7 +1,7 @@
 """Datasets: readers for CVUSA, CVACT and VIGOR as distributed and for pairs CSVs (your own data),
 registered by name; transforms, neighbour lists."""
 
-import importlib
+from ssageo._lazy import lazy_exports
 
 # Lazy (PEP 562), so that importing a light submodule (the registry, the readers) or the CLI does
 # not load torch through the datasets and transforms.
@@ -17,10 +17,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> object:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"ssageo.data.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'ssageo.data' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _WHERE)
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Evaluation: exact retrieval metrics, descriptor files, extraction, the geo index."""
 
-import importlib
+from ssageo._lazy import lazy_exports
 
 # Lazy (PEP 562): the ONNX deployment path (``locate --onnx``) imports submodules of this package
 # in a process without torch, which the eager imports below would load.
@@ -19,10 +19,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> object:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"ssageo.evaluate.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'ssageo.evaluate' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _WHERE)
 
 
 __all__ = [
