@@ -307,9 +307,16 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def _default_sigint() -> None:
+    # As at a terminal: a job started in the background (CI under `cmd &`) inherits SIGINT
+    # ignored, and a process that starts with it ignored rightly keeps ignoring Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _script(*args, env=None):
     return subprocess.Popen([sys.executable, "-c", SCRIPT, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                            preexec_fn=_default_sigint)
 
 
 def test_ctrl_c_is_interrupted_and_status_130():
