@@ -52,7 +52,7 @@ def _pil_decode(path, mode="RGB", min_size=None) -> np.ndarray:
         return np.array(img.convert(mode))
 
 
-def _numpy_geometry(tile, prior, pano, rng, p_flip, p_rotate):
+def _numpy_geometry(tile, prior, pano, rng, p_flip, p_rotate, panorama=True):  # noqa: ARG001
     if rng.random() < p_flip:
         tile, pano = np.fliplr(tile), np.roll(np.fliplr(pano), 1, axis=1)
         prior = None if prior is None else np.fliplr(prior)
