@@ -49,12 +49,12 @@ def test_readers_import_no_loader_or_registry():
 
 
 def test_training_without_val_rows_runs_without_validation(tmp_path):
-    from ssageo.train.loop import _validation_manifest
+    from ssageo.train.trainer import validation_manifest
 
     for name in ("q.jpg", "t.jpg"):
         write_image(tmp_path / name, np.zeros((8, 8, 3), np.uint8))
     (tmp_path / "pairs.csv").write_text("query,reference,split,lat,lon\nq.jpg,t.jpg,train,47,8\n")
     train = load_manifest(tmp_path / "pairs.csv")
-    manifest, why = _validation_manifest(train, {"data": {"root": str(tmp_path / "pairs.csv")}})
+    manifest, why = validation_manifest(train, {"data": {"root": str(tmp_path / "pairs.csv")}})
     assert manifest is None and "no pairs with split 'val' (it lists train)" in why
     assert why.endswith("no validation during training; use checkpoints/last")

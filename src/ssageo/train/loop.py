@@ -64,25 +64,6 @@ def _numbers(t: dict) -> dict:
     return out
 
 
-def _validation_manifest(train_manifest, config: dict):
-    """The dataset spec's validation split, or None (with the reason) where it has none."""
-    from ssageo.data import get_spec
-    from ssageo.data.base import SplitUnavailable
-    from ssageo.data.manifest import load_manifest
-
-    # --- dataset registry (issue 16 item 1): the spec names the split, not the dataset name
-    spec = get_spec(train_manifest.dataset)
-    if spec.validation is None:
-        return None, spec.no_validation
-    d = config["data"]
-    try:
-        return load_manifest(d["root"], dataset=train_manifest.dataset,
-                             split=spec.validation), f"{spec.validation} split"
-    except SplitUnavailable as exc:  # e.g. a pairs CSV without val rows
-        return None, f"{exc}: no validation during training; use checkpoints/last"
-    # --- end dataset registry
-
-
 def train(config: dict | None, out: Path, resume: bool = False) -> dict:
     """Train per ``config`` into run directory ``out`` (or resume the run in ``out``).
 

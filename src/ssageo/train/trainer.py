@@ -25,6 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ssageo.data.base import Manifest, SplitUnavailable
 from ssageo.data.datasets import PairDataset
 from ssageo.data.transforms import to_device_normalised
 from ssageo.io import DataError
@@ -38,7 +39,7 @@ from ssageo.train.distributed import (
     on_main,
     setup_distributed,
 )
-from ssageo.train.loop import NonFiniteLossError, _numbers, _validation_manifest, lr_at
+from ssageo.train.loop import NonFiniteLossError, _numbers, lr_at
 from ssageo.train.rundir import (
     CHECKPOINTS,
     METRICS_FILE,
@@ -113,7 +114,7 @@ class Trainer:
                                  self.config["loss"]["logit_scale_init"]).to(device)
         self.model.set_query_fov(d["fov"])  # the BEV head's columns span data.fov degrees
         on_main(self._prepare_run_dir, self.dist)
-        self.val_manifest, self.val_note = _validation_manifest(self.manifest, self.config)
+        self.val_manifest, self.val_note = validation_manifest(self.manifest, self.config)
         self.log(f"validation: {self.val_note}")
         if t["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -342,3 +343,20 @@ def _mean_over_ranks(losses: dict, device: torch.device) -> dict[str, float]:
         torch.distributed.all_reduce(packed)
         packed /= torch.distributed.get_world_size()
     return dict(zip(keys, packed.tolist(), strict=True))
+
+
+def validation_manifest(train_manifest: Manifest,
+                        config: dict) -> tuple[Manifest | None, str]:
+    """The dataset spec's validation split, or None (with the reason) where it has none."""
+    from ssageo.data.manifest import load_manifest
+    from ssageo.data.registry import get_spec
+
+    spec = get_spec(train_manifest.dataset)
+    if spec.validation is None:
+        return None, spec.no_validation
+    d = config["data"]
+    try:
+        return load_manifest(d["root"], dataset=train_manifest.dataset,
+                             split=spec.validation), f"{spec.validation} split"
+    except SplitUnavailable as exc:  # e.g. a pairs CSV without val rows
+        return None, f"{exc}: no validation during training; use checkpoints/last"
