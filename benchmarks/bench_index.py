@@ -163,6 +163,8 @@ def main() -> None:
         gt_s += time.perf_counter() - t1
         return x
 
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="bench_index.", dir=args.work)) / "index"
     train = Sampler(args.dim, fitted, 0)
     train.seed = 2  # the quantisers' training sample: other draws of the same model (i.i.d.
