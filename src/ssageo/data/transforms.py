@@ -103,12 +103,17 @@ def train_pipeline(view: str, size: tuple[int, int], hole_height: int) -> albume
     (p 0.3), and grid dropout (ratio 0.5 ground / 0.4 satellite) or coarse dropout (10-25 holes
     of side ``hole_range(hole_height)``) (p 0.3). No op moves pixels, so geometry and the prior
     label stay aligned.
+
+    The ops are albumentations', drawn independently from one generator pair per sample
+    (``set_random_seed``), the JPEG one decoded faster: :mod:`ssageo.data.augment`.
     """
     import albumentations as A
 
+    from ssageo.data.augment import ImageCompression, SampleCompose
+
     holes = hole_range(hole_height)
-    return A.Compose([
-        A.ImageCompression(quality_range=(90, 100), p=0.5),
+    return SampleCompose([
+        ImageCompression(quality_range=(90, 100), p=0.5),
         A.Resize(int(size[0]), int(size[1]), interpolation=RESIZE_INTERPOLATION, p=1.0),
         A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.15, p=0.5),
         A.OneOf([A.AdvancedBlur(p=1.0), A.Sharpen(p=1.0)], p=0.3),
