@@ -1,5 +1,6 @@
-"""Limited field of view: FoV-wide crops of a panorama, the camera frame of a BEV label, and
-pinhole photos mapped to (and rendered from) the panorama band they cover.
+"""Limited field of view: FoV-wide crops of a panorama, the camera frame of a BEV label, the
+per-batch FoV of random-FoV training, and pinhole photos mapped to (and rendered from) the
+panorama band they cover.
 
 Conventions (README "Conventions"): azimuths are degrees clockwise from north. A panorama
 column ``u`` of ``W`` looks at ``360 * u / W - 180``. A crop of ``fov`` degrees with heading
