@@ -7,7 +7,10 @@ same ``--epochs`` (whole epochs of 16 pairs):
 
 - ``ssa-360``:   SSA (BEV head, true priors), whole north-aligned panoramas;
 - ``none-360``:  InfoNCE only, whole panoramas;
-- ``ssa-90r``:   SSA, 90-degree crops at random headings (BEV label in the camera frame).
+- ``ssa-rand``:  SSA, random FoV: each batch's crops ``--fov-min``..360 degrees wide
+  (``data.fov_min``), at random headings (BEV label in the camera frame);
+- ``none-rand``: InfoNCE only, the same random FoV and headings;
+- ``ssa-90r``:   SSA, 90-degree crops at random headings (not in the default arms).
 
 Each arm's ``checkpoints/last`` is evaluated on the val split with queries cropped to 360 /
 180 / 90 / 70 degrees, centred on north and on a random heading (seeded per query). For the
@@ -15,7 +18,7 @@ arms with a BEV head, each val place's photo is mapped to its panorama band and 
 is searched against its true tile's prior (``ssageo.evaluate.heading``): the median and mean
 error in degrees, and the share within 30 degrees (chance: median 90, 1/6 within 30).
 
-    python benchmarks/bench_fov.py --out /tmp/bench-fov
+    python benchmarks/bench_fov.py --out /tmp/bench-fov --epochs 6
     python benchmarks/bench_fov.py --out /tmp/fov-smoke --places 60 --epochs 1
 
 Times on the shared 2-core machine depend on its load: compare arms within one run only.
@@ -34,9 +37,13 @@ import numpy as np
 import ssageo  # noqa: F401  (before timm)
 from ssageo.io import atomic_write_text
 
+NO_SSA = "model.bev.enabled=false"
 ARMS = {"ssa-360": ["data.fov=360", "data.heading=north"],
-        "none-360": ["data.fov=360", "data.heading=north", "model.bev.enabled=false"],
+        "none-360": ["data.fov=360", "data.heading=north", NO_SSA],
+        "ssa-rand": ["data.fov=360", "data.heading=random"],  # + data.fov_min (--fov-min)
+        "none-rand": ["data.fov=360", "data.heading=random", NO_SSA],
         "ssa-90r": ["data.fov=90", "data.heading=random"]}
+DEFAULT_ARMS = ("ssa-360", "none-360", "ssa-rand", "none-rand")
 FOVS = (360.0, 180.0, 90.0, 70.0)
 
 
@@ -50,7 +57,8 @@ def make_world(out: Path, places: int, photo_fov: float) -> Path:
     return root
 
 
-def train_arm(out: Path, root: Path, name: str, epochs: int, seed: int) -> Path:
+def train_arm(out: Path, root: Path, name: str, epochs: int, seed: int,
+              fov_min: float) -> Path:
     """Train one arm into ``OUT/<name>`` (a finished run is reused); its last checkpoint."""
     from ssageo.config import load_config
     from ssageo.train.loop import train
@@ -60,7 +68,9 @@ def train_arm(out: Path, root: Path, name: str, epochs: int, seed: int) -> Path:
     if not (run / "summary.json").is_file():
         config = load_config("synth-cpu", [f"data.root={root}", f"train.epochs={epochs}",
                                            f"train.seed={seed}", "data.workers=0",
-                                           "train.threads=1", *ARMS[name]])
+                                           "train.threads=1", *ARMS[name],
+                                           *([f"data.fov_min={fov_min}"]
+                                             if name.endswith("-rand") else [])])
         train(config, run, resume=run.exists())
     return last
 
@@ -131,23 +141,31 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--photo-fov", type=float, default=90.0)
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--fov-min", type=float, default=60.0,
+                        help="data.fov_min of the -rand arms (degrees)")
+    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
     args = parser.parse_args()
     started = time.perf_counter()
     root = make_world(args.out, args.places, args.photo_fov)
+    from ssageo.data.manifest import load_manifest
+
+    val = load_manifest(root, split="val").num_queries
     results = {"places": args.places, "epochs": args.epochs, "seed": args.seed,
-               "photo_fov": args.photo_fov, "arms": {}}
+               "photo_fov": args.photo_fov, "fov_min": args.fov_min, "val_queries": val,
+               "chance_R@1": 100.0 / val, "chance_R@5": 500.0 / val, "arms": {}}
     for name in args.arms:
         t0 = time.perf_counter()
-        checkpoint = train_arm(args.out, root, name, args.epochs, args.seed)
+        checkpoint = train_arm(args.out, root, name, args.epochs, args.seed, args.fov_min)
         arm = {"train_s": time.perf_counter() - t0, "recall": recalls(checkpoint, root)}
-        if "model.bev.enabled=false" not in ARMS[name]:
+        if NO_SSA not in ARMS[name]:
             arm["heading"] = heading_errors(checkpoint, root)
         results["arms"][name] = arm
         print(name, json.dumps(arm), flush=True)
     results["seconds"] = time.perf_counter() - started
     atomic_write_text(args.out / "results.json", json.dumps(results, indent=2) + "\n")
     keys = list(next(iter(results["arms"].values()))["recall"])
+    print(f"{val} val queries: chance R@1 {results['chance_R@1']:.1f} %, "
+          f"R@5 {results['chance_R@5']:.1f} %")
     print("| arm | " + " | ".join(f"R@1 {k}" for k in keys) + " | heading median / within 30 |")
     print("|---" * (len(keys) + 2) + "|")
     for name, arm in results["arms"].items():

@@ -12,7 +12,9 @@ from ssageo.config import ConfigError, load_config
 from ssageo.data.datasets import ImageDataset, PairDataset
 from ssageo.data.fov import (
     IGNORE,
+    FovBatches,
     QueryCrop,
+    batch_fov,
     camera_frame_label,
     crop_panorama,
     crop_width,
@@ -119,6 +121,62 @@ def test_fov_and_heading_config_keys():
         load_config("synth-cpu", ["data.fov=0"])
     with pytest.raises(ConfigError, match="data.heading"):
         load_config("synth-cpu", ["data.heading=east"])
+    assert load_config("synth-cpu")["data"]["fov_min"] is None
+    for bad in (["data.fov_min=0"], ["data.fov_min=400"], ["data.fov=90", "data.fov_min=120"]):
+        with pytest.raises(ConfigError, match=r"^data\.fov_min: [^\n]*$"):
+            load_config("synth-cpu", bad)
+
+
+def test_random_fov_batches_share_a_seeded_fov_that_covers_the_range_and_resumes():
+    from ssageo.train.sampler import HardNegativeSampler
+
+    drawn = [batch_fov(0, epoch, b, 60, 360) for epoch in range(4) for b in range(50)]
+    assert all(60 <= f <= 360 for f in drawn) and min(drawn) < 70 and max(drawn) > 350
+    assert np.histogram(drawn, bins=3, range=(60, 360))[0].min() > 40  # uniform-ish, 200 draws
+    assert drawn == [batch_fov(0, epoch, b, 60, 360) for epoch in range(4) for b in range(50)]
+    assert batch_fov(1, 0, 0, 60, 360) != drawn[0]  # the seed decides
+    sampler = HardNegativeSampler(np.arange(40), 4, seed=0)
+    sampler.set_epoch(2)
+    whole = list(FovBatches(sampler, 60, 360, seed=0))
+    assert len(whole) == 10 and all(len({f for _, f in batch}) == 1 for batch in whole)
+    assert [b[0][1] for b in whole] == [batch_fov(0, 2, b, 60, 360) for b in range(10)]
+    # a run resumed at batch 3 of the epoch (the sampler's checkpoint state) replays the rest
+    resumed = HardNegativeSampler(np.arange(40), 4, seed=0)
+    resumed.load_state_dict(sampler.state_dict(position=3))
+    assert list(FovBatches(resumed, 60, 360, seed=0)) == whole[3:]
+
+
+def test_a_drawn_fov_crops_the_query_and_masks_the_label_to_its_wedge(synth_world):
+    """A batch item (index, fov): the query is the panorama's fov-wide crop at its pixels per
+    degree, the prior the label masked to that wedge; the BEV head's wedge follows the batch's
+    FoV (the trainer's ``set_query_fov``), one polar grid per batch."""
+    from ssageo.data.transforms import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        label_to_classes,
+        resize,
+        resize_label,
+        to_tensor,
+    )
+    from ssageo.io import read_image
+
+    manifest = load_manifest(synth_world("cvusa"), split="train")
+    data = load_config("synth-cpu", ["data.fov_min=60", "data.augment.flip=0",
+                                     "data.augment.rotate=0"])["data"]
+    ds = PairDataset(manifest, data, train=True, seed=0)
+    assert ds.fov_min == 60.0
+    fov = batch_fov(0, 0, 5, 60, 360)
+    sample = ds[(3, fov)]
+    width = crop_width(256, fov)
+    assert sample["fov"] == fov and sample["query"].shape == (3, 64, width)
+    expected = resize(crop_panorama(read_image(manifest.query_paths[3]), fov, 0.0), (64, width))
+    torch.testing.assert_close(sample["query"], to_tensor(expected, IMAGENET_MEAN, IMAGENET_STD))
+    ref = int(manifest.positive[3])
+    label = label_to_classes(resize_label(read_image(manifest.prior_paths[ref], mode="L"),
+                                          (64, 64)))
+    np.testing.assert_array_equal(sample["prior"].numpy(), np.where(wedge_mask(64, fov), label,
+                                                                    IGNORE))
+    assert "fov" not in PairDataset(manifest, data, train=True, seed=0)[3]  # no FoV: data.fov
 
 
 def test_seeded_evaluation_crops_are_reproducible(synth_world):
@@ -257,3 +315,44 @@ def test_the_heading_search_finds_the_heading_a_wedge_was_seen_from():
         assert found["heading_score"] > 0.9 and found["heading_confidence"] > 0.5
     flat = best_heading(*heading_scores(np.full((64, 64), 0.5), prior, 90))
     assert flat is None  # a prediction without structure says nothing about the heading
+
+
+def test_random_fov_training_from_the_cli_draws_per_batch_and_resumes_exactly(synth_world,
+                                                                              tmp_path):
+    """``ssageo train data.fov_min=60`` on a tiny world: each step's FoV (metrics.jsonl) is
+    drawn in [60, 360], a rerun draws the same ones, and a run resumed from its epoch-1
+    checkpoint ends with the uninterrupted run's weights."""
+    import json
+
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from ssageo.cli import app
+
+    args = [f"data.root={synth_world('cvusa')}", "model.backbone=convnext_atto",
+            "data.workers=0", "data.query_size=[32,128]", "data.reference_size=[32,32]",
+            "model.bev.grid_size=4", "model.bev.depth_bins=4", "train.batch_size=4",
+            "train.epochs=2", "train.max_steps_per_epoch=2", "train.checkpoint_every=1000",
+            "train.sampling.similarity=false", "data.fov_min=60", "data.heading=random"]
+    runner, run = CliRunner(), tmp_path / "run"
+    result = runner.invoke(app, ["train", "--out", str(run), *args])
+    assert result.exit_code == 0, result.output
+
+    def steps(folder):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["kind"] == "step"]
+
+    fovs = [r["fov"] for r in steps(run)]
+    assert fovs == [batch_fov(0, e, b, 60, 360) for e in range(2) for b in range(2)]
+    assert all(r["bev"] > 0 for r in steps(run))  # the wedge-masked SSA term is trained
+    # resumed from the end of epoch 1 (`best` when epoch 2 did not beat it, else an old `last`)
+    resumed = shutil.copytree(run, tmp_path / "resumed")
+    shutil.rmtree(resumed / "checkpoints" / "last")
+    best = json.loads((resumed / "checkpoints" / "best" / "progress.json").read_text())
+    assert best["step"] == 2, "epoch 2 improved on epoch 1: pick another seed"
+    result = runner.invoke(app, ["train", "--resume", str(resumed)])
+    assert result.exit_code == 0, result.output
+    assert [r["fov"] for r in steps(resumed)] == fovs
+    assert [r["loss"] for r in steps(resumed)] == [r["loss"] for r in steps(run)]
+    a, b = (load_file(f / "checkpoints" / "last" / "model.safetensors") for f in (run, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)

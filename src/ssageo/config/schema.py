@@ -81,6 +81,11 @@ class Data:
     fov: float = setting(360.0, "query field of view (degrees): a fov-wide crop of each "
                          "panorama at its pixels per degree; 360 = the whole panorama",
                          checks.real(0, 360, above=True))
+    fov_min: float | None = setting(None, "random-FoV training: each training batch's queries "
+                                    "are cropped to one FoV drawn uniformly in [fov_min, fov] "
+                                    "(seeded by the batch); null = every batch at fov. "
+                                    "Evaluation uses fov", checks.real(0, 360, above=True,
+                                                                       optional=True))
     heading: str = setting("north", "north: the crop is centred on north | random: on a random "
                            "heading (per sample at training, seeded per query at evaluation); "
                            "the BEV head then learns the camera's frame",
@@ -264,6 +269,10 @@ def consistency(config: Config) -> None:
             f"model.bev.grid_size: {bev.grid_size} gives {8 * bev.grid_size}x"
             f"{8 * bev.grid_size} BEV logits, which must cover the satellite tile pixel for "
             f"pixel (data.reference_size {tile}); use {fits} or model.bev.enabled=false")
+    d = config.data
+    if d.fov_min is not None and d.fov_min > d.fov:
+        raise ConfigError(f"data.fov_min: must be at most data.fov ({d.fov:g}), got "
+                          f"{d.fov_min:g}")
     s = config.train.sampling
     if s.neighbour_select > s.neighbour_range:
         raise ConfigError(f"train.sampling.neighbour_select: must be at most "

@@ -9,8 +9,10 @@ DataLoader reproduces its augmentations.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,7 +21,13 @@ from torch.utils.data import Dataset
 from ssageo.config import ConfigError
 from ssageo.data.base import MAX_EXAMPLES, Manifest
 from ssageo.data.decode import decode_image
-from ssageo.data.fov import QueryCrop, camera_frame_label, crop_panorama, query_crop
+from ssageo.data.fov import (
+    FovBatches,
+    QueryCrop,
+    camera_frame_label,
+    crop_panorama,
+    query_crop,
+)
 from ssageo.data.registry import get_spec
 from ssageo.data.transforms import (
     IMAGENET_MEAN,
@@ -33,6 +41,9 @@ from ssageo.data.transforms import (
     train_pipeline,
 )
 from ssageo.io import DataError
+
+if TYPE_CHECKING:
+    import albumentations
 
 
 def _size(data_cfg: dict, key: str) -> tuple[int, int]:
@@ -62,7 +73,9 @@ class PairDataset(Dataset):
     panorama, Wq' = ``crop_width(Wq, fov)``, and the prior is in the crop's camera frame with
     the cells outside the visible wedge set to ``fov.IGNORE`` (docs/ARCHITECTURE.md, "Limited
     field of view"). The heading is drawn per sample at training, from ``(crop_seed, index)``
-    otherwise.
+    otherwise. With ``fov_min`` below ``fov`` (training), the loader's batch sampler is
+    wrapped by ``batches`` and each item is ``(index, fov)``: the query is cropped to that
+    batch's FoV and the sample gains ``"fov"`` (float).
 
     Augmentation randomness: with ``seed``, sample ``index`` of epoch ``self.epoch`` (set it
     before each epoch) is augmented by a generator of ``(seed, epoch, index)`` alone, the same in
@@ -84,6 +97,8 @@ class PairDataset(Dataset):
         self.panorama_size = _size(data_cfg, "query_size")
         self.crop: QueryCrop = query_crop(data_cfg, crop_seed)
         self.query_size = self.crop.size(self.panorama_size)
+        fov_min = data_cfg.get("fov_min")  # checked by the config schema
+        self.fov_min = None if fov_min is None or fov_min >= self.crop.fov else float(fov_min)
         self.reference_size = _size(data_cfg, "reference_size")
         self.prior_size = (_size(data_cfg, "prior_size") if data_cfg.get("prior_size")
                            else self.reference_size)
@@ -110,6 +125,7 @@ class PairDataset(Dataset):
         self.use_priors = manifest.has_priors
         self._views = self._train_pipelines(aug.get("hole_size_from", "reference")) \
             if self.photometric else {}
+        self._query_views: dict = {}  # random FoV: query size -> its pipeline, made when used
         self._draws = 0
 
     def _train_pipelines(self, hole_size_from: str) -> dict:
@@ -120,9 +136,28 @@ class PairDataset(Dataset):
             raise ConfigError("data.augment.hole_size_from must be 'reference' or 'view', got "
                               f"{hole_size_from!r}")
         sizes = {"query": self.query_size, "reference": self.reference_size}
+        self._hole_height = (self.reference_size if hole_size_from == "reference"
+                             else self.query_size)[0]  # the query's, whatever its width
         return {name: train_pipeline(name, size, (self.reference_size if hole_size_from
                                                   == "reference" else size)[0])
                 for name, size in sizes.items()}
+
+    def _query_pipeline(self, size: tuple[int, int]) -> albumentations.Compose:
+        """The query's photometric pipeline resizing to ``size``: a random-FoV batch's query
+        width differs from ``query_size``'s; its holes stay those of the configured query
+        (sized from a height, which the FoV does not change)."""
+        if size == self.query_size:
+            return self._views["query"]
+        if size not in self._query_views:
+            self._query_views[size] = train_pipeline("query", size, self._hole_height)
+        return self._query_views[size]
+
+    def batches(self, sampler: torch.utils.data.Sampler) -> torch.utils.data.Sampler:
+        """The loader's batch sampler for ``sampler``: itself, or (random-FoV training) its
+        batches as ``(index, fov)`` items, one FoV per batch (``fov.FovBatches``)."""
+        if self.fov_min is None:
+            return sampler
+        return FovBatches(sampler, self.fov_min, self.crop.fov, self.seed or 0)
 
     def __len__(self) -> int:
         return self.manifest.num_queries
@@ -133,7 +168,10 @@ class PairDataset(Dataset):
         self._draws += 1
         return np.random.default_rng([torch.initial_seed() % 2**63, index, self._draws])
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, float]) -> dict:
+        index, fov = item if isinstance(item, tuple) else (item, None)
+        crop = self.crop if fov is None else dataclasses.replace(self.crop, fov=fov)
+        query_size = crop.size(self.panorama_size)
         m = self.manifest
         ref = int(m.positive[index])
         query = decode_image(m.query_paths[index], min_size=self._min_sizes[0])
@@ -145,17 +183,18 @@ class PairDataset(Dataset):
             # exactly W/2; resizing afterwards moves both views consistently.
             tile, prior, query = geometric_augment(tile, prior, query, rng,
                                                    self.p_flip, self.p_rotate, self.panorama)
-        if not self.crop.identity:  # the crop of the panorama as augmented
-            heading = self.crop.heading_for(index, rng if self.train else None)
-            query = crop_panorama(query, self.crop.fov, heading)
-        if self._views:  # JPEG on the input pixels, then the resize, then the rest
+        if not crop.identity:  # the crop of the panorama as augmented
+            heading = crop.heading_for(index, rng if self.train else None)
+            query = crop_panorama(query, crop.fov, heading)
+        if self.photometric:  # JPEG on the input pixels, then the resize, then the rest
             images = {"query": query, "reference": tile}
-            for name, view in self._views.items():
+            for name in ("query", "reference"):
+                view = self._query_pipeline(query_size) if name == "query" else self._views[name]
                 view.set_random_seed(int(rng.integers(2**31)))
                 images[name] = view(image=images[name])["image"]
             query, tile = images["query"], images["reference"]
         else:
-            query = resize(query, self.query_size)
+            query = resize(query, query_size)
             tile = resize(tile, self.reference_size)
         if prior is not None:
             prior = resize_label(prior, self.prior_size)
@@ -166,9 +205,11 @@ class PairDataset(Dataset):
             # label is int64: its cells outside the wedge are IGNORE, -1)
             classes = label_to_classes(prior, self.classes, str(m.prior_paths[ref]),
                                        np.int64 if self.normalise else np.uint8)
-            if not self.crop.identity:
-                classes = camera_frame_label(classes, heading, self.crop.fov)
+            if not crop.identity:
+                classes = camera_frame_label(classes, heading, crop.fov)
             sample["prior"] = torch.from_numpy(classes)
+        if fov is not None:
+            sample["fov"] = float(fov)
         return sample
 
 

@@ -1,5 +1,6 @@
-"""Limited field of view: FoV-wide crops of a panorama, the camera frame of a BEV label, and
-pinhole photos mapped to (and rendered from) the panorama band they cover.
+"""Limited field of view: FoV-wide crops of a panorama, the camera frame of a BEV label, the
+per-batch FoV of random-FoV training, and pinhole photos mapped to (and rendered from) the
+panorama band they cover.
 
 Conventions (README "Conventions"): azimuths are degrees clockwise from north. A panorama
 column ``u`` of ``W`` looks at ``360 * u / W - 180``. A crop of ``fov`` degrees with heading
@@ -12,10 +13,12 @@ frame turned by ``h``: row 0 is straight ahead, column 0 to the camera's left.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
 
 from ssageo.config import ConfigError
 
@@ -68,6 +71,35 @@ def query_crop(data_cfg: dict, seed: int = 0) -> QueryCrop:
     fov = data_cfg.get("fov", 360.0)
     return QueryCrop(360.0 if fov is None else float(fov), data_cfg.get("heading") or "north",
                      seed)
+
+
+def batch_fov(seed: int, epoch: int, batch: int, fov_min: float, fov_max: float) -> float:
+    """The FoV (degrees) of training batch ``batch`` of epoch ``epoch`` under ``data.fov_min``:
+    uniform in [fov_min, fov_max], drawn from ``(seed, epoch, batch)`` alone, so a resumed run
+    and every process of a multi-process run draw the same one."""
+    return float(np.random.default_rng([int(seed), 1919, int(epoch), int(batch)])
+                 .uniform(fov_min, fov_max))
+
+
+class FovBatches(torch.utils.data.Sampler):
+    """Random-FoV training (``data.fov_min``): the batches of ``batches`` (a batch sampler with
+    ``epoch`` and ``start_batch``, the trainer's HardNegativeSampler) as ``(index, fov)`` pairs,
+    one FoV per batch (``batch_fov`` of the batch's number in its epoch), which PairDataset
+    crops to. One FoV per batch keeps every query of a batch the same width at the panorama's
+    pixels per degree, and the BEV head one polar grid (docs/ARCHITECTURE.md)."""
+
+    def __init__(self, batches: torch.utils.data.Sampler, fov_min: float, fov_max: float,
+                 seed: int) -> None:
+        self.batches, self.fov_min, self.fov_max, self.seed = batches, fov_min, fov_max, seed
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, float]]]:
+        start, epoch = self.batches.start_batch, self.batches.epoch
+        for k, batch in enumerate(self.batches):
+            fov = batch_fov(self.seed, epoch, start + k, self.fov_min, self.fov_max)
+            yield [(int(i), fov) for i in batch]
 
 
 def check_fov(fov: float, name: str = "fov") -> float:

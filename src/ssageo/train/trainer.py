@@ -234,8 +234,8 @@ class Trainer:
             self.sampler.set_epoch(epoch)
         self.dataset.epoch = epoch
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.sampler, num_workers=d["workers"],
-            pin_memory=device.type == "cuda",
+            self.dataset, batch_sampler=self.dataset.batches(self.sampler),
+            num_workers=d["workers"], pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(t["seed"] * 100_003 + epoch),
         )
         self.net.train()
@@ -266,6 +266,9 @@ class Trainer:
         fmt = torch.channels_last if t["channels_last"] else torch.contiguous_format
         batch = to_device_normalised(batch, device, self.norm["mean"], self.norm["std"], fmt)
         query, reference, prior = batch["query"], batch["reference"], batch.get("prior")
+        fov = {"fov": float(batch["fov"][0])} if "fov" in batch else {}  # data.fov_min
+        if fov:  # the BEV head's polar grid spans this batch's FoV
+            self.model.set_query_fov(fov["fov"])
         with torch.autocast(device.type, dtype=self.amp_dtype or torch.bfloat16,
                             enabled=self.amp_dtype is not None):
             outputs = self.net(query, reference)
@@ -288,7 +291,7 @@ class Trainer:
         record = {
             "kind": "step", "step": self.state.step, "epoch": epoch + 1, **values, "lr": lr,
             "logit_scale": float(outputs["logit_scale"].detach().exp()),
-            "grad_norm": float(grad_norm),
+            "grad_norm": float(grad_norm), **fov,
         }
         if self.scaler.is_enabled():
             record["grad_scale"] = self.scaler.get_scale()
