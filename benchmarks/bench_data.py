@@ -4,6 +4,7 @@
     python benchmarks/bench_data.py --root WORLD         # an existing `ssageo synth` CVUSA world
     python benchmarks/bench_data.py --photometric        # with the real-data presets' colour ops
     python benchmarks/bench_data.py --real-sizes         # the datasets' real image sizes, 1 worker
+    python benchmarks/bench_data.py --profile            # only their per-step cost table
     python benchmarks/bench_data.py --flops              # FLOPs of one paper-size training step
 
 A CVUSA-layout world is generated at the `ssageo synth` default image sizes (256x256 tiles,
@@ -14,7 +15,8 @@ process. Ratios are against it. Last, the consumer: training steps of the synth-
 one loaded batch (pairs/s), and the ratio of the 2-worker loader's rate to it.
 
 ``--real-sizes`` (real_sizes.py): the distributed sizes and formats through the cvusa /
-vigor-same presets' training transforms in one worker process; ``--flops``: what one GPU step
+vigor-same presets' training transforms in one worker process, with a per-step cost table
+(``--profile``: the table alone, for the library as it is); ``--flops``: what one GPU step
 of the paper's model costs, to size the loader against.
 """
 
@@ -109,13 +111,15 @@ def main() -> None:
     ap.add_argument("--real-sizes", action="store_true",
                     help="CVUSA 750 px JPEG tiles + 1232x224 panoramas, VIGOR 640 px PNG tiles + "
                          "2048x1024 panoramas, through the cvusa / vigor-same presets")
+    ap.add_argument("--profile", action="store_true",
+                    help="the real sizes' per-step CPU cost table only (no worker runs)")
     ap.add_argument("--flops", action="store_true",
                     help="FLOPs of one cvusa / vigor-same training step (forward + backward)")
     args = ap.parse_args()
-    if args.real_sizes or args.flops:
+    if args.real_sizes or args.flops or args.profile:
         import real_sizes
 
-        return real_sizes.main(args.real_sizes, args.flops)
+        return real_sizes.main(args.real_sizes, args.flops, args.profile)
     overrides = ["data.augment.photometric=true"] if args.photometric else []
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -252,3 +252,33 @@ def test_a_perspective_query_is_flipped_with_its_tile_but_never_rolled_or_turned
         k = next(k for k in range(4) if np.array_equal(t, rot90(base, k)))
         seen.add((flipped, k))
     assert {k for _, k in seen} == {0, 1, 2, 3} and {f for f, _ in seen} == {True, False}
+
+
+@pytest.mark.parametrize("panorama", [True, False])
+def test_one_pass_geometry_equals_the_flip_then_the_rotation(panorama):
+    """geometric_augment moves each image once; the pixels and the draws are those of a flip
+    (flip_pair) followed by a rotation (rotate_pair), for every (flip, k)."""
+    from ssageo.data.transforms import _fliplr, rot90
+
+    rng = np.random.default_rng(1)
+    tile = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)  # not square: transposes show
+    prior = rng.integers(0, 2, (6, 10), dtype=np.uint8)
+    pano = rng.integers(0, 256, (5, 30, 3), dtype=np.uint8)  # W % 4 != 0: -k*W//4 floors
+    seen = set()
+    for seed in range(60):
+        draws = np.random.default_rng(seed)
+        flip = draws.random() < 0.5
+        k = int(draws.integers(1, 4)) if draws.random() < 0.75 else 0
+        t, p, q = tile, prior, pano
+        if flip:
+            t, q = flip_pair(t, q) if panorama else (_fliplr(t), _fliplr(q))
+            p = _fliplr(p)
+        if k:
+            t, q = rotate_pair(t, q, k) if panorama else (rot90(t, k), q)
+            p = rot90(p, k)
+        got = geometric_augment(tile, prior, pano, np.random.default_rng(seed), 0.5, 0.75,
+                                panorama)
+        for a, b in zip(got, (t, p, q), strict=True):
+            assert a.flags.c_contiguous and np.array_equal(a, b), (flip, k)
+        seen.add((flip, k))
+    assert len(seen) == 8

@@ -1,6 +1,7 @@
 """Torch datasets over a Manifest: training/eval pairs and single-view images, decoded lazily.
 
-Images are decoded in the DataLoader workers with ``ssageo.io.read_image``: a missing, empty or
+Images are decoded in the DataLoader workers with ``ssageo.data.decode.decode_image`` (the
+pixels and errors of ``ssageo.io.read_image``, faster): a missing, empty or
 corrupt file raises DataError naming it, so a broken file stops training instead of being
 skipped. Randomness is derived from (torch's per-worker seed, index, draw count), so a seeded
 DataLoader reproduces its augmentations.
@@ -19,6 +20,7 @@ from torch.utils.data import Dataset
 
 from ssageo.config import ConfigError
 from ssageo.data.base import MAX_EXAMPLES, Manifest
+from ssageo.data.decode import decode_image
 from ssageo.data.fov import (
     FovBatches,
     QueryCrop,
@@ -38,7 +40,7 @@ from ssageo.data.transforms import (
     to_uint8_tensor,
     train_pipeline,
 )
-from ssageo.io import DataError, read_image
+from ssageo.io import DataError
 
 if TYPE_CHECKING:
     import albumentations
@@ -172,9 +174,9 @@ class PairDataset(Dataset):
         query_size = crop.size(self.panorama_size)
         m = self.manifest
         ref = int(m.positive[index])
-        query = read_image(m.query_paths[index], min_size=self._min_sizes[0])
-        tile = read_image(m.reference_paths[ref], min_size=self._min_sizes[1])
-        prior = read_image(m.prior_paths[ref], mode="L") if self.use_priors else None
+        query = decode_image(m.query_paths[index], min_size=self._min_sizes[0])
+        tile = decode_image(m.reference_paths[ref], min_size=self._min_sizes[1])
+        prior = decode_image(m.prior_paths[ref], mode="L") if self.use_priors else None
         if self.train:
             rng = self._rng(index)
             # Geometry first, on the native pixel grid, where the panorama's north column is
@@ -239,7 +241,7 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        image = read_image(self.paths[index])
+        image = decode_image(self.paths[index])
         if self.crop is not None:
             image = crop_panorama(image, self.crop.fov, self.crop.heading_for(index))
         return {"image": _image_tensor(resize(image, self.size), self), "index": index}

@@ -56,6 +56,19 @@ def rotate_pair(tile: np.ndarray, pano: np.ndarray, k: int) -> tuple[np.ndarray,
     return rot90(tile, k), np.roll(pano, -k * pano.shape[1] // 4, axis=1)
 
 
+def _turn(image: np.ndarray, flip: bool, k: int) -> np.ndarray:
+    """``rot90(fliplr(image) if flip else image, k)`` in one pass where one will do: a mirror
+    then a quarter turn is a transpose (k 1) or an upside-down flip (k 2)."""
+    if not flip:
+        return rot90(image, k)
+    image = np.ascontiguousarray(image)
+    if k == 1:
+        return cv2.transpose(image)
+    if k == 3:
+        return cv2.flip(cv2.transpose(image), -1)
+    return cv2.flip(image, 0 if k == 2 else 1)
+
+
 def geometric_augment(
     tile: np.ndarray, prior: np.ndarray | None, pano: np.ndarray, rng: np.random.Generator,
     p_flip: float = 0.5, p_rotate: float = 0.75, panorama: bool = True,
@@ -68,16 +81,21 @@ def geometric_augment(
     the tile and not turned, while the tile turns alone (as Sample4Geo's University-1652
     training: a synchronised flip, RandomRotate90 of the satellite tile only).
     Returns contiguous (tile, prior, query); ``prior`` may be None.
+
+    The pixels of :func:`flip_pair` then :func:`rotate_pair`, each image moved once: the
+    tile's mirror and turn are one OpenCV op, the panorama's two rolls one (they add up).
     """
-    if rng.random() < p_flip:
-        tile, pano = flip_pair(tile, pano) if panorama else (_fliplr(tile), _fliplr(pano))
-        prior = None if prior is None else _fliplr(prior)
-    if rng.random() < p_rotate:
-        k = int(rng.integers(1, 4))
-        tile, pano = rotate_pair(tile, pano, k) if panorama else (rot90(tile, k), pano)
-        prior = None if prior is None else rot90(prior, k)
-    as_c = np.ascontiguousarray
-    return as_c(tile), None if prior is None else as_c(prior), as_c(pano)
+    flip = rng.random() < p_flip
+    k = int(rng.integers(1, 4)) if rng.random() < p_rotate else 0
+    tile = _turn(tile, flip, k)
+    prior = None if prior is None else _turn(prior, flip, k)
+    if flip:
+        pano = _fliplr(pano)
+    if panorama:
+        shift = (1 if flip else 0) + (-k * pano.shape[1] // 4 if k else 0)
+        if shift % pano.shape[1]:
+            pano = np.roll(pano, shift, axis=1)
+    return tile, prior, np.ascontiguousarray(pano)
 
 
 # Photometric training noise of the reference (SSA ``model_training/sample4geo/transforms.py``
@@ -103,12 +121,17 @@ def train_pipeline(view: str, size: tuple[int, int], hole_height: int) -> albume
     (p 0.3), and grid dropout (ratio 0.5 ground / 0.4 satellite) or coarse dropout (10-25 holes
     of side ``hole_range(hole_height)``) (p 0.3). No op moves pixels, so geometry and the prior
     label stay aligned.
+
+    The ops are albumentations', drawn independently from one generator pair per sample
+    (``set_random_seed``), the JPEG one decoded faster: :mod:`ssageo.data.augment`.
     """
     import albumentations as A
 
+    from ssageo.data.augment import ImageCompression, SampleCompose
+
     holes = hole_range(hole_height)
-    return A.Compose([
-        A.ImageCompression(quality_range=(90, 100), p=0.5),
+    return SampleCompose([
+        ImageCompression(quality_range=(90, 100), p=0.5),
         A.Resize(int(size[0]), int(size[1]), interpolation=RESIZE_INTERPOLATION, p=1.0),
         A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.15, p=0.5),
         A.OneOf([A.AdvancedBlur(p=1.0), A.Sharpen(p=1.0)], p=0.3),

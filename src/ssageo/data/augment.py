@@ -1,0 +1,49 @@
+"""The reference's photometric training ops (albumentations), drawn independently and decoded
+faster; ``transforms.train_pipeline`` builds them.
+
+- :class:`SampleCompose`: ``set_random_seed(seed)`` gives every op of the pipeline ONE shared
+  pair of generators seeded by ``seed``, so each op's coin flip and parameters are successive
+  draws, independent of the others', as in the reference (albumentations' global randomness).
+  ``albumentations.Compose.set_random_seed`` seeds every op with the same seed instead: each op
+  then draws the same first number, so JPEG compression (p 0.5) and colour jitter (p 0.5) were
+  applied always together and blur/sharpen and dropout (p 0.3) only with both, always paired
+  (docs/FIDELITY.md).
+- :class:`ImageCompression`: the reference's op, OpenCV's encoder at the drawn quality, with the
+  re-encoded image decoded by simplejpeg (the same libjpeg-turbo decoder, the same pixels as
+  ``cv2.imdecode``; tests/test_data_decode.py), ~10 % faster.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+
+
+class SampleCompose(A.Compose):
+    """``albumentations.Compose`` whose ``set_random_seed`` seeds one generator pair shared by
+    all its ops (see the module docstring)."""
+
+    def set_random_seed(self, seed: int | None) -> None:
+        self.seed = seed
+        self.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
+class ImageCompression(A.ImageCompression):
+    """``albumentations.ImageCompression`` (JPEG): OpenCV's encoding, simplejpeg's decoding of
+    it (what ``cv2.imdecode(..., IMREAD_UNCHANGED)`` returns, pixel for pixel)."""
+
+    def apply(self, img: np.ndarray, quality: int, image_type: str, **params: Any) -> np.ndarray:
+        if image_type != ".jpg" or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            return super().apply(img, quality=quality, image_type=image_type, **params)
+        import simplejpeg
+
+        ok, encoded = cv2.imencode(".jpg", img, (cv2.IMWRITE_JPEG_QUALITY, int(quality)))
+        if not ok:
+            return super().apply(img, quality=quality, image_type=image_type, **params)
+        # OpenCV takes the array as BGR: decoding to "BGR" gives the channels back in the
+        # order they came, as imdecode does
+        return simplejpeg.decode_jpeg(encoded, "BGR")
