@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -88,8 +89,8 @@ class FovBatches(torch.utils.data.Sampler):
     crops to. One FoV per batch keeps every query of a batch the same width at the panorama's
     pixels per degree, and the BEV head one polar grid (docs/ARCHITECTURE.md)."""
 
-    def __init__(self, batches: torch.utils.data.Sampler, fov_min: float, fov_max: float,
-                 seed: int) -> None:
+    def __init__(self, batches: Any, fov_min: float, fov_max: float, seed: int) -> None:
+        # batches: train.sampler.HardNegativeSampler (typed loosely: data does not import train)
         self.batches, self.fov_min, self.fov_max, self.seed = batches, fov_min, fov_max, seed
 
     def __len__(self) -> int:
