@@ -66,7 +66,7 @@ def _build(args: argparse.Namespace, variant: str):
 @contextlib.contextmanager
 def _trimming(enabled: bool):
     """The lean head with ``malloc_trim(0)`` at its stage boundaries (the TRIM experiment)."""
-    from ssageo.model import bev, decoder, decoder_lean
+    from ssageo.model import decoder, decoder_lean, polar_lean
 
     if not enabled:
         yield
@@ -83,7 +83,7 @@ def _trimming(enabled: bool):
 
     patches = [  # class, function, static, only at full resolution (>= 2^17 pixels)
         (decoder.BEVDecoder, "_lean_top", False, False),
-        (bev._LeanPolar, "backward", True, False),
+        (polar_lean.LeanPolar, "backward", True, False),
         (decoder_lean._NormReLUConv, "backward", True, True),
     ]
     originals = [(cls, name, cls.__dict__[name]) for cls, name, _, _ in patches]
@@ -99,12 +99,12 @@ def _trimming(enabled: bool):
 
 def _pass(head, features, variant: str) -> float:
     """Forward + backward; returns seconds."""
-    from ssageo.model import bev
+    from ssageo.model import polar_lean
 
     head.zero_grad(set_to_none=True)
     features.grad = None
-    onednn = bev._HAS_ONEDNN_LINEAR
-    bev._HAS_ONEDNN_LINEAR = onednn and variant != "lean, BLAS matmuls"
+    onednn = polar_lean._HAS_ONEDNN_LINEAR
+    polar_lean._HAS_ONEDNN_LINEAR = onednn and variant != "lean, BLAS matmuls"
     try:
         with _trimming(variant == TRIM):
             start = time.perf_counter()
@@ -112,7 +112,7 @@ def _pass(head, features, variant: str) -> float:
             logits.float().mean().backward()
             seconds = time.perf_counter() - start
     finally:
-        bev._HAS_ONEDNN_LINEAR = onednn
+        polar_lean._HAS_ONEDNN_LINEAR = onednn
     del logits
     return seconds
 

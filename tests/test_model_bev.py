@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ssageo.config import load_config
-from ssageo.model import bev
+from ssageo.model import polar_lean
 from ssageo.model.bev import (
     BEVHead,
     PolarProjection,
@@ -319,7 +319,7 @@ def test_projection_bias_cancels_in_the_softmax():
 
 @pytest.mark.parametrize("onednn", [True, False])
 def test_lean_projection_same_with_and_without_onednn(onednn, monkeypatch):
-    if onednn and not bev._HAS_ONEDNN_LINEAR:
+    if onednn and not polar_lean._HAS_ONEDNN_LINEAR:
         pytest.skip("this PyTorch build has no oneDNN linear")
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
     torch.manual_seed(0)

@@ -156,8 +156,13 @@ class BEVDecoder(nn.Module):
         # decoder input is kept (a batch-wide low-resolution part would keep every sample's
         # 4N x 4N map until its backward step). split, not slices: each slice's backward would
         # allocate a zero gradient of the whole batch; split's backward joins them once
-        return torch.cat([checkpoint(self._lean_sample, part, use_reentrant=False)
-                          for part in x.split(1)])
+        # channels-last maps: oneDNN's convolutions read and write them as they are, where a
+        # contiguous map is copied into its blocked layout and back (buffers as large as the
+        # maps, unseen by autograd, and time)
+        return torch.cat([checkpoint(self._lean_sample,
+                                     part.contiguous(memory_format=torch.channels_last),
+                                     use_reentrant=False)
+                          for part in x.split(1)]).contiguous()
 
     def _lean_sample(self, x: torch.Tensor) -> torch.Tensor:
         return self._lean_top(checkpoint(self._lean_bottom, x, use_reentrant=False))

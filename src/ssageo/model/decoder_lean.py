@@ -21,6 +21,13 @@ def upsample(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
 
 
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """``x``'s memory format: channels-last (the lean decoder's, see ``decoder.py``) or not."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last and not x.is_contiguous() else \
+        torch.contiguous_format
+
+
 def _norm_relu(x: torch.Tensor) -> torch.Tensor:
     return F.relu(F.instance_norm(x, eps=NORM_EPS), inplace=True)
 
@@ -80,10 +87,13 @@ def _norm_relu_backward(xhat: torch.Tensor, rstd: torch.Tensor, grad: torch.Tens
     in ``grad`` when the caller ``owned`` it (else in one new tensor), so only ``xhat`` and
     the gradient are ever as large as ``x`` (autograd's batch-norm backward makes 3-4 more)."""
     g = grad.to(xhat.dtype, copy=not owned).mul_(xhat > 0)
-    n = xhat.shape[2] * xhat.shape[3]
-    mean_g = g.sum((2, 3), keepdim=True).div_(n)
-    # a batched product: vecdot would make the elementwise product g * xhat first
-    mean_gx = torch.matmul(g.flatten(2).unsqueeze(-2), xhat.flatten(2).unsqueeze(-1)).div_(n)
+    b, c, h, w = xhat.shape
+    mean_g = g.sum((2, 3), keepdim=True).div_(h * w)
+    # sum over pixels of g * xhat per channel: the diagonal of the (C, C) product of the two
+    # maps, one batched product that reads them in either memory format (flatten(2) is a view
+    # of a contiguous or a channels-last map) and makes no full-size temporary
+    prod = torch.matmul(g.flatten(2), xhat.flatten(2).transpose(1, 2))
+    mean_gx = prod.diagonal(dim1=1, dim2=2).div(h * w).view(b, c, 1, 1)
     return g.sub_(mean_g).addcmul_(xhat, mean_gx, value=-1).mul_(rstd)
 
 
@@ -153,9 +163,10 @@ def _top_values(top: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     a few rows at a time (each pixel's selection is its own), so topk's int64 indices (twice
     the values' size) are never made for the whole map."""
     b, _, h, w = top.shape
-    values = top.new_empty(b, k, h, w)
+    layout = memory_format(top)
+    values = torch.empty(b, k, h, w, dtype=top.dtype, device=top.device, memory_format=layout)
     index = torch.empty(b, k, h, w, dtype=torch.uint8 if top.shape[1] <= 256 else torch.int32,
-                        device=top.device)
+                        device=top.device, memory_format=layout)
     for r0 in range(0, h, TOP_ROWS):
         rows = slice(r0, r0 + TOP_ROWS)
         v, i = top[:, :, rows].topk(k, dim=1)
