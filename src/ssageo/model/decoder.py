@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ssageo.model.decoder_lean import norm_relu_conv, up_split, upsample
+from ssageo.model.decoder_lean import memory_format, norm_relu_conv, up_split, upsample
 
 
 def decoder_widths(channels: int) -> tuple[int, tuple[int, int, int]]:
@@ -81,7 +81,9 @@ class ResidualBlock(nn.Module):
         """forward, keeping the input and the conv outputs only."""
         c2 = norm_relu_conv(self.body[0](x), self.body[3])
         if not self.projected:
-            return x + F.instance_norm(c2, eps=self.body[4].eps)
+            # instance_norm returns a contiguous map: back to x's (channels-last) format
+            return x + F.instance_norm(c2, eps=self.body[4].eps).contiguous(
+                memory_format=memory_format(x))
         return norm_relu_conv(self.shortcut[0](x)) + norm_relu_conv(c2)
 
 

@@ -29,7 +29,8 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def _norm_relu(x: torch.Tensor) -> torch.Tensor:
-    return F.relu(F.instance_norm(x, eps=NORM_EPS), inplace=True)
+    # not F.instance_norm: it returns a contiguous map whatever the input's memory format
+    return _normalised(x)[0].relu_()
 
 
 def _geometry(conv: nn.Conv2d) -> tuple:
@@ -59,6 +60,8 @@ class _NormReLUConv(torch.autograd.Function):
         xhat, rstd = _normalised(x)
         conv_grads = [None, None]
         if conv is not None:
+            # the incoming gradient in the map's layout (the head's output is contiguous)
+            grad = grad.contiguous(memory_format=memory_format(x))
             bias_sizes = None if conv.bias is None else [conv.bias.shape[0]]
             # under autocast the forward conv ran in the gradient's (low) precision
             low = weight.to(grad.dtype)

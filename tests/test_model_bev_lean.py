@@ -1,0 +1,104 @@
+"""The BEV head's lean pass, second part: the projection fused with the polar -> Cartesian
+resampling (``model/polar_lean.py``) and the channels-last decoder (tests/test_model_bev.py has
+the rest)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ssageo.model.bev import BEVHead, PolarProjection, polar_sampling_grid, polar_to_cartesian
+from ssageo.model.decoder import BEVDecoder
+from ssageo.model.polar_lean import LeanPolar, Resampler
+
+
+class _Ops(TorchDispatchMode):
+    """Records every aten operator's name, inputs and outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple, object]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((func.overloadpacket.__name__, args, out))
+        return out
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    items = value if isinstance(value, (tuple, list)) else [value]
+    return [t for t in items if isinstance(t, torch.Tensor)]
+
+
+# fov 360: wrap-around columns; 90: edge columns repeated. chunk 3 of 7 channels: 3, 3, 1
+@pytest.mark.parametrize("fov, chunk_elements", [(360.0, 3 * 2 * 5 * 4 * 9), (90.0, 1)])
+def test_fused_projection_and_resampling_match_the_two_steps_in_float64(fov, chunk_elements):
+    torch.manual_seed(0)
+    projection = PolarProjection(7, 5, chunk_elements=chunk_elements, lean_from=0).double()
+    features = torch.randn(2, 7, 4, 9, dtype=torch.float64)
+    target = torch.randn(2, 7, 6, 6, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        x = features.clone().requires_grad_()
+        projection.zero_grad()
+        if fused:
+            resample = Resampler(polar_sampling_grid(6, 9, fov=fov),
+                                 torch.arange(-1, 10) % 9 if fov >= 360 else
+                                 torch.arange(-1, 10).clamp(0, 8), 5)
+            out = projection(x, resample)
+        else:
+            out = polar_to_cartesian(projection(x), 6, fov=fov)
+        (out * target).sum().backward()
+        results.append((out, x.grad, projection.depth.weight.grad))
+    assert results[0][0].shape == (2, 7, 6, 6)
+    for a, b in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_projection_passes_gradcheck_in_float64():
+    torch.manual_seed(0)
+    weight = torch.randn(3 * 4, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(3 * 4, dtype=torch.float64)
+    x = torch.randn(1, 3, 3, 5, dtype=torch.float64, requires_grad=True)
+    resample = Resampler(polar_sampling_grid(4, 5), torch.arange(-1, 6) % 5, 4)
+    assert torch.autograd.gradcheck(
+        lambda f, w: LeanPolar.apply(f, w, bias, 4, 2, resample), (x, weight), fast_mode=True)
+
+
+def test_lean_head_never_makes_the_whole_polar_map_or_its_gradient():
+    # primes: (B,C,D,W) = (2,13,7,11) shares its size with no other tensor of the pass
+    torch.manual_seed(0)
+    head = BEVHead(13, depth_bins=7, grid_size=5, classes=2)
+    head.projection.lean_from = head.decoder.lean_from = 0
+    head.projection.chunk_elements = 4 * 2 * 7 * 3 * 11  # 4 channels a chunk
+    x = torch.randn(2, 13, 3, 11, requires_grad=True)
+    with _Ops() as ops:
+        head(x).sum().backward()
+    sizes = {t.numel() for _, _, out in ops.calls for t in _tensors(out)}
+    assert 2 * 4 * 7 * 11 in sizes  # a chunk's polar map is made
+    assert not sizes & {2 * 13 * 7 * 11, 2 * 13 * 7 * 13}  # never all channels, padded or not
+    plain = copy.deepcopy(head)
+    plain.projection.lean = plain.decoder.lean = False
+    with _Ops() as ops:
+        plain(x).sum().backward()
+    assert 2 * 13 * 7 * 11 in {t.numel() for _, _, out in ops.calls for t in _tensors(out)}
+
+
+def test_lean_decoder_convolves_channels_last_maps_and_returns_a_contiguous_one():
+    # oneDNN reads and writes channels-last maps as they are; a contiguous (NCHW) map is
+    # copied into its blocked layout and back, buffers as large as the maps
+    torch.manual_seed(0)
+    decoder = BEVDecoder(32, 2, lean=True, lean_from=0)
+    x = torch.randn(2, 32, 6, 6, requires_grad=True)
+    with _Ops() as ops:
+        logits = decoder(x)
+        logits.sum().backward()
+    assert logits.is_contiguous()
+    maps = [args[0] for name, args, _ in ops.calls
+            if name in ("convolution", "convolution_backward")]
+    assert len(maps) > 20
+    for m in maps:
+        assert m.is_contiguous(memory_format=torch.channels_last), m.shape
