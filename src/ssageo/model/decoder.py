@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ssageo.model.decoder_lean import memory_format, norm_relu_conv, up_split, upsample
+from ssageo.model.decoder_lean import norm_relu_conv, up_split, upsample
 
 
 def decoder_widths(channels: int) -> tuple[int, tuple[int, int, int]]:
@@ -50,10 +50,12 @@ class DoubleConv(nn.Sequential):
             nn.ReLU(inplace=True),
         )
 
-    def lean(self, c1: torch.Tensor, head: nn.Conv2d | None = None) -> torch.Tensor:
-        """The block after its first conv (output ``c1``), then ``head`` if given, keeping
-        only the two conv outputs for the backward pass."""
-        return norm_relu_conv(norm_relu_conv(c1, self[3]), head)
+    def lean(self, c1: torch.Tensor, head: nn.Conv2d | None = None,
+             head_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The block after its first conv (output ``c1``), then ``head`` if given (with
+        ``head_weight``, default its own), keeping only the two conv outputs for the backward
+        pass."""
+        return norm_relu_conv(norm_relu_conv(c1, self[3]), head, head_weight)
 
 
 class ResidualBlock(nn.Module):
@@ -81,9 +83,7 @@ class ResidualBlock(nn.Module):
         """forward, keeping the input and the conv outputs only."""
         c2 = norm_relu_conv(self.body[0](x), self.body[3])
         if not self.projected:
-            # instance_norm returns a contiguous map: back to x's (channels-last) format
-            return x + F.instance_norm(c2, eps=self.body[4].eps).contiguous(
-                memory_format=memory_format(x))
+            return x + norm_relu_conv(c2, relu=False)  # in c2's (channels-last) layout
         return norm_relu_conv(self.shortcut[0](x)) + norm_relu_conv(c2)
 
 
@@ -180,5 +180,16 @@ class BEVDecoder(nn.Module):
     def _lean_top(self, x: torch.Tensor) -> torch.Tensor:
         # checkpointed once more: the refining DoubleConv's backward step runs without the last
         # UpStage's conv outputs, which are recomputed for that stage's own backward step
-        x = checkpoint(self.up[-1].lean, x, use_reentrant=False)
-        return self.refine.lean(self.refine[0](x), self.classifier)
+        x = checkpoint(self._lean_last_stage, x, use_reentrant=False)
+        return self.refine.lean(x, self.classifier)
+
+    def _lean_last_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """The last UpStage and the refining DoubleConv's first conv. That conv reads the
+        concatenation [DoubleConv output, top-k values]: it runs as the sum of its two halves,
+        so neither the concatenation (2k channels at 8N x 8N) nor its gradient is ever made,
+        and the DoubleConv's output is recomputed from its conv output in the backward step."""
+        stage, first = self.up[-1], self.refine[0]
+        c1, values = up_split(x, stage.conv[0], stage.k, stage.top_from)
+        k = stage.k
+        return (stage.conv.lean(c1, first, first.weight[:, :k])
+                + F.conv2d(values, first.weight[:, k:], None, first.stride, first.padding))

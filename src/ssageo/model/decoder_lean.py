@@ -28,9 +28,12 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
         torch.contiguous_format
 
 
-def _norm_relu(x: torch.Tensor) -> torch.Tensor:
-    # not F.instance_norm: it returns a contiguous map whatever the input's memory format
-    return _normalised(x)[0].relu_()
+def _norm_relu(x: torch.Tensor, relu: bool = True) -> torch.Tensor:
+    # not F.instance_norm: it returns a contiguous map whatever the input's memory format, and
+    # (PyTorch 2.13, CPU) its gradient is wrong for a channels-last input whose incoming
+    # gradient is channels-last too (tests/test_model_bev_lean.py)
+    xhat = _normalised(x)[0]
+    return xhat.relu_() if relu else xhat
 
 
 def _geometry(conv: nn.Conv2d) -> tuple:
@@ -39,17 +42,18 @@ def _geometry(conv: nn.Conv2d) -> tuple:
 
 
 class _NormReLUConv(torch.autograd.Function):
-    """``conv(relu(instance_norm(x)))``, or ``relu(instance_norm(x))`` without a conv, keeping
-    only ``x`` for the backward pass: the normalised activation (as large as ``x``, cheap to
-    redo) is recomputed there instead of stored.
+    """``conv(relu(instance_norm(x)))``, or ``relu(instance_norm(x))`` without a conv (without
+    ``relu``: ``instance_norm(x)``), keeping only ``x`` for the backward pass: the normalised
+    activation (as large as ``x``, cheap to redo) is recomputed there instead of stored.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, conv: nn.Conv2d | None,  # noqa: D102
-                weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-        act = _norm_relu(x)
+                weight: torch.Tensor | None, bias: torch.Tensor | None,
+                relu: bool = True) -> torch.Tensor:
+        act = _norm_relu(x, relu)
         ctx.save_for_backward(x, weight)
-        ctx.conv = conv
+        ctx.conv, ctx.relu = conv, relu
         return act if conv is None or weight is None else conv._conv_forward(act, weight, bias)
 
     @staticmethod
@@ -72,7 +76,8 @@ class _NormReLUConv(torch.autograd.Function):
                 [False, True, conv.bias is not None])[1:]
             grad = torch.ops.aten.convolution_backward(  # the input's values are not read
                 grad, xhat.to(grad.dtype), low, None, *_geometry(conv), [True, False, False])[0]
-        return _norm_relu_backward(xhat, rstd, grad, owned=conv is not None), None, *conv_grads
+        return (_norm_relu_backward(xhat, rstd, grad, owned=conv is not None, relu=ctx.relu),
+                None, *conv_grads, None)
 
 
 def _normalised(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,12 +89,14 @@ def _normalised(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _norm_relu_backward(xhat: torch.Tensor, rstd: torch.Tensor, grad: torch.Tensor,
-                        owned: bool) -> torch.Tensor:
+                        owned: bool, relu: bool = True) -> torch.Tensor:
     """Gradient of relu(instance_norm(x)) w.r.t. ``x`` from its normalised values ``xhat``:
     ``rstd * (g - mean(g) - xhat * mean(g * xhat))`` with ``g = grad * (xhat > 0)``, in place
     in ``grad`` when the caller ``owned`` it (else in one new tensor), so only ``xhat`` and
     the gradient are ever as large as ``x`` (autograd's batch-norm backward makes 3-4 more)."""
-    g = grad.to(xhat.dtype, copy=not owned).mul_(xhat > 0)
+    g = grad.to(xhat.dtype, copy=not owned)
+    if relu:  # without it: the gradient of instance_norm(x)
+        g.mul_(xhat > 0)
     b, c, h, w = xhat.shape
     mean_g = g.sum((2, 3), keepdim=True).div_(h * w)
     # sum over pixels of g * xhat per channel: the diagonal of the (C, C) product of the two
@@ -100,10 +107,14 @@ def _norm_relu_backward(xhat: torch.Tensor, rstd: torch.Tensor, grad: torch.Tens
     return g.sub_(mean_g).addcmul_(xhat, mean_gx, value=-1).mul_(rstd)
 
 
-def norm_relu_conv(x: torch.Tensor, conv: nn.Conv2d | None = None) -> torch.Tensor:
-    """``conv(relu(instance_norm(x)))`` (``relu(instance_norm(x))`` without ``conv``), lean."""
-    weight, bias = (None, None) if conv is None else (conv.weight, conv.bias)
-    return _NormReLUConv.apply(x, conv, weight, bias)
+def norm_relu_conv(x: torch.Tensor, conv: nn.Conv2d | None = None,
+                   weight: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
+    """``conv(relu(instance_norm(x)))`` (``relu(instance_norm(x))`` without ``conv``), lean;
+    ``weight``: the conv's weight or a part of it (input channels), default all of it;
+    ``relu=False`` (no conv): ``instance_norm(x)``."""
+    if conv is not None and weight is None:
+        weight = conv.weight
+    return _NormReLUConv.apply(x, conv, weight, None if conv is None else conv.bias, relu)
 
 
 class _UpSplit(torch.autograd.Function):
