@@ -69,13 +69,17 @@ class _NormReLUConv(torch.autograd.Function):
             bias_sizes = None if conv.bias is None else [conv.bias.shape[0]]
             # under autocast the forward conv ran in the gradient's (low) precision
             low = weight.to(grad.dtype)
-            # the weight's gradient first, then the input's: the activation is gone before
-            # the input gradient is made (one full-size tensor fewer at once)
+            # the activation in xhat's buffer (no copy), the weight's gradient first, then the
+            # input's (its values are not read), then xhat again from x: at most the incoming
+            # gradient, the activation and the input gradient are full-size at once
+            act = xhat.relu_().to(grad.dtype)  # a copy only under autocast
             conv_grads = torch.ops.aten.convolution_backward(
-                grad, xhat.clamp(min=0).to(grad.dtype), low, bias_sizes, *_geometry(conv),
+                grad, act, low, bias_sizes, *_geometry(conv),
                 [False, True, conv.bias is not None])[1:]
-            grad = torch.ops.aten.convolution_backward(  # the input's values are not read
-                grad, xhat.to(grad.dtype), low, None, *_geometry(conv), [True, False, False])[0]
+            grad = torch.ops.aten.convolution_backward(
+                grad, act, low, None, *_geometry(conv), [True, False, False])[0]
+            del act
+            xhat = torch.sub(x, x.mean((2, 3), keepdim=True), out=xhat).mul_(rstd)
         return (_norm_relu_backward(xhat, rstd, grad, owned=conv is not None, relu=ctx.relu),
                 None, *conv_grads, None)
 
@@ -95,9 +99,10 @@ def _norm_relu_backward(xhat: torch.Tensor, rstd: torch.Tensor, grad: torch.Tens
     in ``grad`` when the caller ``owned`` it (else in one new tensor), so only ``xhat`` and
     the gradient are ever as large as ``x`` (autograd's batch-norm backward makes 3-4 more)."""
     g = grad.to(xhat.dtype, copy=not owned)
-    if relu:  # without it: the gradient of instance_norm(x)
-        g.mul_(xhat > 0)
     b, c, h, w = xhat.shape
+    for r0 in range(0, h if relu else 0, TOP_ROWS):  # without relu: instance_norm's gradient
+        rows = slice(r0, r0 + TOP_ROWS)  # the mask a few rows at a time, never whole
+        g[:, :, rows].mul_(xhat[:, :, rows] > 0)
     mean_g = g.sum((2, 3), keepdim=True).div_(h * w)
     # sum over pixels of g * xhat per channel: the diagonal of the (C, C) product of the two
     # maps, one batched product that reads them in either memory format (flatten(2) is a view
