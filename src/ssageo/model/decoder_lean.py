@@ -61,7 +61,7 @@ class _NormReLUConv(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
         x, weight = ctx.saved_tensors
         conv = ctx.conv
-        xhat, rstd = _normalised(x)
+        mean, rstd = _statistics(x)
         conv_grads = [None, None]
         if conv is not None:
             # the incoming gradient in the map's layout (the head's output is contiguous)
@@ -69,47 +69,62 @@ class _NormReLUConv(torch.autograd.Function):
             bias_sizes = None if conv.bias is None else [conv.bias.shape[0]]
             # under autocast the forward conv ran in the gradient's (low) precision
             low = weight.to(grad.dtype)
-            # the activation in xhat's buffer (no copy), the weight's gradient first, then the
-            # input's (its values are not read), then xhat again from x: at most the incoming
-            # gradient, the activation and the input gradient are full-size at once
-            act = xhat.relu_().to(grad.dtype)  # a copy only under autocast
+            # the weight's gradient from the activation, which then goes; the input's gradient
+            # (the conv input's values are not read: x stands in for its shape and layout);
+            # the norm's backward step in row bands: at most the incoming gradient and one
+            # more full-size map at once
+            act = (x - mean).mul_(rstd).relu_().to(grad.dtype)
             conv_grads = torch.ops.aten.convolution_backward(
                 grad, act, low, bias_sizes, *_geometry(conv),
                 [False, True, conv.bias is not None])[1:]
-            grad = torch.ops.aten.convolution_backward(
-                grad, act, low, None, *_geometry(conv), [True, False, False])[0]
             del act
-            xhat = torch.sub(x, x.mean((2, 3), keepdim=True), out=xhat).mul_(rstd)
-        return (_norm_relu_backward(xhat, rstd, grad, owned=conv is not None, relu=ctx.relu),
+            grad = torch.ops.aten.convolution_backward(
+                grad, x.to(grad.dtype), low, None, *_geometry(conv), [True, False, False])[0]
+        return (_norm_relu_backward(x, mean, rstd, grad, owned=conv is not None, relu=ctx.relu),
                 None, *conv_grads, None)
 
 
-def _normalised(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(instance-normalised ``x``, 1/std per sample and channel), as F.instance_norm (biased
-    variance, NORM_EPS) up to rounding."""
+def _statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1/std) per sample and channel, as F.instance_norm's (biased variance, NORM_EPS)."""
     var, mean = torch.var_mean(x, dim=(2, 3), correction=0, keepdim=True)
-    rstd = (var + NORM_EPS).rsqrt_()
+    return mean, (var + NORM_EPS).rsqrt_()
+
+
+def _normalised(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(instance-normalised ``x``, 1/std per sample and channel), as F.instance_norm up to
+    rounding."""
+    mean, rstd = _statistics(x)
     return (x - mean).mul_(rstd), rstd
 
 
-def _norm_relu_backward(xhat: torch.Tensor, rstd: torch.Tensor, grad: torch.Tensor,
-                        owned: bool, relu: bool = True) -> torch.Tensor:
-    """Gradient of relu(instance_norm(x)) w.r.t. ``x`` from its normalised values ``xhat``:
-    ``rstd * (g - mean(g) - xhat * mean(g * xhat))`` with ``g = grad * (xhat > 0)``, in place
-    in ``grad`` when the caller ``owned`` it (else in one new tensor), so only ``xhat`` and
-    the gradient are ever as large as ``x`` (autograd's batch-norm backward makes 3-4 more)."""
-    g = grad.to(xhat.dtype, copy=not owned)
-    b, c, h, w = xhat.shape
-    for r0 in range(0, h if relu else 0, TOP_ROWS):  # without relu: instance_norm's gradient
-        rows = slice(r0, r0 + TOP_ROWS)  # the mask a few rows at a time, never whole
-        g[:, :, rows].mul_(xhat[:, :, rows] > 0)
-    mean_g = g.sum((2, 3), keepdim=True).div_(h * w)
-    # sum over pixels of g * xhat per channel: the diagonal of the (C, C) product of the two
-    # maps, one batched product that reads them in either memory format (flatten(2) is a view
-    # of a contiguous or a channels-last map) and makes no full-size temporary
-    prod = torch.matmul(g.flatten(2), xhat.flatten(2).transpose(1, 2))
-    mean_gx = prod.diagonal(dim1=1, dim2=2).div(h * w).view(b, c, 1, 1)
-    return g.sub_(mean_g).addcmul_(xhat, mean_gx, value=-1).mul_(rstd)
+#: image rows per step of the norm's backward pass (``_norm_relu_backward``)
+NORM_ROWS = 32
+
+
+def _norm_relu_backward(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                        grad: torch.Tensor, owned: bool, relu: bool = True) -> torch.Tensor:
+    """Gradient of relu(instance_norm(x)) w.r.t. ``x`` (without ``relu``: of instance_norm(x))
+    from the statistics ``mean``, ``rstd``: ``rstd * (g - mean(g) - xhat * mean(g * xhat))``
+    with ``g = grad * (xhat > 0)``, in place in ``grad`` when the caller ``owned`` it (else in
+    one new tensor). The normalised values ``xhat`` are made a few rows at a time, twice (for
+    the per-channel sums, then for the result), so the gradient is the only full-size map
+    (autograd's batch-norm backward makes 3-4 more)."""
+    g = grad.to(x.dtype, copy=not owned)
+    b, c, h, w = x.shape
+    sum_g = g.new_zeros(b, c)
+    sum_gx = g.new_zeros(b, c)
+    bands = [slice(r0, r0 + NORM_ROWS) for r0 in range(0, h, NORM_ROWS)]
+    for rows in bands:
+        xhat, part = (x[:, :, rows] - mean).mul_(rstd), g[:, :, rows]
+        if relu:
+            part.mul_(xhat > 0)
+        sum_g += part.sum((2, 3))
+        sum_gx += xhat.mul_(part).sum((2, 3))
+    mean_g, mean_gx = (sum_g / (h * w)).view(b, c, 1, 1), (sum_gx / (h * w)).view(b, c, 1, 1)
+    for rows in bands:
+        xhat = (x[:, :, rows] - mean).mul_(rstd)
+        g[:, :, rows].sub_(mean_g).addcmul_(xhat, mean_gx, value=-1).mul_(rstd)
+    return g
 
 
 def norm_relu_conv(x: torch.Tensor, conv: nn.Conv2d | None = None,
