@@ -167,32 +167,6 @@ def test_lean_up_stage_never_makes_top_k_indices_for_the_whole_map():
     assert 0 < mode.largest <= 3 * 32 * 12  # k * TOP_ROWS * width, not k * 80 * 12
 
 
-# row bands of the backward step: 2 (a partial last band of 5 rows), one band; relu or not;
-# contiguous or channels-last maps
-@pytest.mark.parametrize("owned, rows, relu, channels_last",
-                         [(False, 2, True, False), (True, 32, True, True),
-                          (True, 2, False, True), (False, 1, False, False)])
-def test_norm_relu_backward_formula_equals_autograd_in_float64(owned, rows, relu,
-                                                               channels_last, monkeypatch):
-    from ssageo.model import decoder_lean
-    from ssageo.model.decoder_lean import _norm_relu_backward, _statistics
-
-    monkeypatch.setattr(decoder_lean, "NORM_ROWS", rows)
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(2, 6, 5, 7, dtype=torch.float64)[:, 1::2]  # a strided view
-    y = torch.nn.functional.instance_norm(x)
-    (expected,) = torch.autograd.grad(torch.relu(y) if relu else y, x, grad)
-    kept = grad.clone()
-    data = x.detach().contiguous(memory_format=torch.channels_last) if channels_last \
-        else x.detach()
-    mean, rstd = _statistics(data)
-    got = _norm_relu_backward(data, mean, rstd, grad.contiguous() if owned else grad,
-                              owned, relu)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    assert torch.equal(grad, kept)  # a gradient it does not own is left as it was
-
-
 def test_lean_resampling_keeps_only_the_grid_and_matches_grid_sample():
     torch.manual_seed(0)
     polar = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)

@@ -51,10 +51,25 @@ class _NormReLUConv(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, conv: nn.Conv2d | None,  # noqa: D102
                 weight: torch.Tensor | None, bias: torch.Tensor | None,
                 relu: bool = True) -> torch.Tensor:
-        act = _norm_relu(x, relu)
         ctx.save_for_backward(x, weight)
         ctx.conv, ctx.relu = conv, relu
-        return act if conv is None or weight is None else conv._conv_forward(act, weight, bias)
+        if conv is None or weight is None:
+            return _norm_relu(x, relu)
+        if not _banded(conv):
+            return conv._conv_forward(_norm_relu(x), weight, bias)
+        # a few output rows at a time from the activation's rows around them: the activation
+        # is never made for the whole map
+        mean, rstd = _statistics(x)
+        out: torch.Tensor | None = None
+        for r0, r1 in _bands(x.shape[2]):
+            band = _act_band(x, mean, rstd, r0, r1, conv.padding[0], x.dtype)
+            y = F.conv2d(band, weight, bias, 1, (0, conv.padding[1]))
+            if out is None:  # under autocast the conv's precision is the output's
+                out = torch.empty((x.shape[0], y.shape[1], *x.shape[2:]), dtype=y.dtype,
+                                  device=x.device, memory_format=memory_format(x))
+            out[:, :, r0:r1] = y
+        assert out is not None  # x has rows
+        return out
 
     @staticmethod
     @once_differentiable
@@ -73,15 +88,60 @@ class _NormReLUConv(torch.autograd.Function):
             # (the conv input's values are not read: x stands in for its shape and layout);
             # the norm's backward step in row bands: at most the incoming gradient and one
             # more full-size map at once
-            act = (x - mean).mul_(rstd).relu_().to(grad.dtype)
-            conv_grads = torch.ops.aten.convolution_backward(
-                grad, act, low, bias_sizes, *_geometry(conv),
-                [False, True, conv.bias is not None])[1:]
-            del act
+            if _banded(conv):  # the weight's gradient as a sum over row bands
+                conv_grads = _banded_weight_grad(x, mean, rstd, grad, low, conv)
+            else:
+                act = (x - mean).mul_(rstd).relu_().to(grad.dtype)
+                conv_grads = torch.ops.aten.convolution_backward(
+                    grad, act, low, bias_sizes, *_geometry(conv),
+                    [False, True, conv.bias is not None])[1:]
+                del act
             grad = torch.ops.aten.convolution_backward(
                 grad, x.to(grad.dtype), low, None, *_geometry(conv), [True, False, False])[0]
         return (_norm_relu_backward(x, mean, rstd, grad, owned=conv is not None, relu=ctx.relu),
                 None, *conv_grads, None)
+
+
+#: output rows per band of a lean norm-relu-conv (``_NormReLUConv``)
+CONV_ROWS = 32
+
+
+def _banded(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` runs in row bands: stride 1, no dilation, one group, 'same' rows."""
+    return (tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1)
+            and conv.groups == 1 and conv.kernel_size[0] == 2 * conv.padding[0] + 1)
+
+
+def _bands(rows: int) -> list[tuple[int, int]]:
+    return [(r0, min(rows, r0 + CONV_ROWS)) for r0 in range(0, rows, CONV_ROWS)]
+
+
+def _act_band(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, r0: int, r1: int,
+              halo: int, dtype: torch.dtype) -> torch.Tensor:
+    """relu(instance_norm(x)) on rows r0 - halo .. r1 + halo, zero rows beyond the map (the
+    conv's zero padding), in ``x``'s layout and ``dtype``."""
+    lo, hi = max(r0 - halo, 0), min(r1 + halo, x.shape[2])
+    band = torch.empty((x.shape[0], x.shape[1], r1 - r0 + 2 * halo, x.shape[3]), dtype=dtype,
+                       device=x.device, memory_format=memory_format(x)).zero_()
+    band[:, :, lo - r0 + halo:hi - r0 + halo] = (x[:, :, lo:hi] - mean).mul_(rstd).relu_()
+    return band
+
+
+def _banded_weight_grad(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                        grad: torch.Tensor, weight: torch.Tensor,
+                        conv: nn.Conv2d) -> list[torch.Tensor | None]:
+    """[weight gradient, bias gradient] of ``conv`` over relu(instance_norm(x)), summed over
+    row bands of the output (each band's activation rows made on their own)."""
+    total: list[torch.Tensor | None] = [None, None]
+    bias = conv.bias is not None
+    for r0, r1 in _bands(x.shape[2]):
+        band = _act_band(x, mean, rstd, r0, r1, conv.padding[0], grad.dtype)
+        part = torch.ops.aten.convolution_backward(
+            grad[:, :, r0:r1], band, weight, [weight.shape[0]] if bias else None, (1, 1),
+            (0, conv.padding[1]), (1, 1), False, [0, 0], 1, [False, True, bias])[1:]
+        total = [p if t is None else t.add_(p) if p is not None else None
+                 for t, p in zip(total, part, strict=True)]
+    return total
 
 
 def _statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
