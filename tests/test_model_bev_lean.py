@@ -142,3 +142,27 @@ def test_lean_residual_block_gradient_is_right_on_channels_last_maps():
     (lean,) = torch.autograd.grad(block.lean(cl).square().sum(), cl)
     (expected,) = torch.autograd.grad(block(plain).square().sum(), plain)
     torch.testing.assert_close(lean, expected, rtol=1e-9, atol=1e-9)
+
+
+# row bands of the lean norm-relu-convs: one row (every band an edge or a halo), 5 (a partial
+# last band at every resolution of this decoder: 6, 12, 24, 48 rows)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_lean_decoder_in_row_bands_matches_the_plain_one_in_float64(rows, monkeypatch):
+    from ssageo.model import decoder_lean
+
+    monkeypatch.setattr(decoder_lean, "CONV_ROWS", rows)
+    torch.manual_seed(0)
+    lean = BEVDecoder(16, 2, lean=True, lean_from=0).double()
+    plain = copy.deepcopy(lean)
+    plain.lean = False
+    features = torch.randn(1, 16, 6, 6, dtype=torch.float64)
+    target = torch.randn(1, 2, 48, 48, dtype=torch.float64)
+    results = []
+    for decoder in (lean, plain):
+        x = features.clone().requires_grad_()
+        logits = decoder(x)
+        (logits * target).sum().backward()
+        convs = [m.weight.grad for m in decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+        results.append([logits, x.grad, *convs])
+    for a, b in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
