@@ -62,8 +62,8 @@ class _NormReLUConv(torch.autograd.Function):
         mean, rstd = _statistics(x)
         out: torch.Tensor | None = None
         for r0, r1 in _bands(x.shape[2]):
-            band = _act_band(x, mean, rstd, r0, r1, conv.padding[0], x.dtype)
-            y = F.conv2d(band, weight, bias, 1, (0, conv.padding[1]))
+            band = _act_band(x, mean, rstd, r0, r1, _pads(conv)[0], x.dtype)
+            y = F.conv2d(band, weight, bias, 1, (0, _pads(conv)[1]))
             if out is None:  # under autocast the conv's precision is the output's
                 out = torch.empty((x.shape[0], y.shape[1], *x.shape[2:]), dtype=y.dtype,
                                   device=x.device, memory_format=memory_format(x))
@@ -77,7 +77,7 @@ class _NormReLUConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         conv = ctx.conv
         mean, rstd = _statistics(x)
-        conv_grads = [None, None]
+        conv_grads: list[torch.Tensor | None] = [None, None]
         if conv is not None:
             # the incoming gradient in the map's layout (the head's output is contiguous)
             grad = grad.contiguous(memory_format=memory_format(x))
@@ -106,10 +106,16 @@ class _NormReLUConv(torch.autograd.Function):
 CONV_ROWS = 32
 
 
+def _pads(conv: nn.Conv2d) -> tuple[int, int]:
+    """``conv``'s (rows, columns) zero padding; (-1, -1) for a padding given by name."""
+    pad = conv.padding
+    return (-1, -1) if isinstance(pad, str) else (int(pad[0]), int(pad[1]))
+
+
 def _banded(conv: nn.Conv2d) -> bool:
     """Whether ``conv`` runs in row bands: stride 1, no dilation, one group, 'same' rows."""
     return (tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1)
-            and conv.groups == 1 and conv.kernel_size[0] == 2 * conv.padding[0] + 1)
+            and conv.groups == 1 and conv.kernel_size[0] == 2 * _pads(conv)[0] + 1)
 
 
 def _bands(rows: int) -> list[tuple[int, int]]:
@@ -135,10 +141,10 @@ def _banded_weight_grad(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     total: list[torch.Tensor | None] = [None, None]
     bias = conv.bias is not None
     for r0, r1 in _bands(x.shape[2]):
-        band = _act_band(x, mean, rstd, r0, r1, conv.padding[0], grad.dtype)
+        band = _act_band(x, mean, rstd, r0, r1, _pads(conv)[0], grad.dtype)
         part = torch.ops.aten.convolution_backward(
             grad[:, :, r0:r1], band, weight, [weight.shape[0]] if bias else None, (1, 1),
-            (0, conv.padding[1]), (1, 1), False, [0, 0], 1, [False, True, bias])[1:]
+            (0, _pads(conv)[1]), (1, 1), False, [0, 0], 1, [False, True, bias])[1:]
         total = [p if t is None else t.add_(p) if p is not None else None
                  for t, p in zip(total, part, strict=True)]
     return total
