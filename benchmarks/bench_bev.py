@@ -2,7 +2,10 @@
 
 Memory: each variant runs forward + backward of the whole BEV head (polar projection,
 polar -> Cartesian, decoder) in its own subprocess, twice; "growth" is the peak resident set
-size over both passes minus the RSS before the first (head weights and input allocated).
+size of the second pass minus the RSS before it (the first pass's gradients freed). The first
+pass is a warm-up: it pages in the libtorch code its kernels run (file-backed RSS, ~25 MiB
+for the lean head) and builds oneDNN's kernels, which stay; neither is tensor memory. The
+former figure, over both passes from the RSS before the first ("cold"), is printed beside it.
 It is measured twice: with glibc's default malloc, whose heap keeps freed blocks resident
 (fragmentation, so RSS overstates what the pass needs), and with glibc's mmap threshold
 pinned at 1 MiB (MALLOC_MMAP_THRESHOLD_), so every tensor of 1 MiB or more is returned to the
@@ -66,7 +69,7 @@ def _build(args: argparse.Namespace, variant: str):
 @contextlib.contextmanager
 def _trimming(enabled: bool):
     """The lean head with ``malloc_trim(0)`` at its stage boundaries (the TRIM experiment)."""
-    from ssageo.model import bev, decoder, decoder_lean
+    from ssageo.model import decoder, decoder_lean, polar_lean
 
     if not enabled:
         yield
@@ -83,7 +86,7 @@ def _trimming(enabled: bool):
 
     patches = [  # class, function, static, only at full resolution (>= 2^17 pixels)
         (decoder.BEVDecoder, "_lean_top", False, False),
-        (bev._LeanPolar, "backward", True, False),
+        (polar_lean.LeanPolar, "backward", True, False),
         (decoder_lean._NormReLUConv, "backward", True, True),
     ]
     originals = [(cls, name, cls.__dict__[name]) for cls, name, _, _ in patches]
@@ -99,12 +102,12 @@ def _trimming(enabled: bool):
 
 def _pass(head, features, variant: str) -> float:
     """Forward + backward; returns seconds."""
-    from ssageo.model import bev
+    from ssageo.model import polar_lean
 
     head.zero_grad(set_to_none=True)
     features.grad = None
-    onednn = bev._HAS_ONEDNN_LINEAR
-    bev._HAS_ONEDNN_LINEAR = onednn and variant != "lean, BLAS matmuls"
+    onednn = polar_lean._HAS_ONEDNN_LINEAR
+    polar_lean._HAS_ONEDNN_LINEAR = onednn and variant != "lean, BLAS matmuls"
     try:
         with _trimming(variant == TRIM):
             start = time.perf_counter()
@@ -112,7 +115,7 @@ def _pass(head, features, variant: str) -> float:
             logits.float().mean().backward()
             seconds = time.perf_counter() - start
     finally:
-        bev._HAS_ONEDNN_LINEAR = onednn
+        polar_lean._HAS_ONEDNN_LINEAR = onednn
     del logits
     return seconds
 
@@ -120,9 +123,15 @@ def _pass(head, features, variant: str) -> float:
 def child_memory(args: argparse.Namespace) -> dict:
     head, features = _build(args, args.child_memory)
     base = peak_rss.reset_peak()
-    for _ in range(2):
-        _pass(head, features, args.child_memory)
-    return {"base_mb": base / MB, "growth_mb": (peak_rss.peak() - base) / MB}
+    _pass(head, features, args.child_memory)  # cold: pages in code, builds oneDNN kernels
+    cold = peak_rss.peak() - base
+    head.zero_grad(set_to_none=True)
+    features.grad = None
+    warm = peak_rss.reset_peak()  # what the first pass left behind is the second's start
+    _pass(head, features, args.child_memory)
+    growth = peak_rss.peak() - warm
+    return {"base_mb": base / MB, "cold_mb": max(cold, warm - base + growth) / MB,
+            "growth_mb": growth / MB}
 
 
 def child_live(args: argparse.Namespace) -> dict:
@@ -198,16 +207,20 @@ def main() -> None:
           f"{args.height}x{args.width} -> {args.grid}x{args.grid} polar grid -> "
           f"{8 * args.grid}x{8 * args.grid} logits; forward+backward; "
           f"{args.threads or torch.get_num_threads()} torch threads")
-    print("peak RSS growth over two passes (MB):")
+    print("peak RSS growth (MiB) of a pass after a warm-up pass, over the RSS before it; in "
+          "brackets over both passes from the RSS before the first (cold):")
     for label, env in (("glibc default malloc", None), ("mmap threshold 1 MiB", PINNED)):
-        growth = {v: _run_child(args, ["--child-memory", v], env)["growth_mb"]
-                  for v in MEMORY_VARIANTS}
+        runs = {v: _run_child(args, ["--child-memory", v], env) for v in MEMORY_VARIANTS}
+        growth = {v: run["growth_mb"] for v, run in runs.items()}
+        cold = {v: run["cold_mb"] for v, run in runs.items()}
         base = growth["straightforward"]
-        print(f"  {label:>21}: straightforward {base:6.0f}  "
-              + "  ".join(f"{v} {growth[v]:6.0f} (ratio {growth[v] / base:.3f})"
+        print(f"  {label:>21}: straightforward {base:6.0f} [{cold['straightforward']:.0f}]  "
+              + "  ".join(f"{v} {growth[v]:6.0f} (ratio {growth[v] / base:.3f}) "
+                          f"[{cold[v]:.0f}, {cold[v] / cold['straightforward']:.3f}]"
                           for v in MEMORY_VARIANTS[1:]))
     # with the threshold pinned (the loop's last run), RSS growth follows the live tensor memory
-    print(f"live peak lean/straightforward: {growth['lean'] / growth['straightforward']:.3f}")
+    print(f"live peak lean/straightforward: {growth['lean'] / growth['straightforward']:.3f} "
+          f"(cold: {cold['lean'] / cold['straightforward']:.3f})")
     live = {v: _run_child(args, ["--child-live", v]) for v in MEMORY_VARIANTS[:2]}
     print(f"live tensors (storage tracker, one pass after a warm-up): straightforward "
           f"{live['straightforward']['peak_mb']:.0f} MB, lean {live['lean']['peak_mb']:.0f} MB, "

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ssageo.config import load_config
-from ssageo.model import bev
+from ssageo.model import polar_lean
 from ssageo.model.bev import (
     BEVHead,
     PolarProjection,
@@ -83,28 +83,6 @@ def test_whole_head_lean_and_straightforward_agree(batch):
         torch.testing.assert_close(grad, results[1][2][name], rtol=1e-9, atol=1e-9, msg=name)
 
 
-@pytest.mark.parametrize("channels", [32, 40])  # 40: widths 20, 10, 5, 2 (rounded down)
-def test_lean_decoder_matches_the_plain_one_in_float32(channels):
-    torch.manual_seed(0)
-    lean = BEVDecoder(channels, 2, lean=True, lean_from=0)
-    plain = copy.deepcopy(lean)
-    plain.lean = False
-    features = torch.randn(2, channels, 6, 6)
-    target = torch.randn(2, 2, 48, 48)
-    results = []
-    for decoder in (lean, plain):
-        x = features.clone().requires_grad_()
-        logits = decoder(x)
-        (logits * target).sum().backward()
-        # conv weights only: the residual convs' biases cancel in the InstanceNorm after them
-        # (their gradients are rounding noise in both passes)
-        convs = [m.weight.grad for m in decoder.modules() if isinstance(m, torch.nn.Conv2d)]
-        results.append([logits, x.grad] + convs)
-    for a, b in zip(results[0], results[1], strict=True):
-        scale = b.abs().max()  # weight gradients sum ~10^4 terms: compare at their scale
-        torch.testing.assert_close(a / scale, b / scale, rtol=1e-5, atol=1e-5)
-
-
 def test_lean_decoder_functions_pass_gradcheck_in_float64():
     torch.manual_seed(0)
     for stage in (UpStage(8, 3, top_from=0), UpStage(8, 2, top_from=4)):  # first, later stage
@@ -165,22 +143,6 @@ def test_lean_up_stage_never_makes_top_k_indices_for_the_whole_map():
     with LargestIndex() as mode:
         stage.lean(x).sum().backward()
     assert 0 < mode.largest <= 3 * 32 * 12  # k * TOP_ROWS * width, not k * 80 * 12
-
-
-@pytest.mark.parametrize("owned", [False, True])
-def test_norm_relu_backward_formula_equals_autograd_in_float64(owned):
-    from ssageo.model.decoder_lean import _norm_relu_backward, _normalised
-
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(2, 6, 5, 7, dtype=torch.float64)[:, 1::2]  # a strided view
-    y = torch.relu(torch.nn.functional.instance_norm(x))
-    (expected,) = torch.autograd.grad(y, x, grad)
-    kept = grad.clone()
-    xhat, rstd = _normalised(x.detach())
-    got = _norm_relu_backward(xhat, rstd, grad.contiguous() if owned else grad, owned)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    assert torch.equal(grad, kept)  # a gradient it does not own is left as it was
 
 
 def test_lean_resampling_keeps_only_the_grid_and_matches_grid_sample():
@@ -319,7 +281,7 @@ def test_projection_bias_cancels_in_the_softmax():
 
 @pytest.mark.parametrize("onednn", [True, False])
 def test_lean_projection_same_with_and_without_onednn(onednn, monkeypatch):
-    if onednn and not bev._HAS_ONEDNN_LINEAR:
+    if onednn and not polar_lean._HAS_ONEDNN_LINEAR:
         pytest.skip("this PyTorch build has no oneDNN linear")
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
     torch.manual_seed(0)

@@ -14,7 +14,6 @@ and the decoder keeps only conv outputs and recomputes its 384x384 part per samp
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ssageo.model.decoder import BEVDecoder
+from ssageo.model.polar_lean import LeanPolar, Resampler
 
 
 def naive_polar_projection(
@@ -32,107 +32,6 @@ def naive_polar_projection(
     b, c, h, w = features.shape
     logits = F.conv2d(features, weight, bias).view(b, c, depth_bins, h, w)
     return (logits.softmax(dim=3) * features.unsqueeze(2)).sum(dim=3)
-
-
-_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
-    torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` (2-d); float32 CPU products go through oneDNN where PyTorch has it.
-
-    PyTorch sends float32 ``mm`` to its BLAS (MKL), which on AVX-512 CPUs that are not
-    Intel's runs about half as fast as oneDNN's kernels (benchmarks/RESULTS.md); results are
-    float32 products either way (summation order differs, ~1e-7 relative).
-    """
-    if (a.dtype == torch.float32 and a.device.type == "cpu" and torch.backends.mkldnn.enabled
-            and _HAS_ONEDNN_LINEAR):
-        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
-    return torch.mm(a, b)
-
-
-class _LeanPolar(torch.autograd.Function):
-    """Channel-chunked polar projection; backward recomputes each chunk's softmax.
-
-    Works on the features laid out as (C, B, W, H): the softmax axis (image rows) is innermost
-    and each chunk's logits are one matrix product (cc*D, C) @ (C, B*W*H). Only the features
-    are kept for the backward pass. The conv's bias is constant along the softmax axis, so it
-    cancels in the softmax: it is left out, and its gradient is exactly zero. Per chunk with
-    softmax weights S, the output P = sum_h S*F is recomputed in the backward pass (cheap once
-    S is), and the gradients are dF += sum_d S*dP (the weighted sum), dL = S * dP * (F - P)
-    (softmax backward, using sum_h S*F = P), and dL flows through the 1x1 conv to its weight
-    and input.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, features: torch.Tensor, weight: torch.Tensor,  # noqa: D102
-                bias: torch.Tensor, depth_bins: int, chunk: int) -> torch.Tensor:
-        b, c, h, w = features.shape
-        cols = features.permute(1, 0, 3, 2).contiguous()  # (C,B,W,H)
-        out = features.new_empty(c, depth_bins, b, w)
-        work = _Work(cols, weight, depth_bins, chunk)
-        for c0, c1 in work.chunks():
-            soft, logits = work.softmax(c0, c1)
-            torch.sum(soft.mul_(cols[c0:c1].unsqueeze(1)), dim=-1, out=out[c0:c1])
-            del logits  # freed before the next chunk's product, not after it
-        ctx.save_for_backward(cols, weight, bias)
-        ctx.depth_bins, ctx.chunk = depth_bins, chunk
-        return out.permute(2, 0, 1, 3)  # (B,C,D,W)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
-        cols, weight, bias = ctx.saved_tensors
-        depth_bins = ctx.depth_bins
-        work = _Work(cols, weight, depth_bins, ctx.chunk)
-        grad_out = grad_out.permute(1, 2, 0, 3).unsqueeze(-1)  # (C,D,B,W,1), a view
-        # dF: through the weighted sum chunk by chunk, plus through the logits (all channels
-        # from every chunk), accumulated in place
-        grad_cols = torch.zeros_like(cols)
-        grad_weight = torch.empty_like(work.weight2d)
-        out = cols.new_empty(ctx.chunk, depth_bins, *cols.shape[1:3], 1)
-        for c0, c1 in work.chunks():
-            rows = slice(c0 * depth_bins, c1 * depth_bins)
-            features = cols[c0:c1].unsqueeze(1)
-            soft, spare = work.softmax(c0, c1)  # the logits are spare once S is taken
-            p = torch.sum(torch.mul(soft, features, out=spare), dim=-1, keepdim=True,
-                          out=out[: c1 - c0])
-            soft.mul_(grad_out[c0:c1])  # S * dP
-            grad_cols[c0:c1] += soft.sum(dim=1)
-            d_logits = torch.sub(features, p, out=spare).mul_(soft)  # S * dP * (F - P)
-            d_logits = d_logits.view(rows.stop - rows.start, -1)
-            grad_weight[rows] = _matmul(d_logits, work.flat.t())
-            grad_cols.view_as(work.flat).add_(_matmul(work.weight2d[rows].t(), d_logits))
-            del soft, spare, d_logits  # this chunk's logits go before the next chunk's come
-        grad_features = grad_cols.permute(1, 0, 3, 2).contiguous()
-        return grad_features, grad_weight.view_as(weight), torch.zeros_like(bias), None, None
-
-
-class _Work:
-    """The lean projection's chunk loop and its softmax buffer."""
-
-    def __init__(self, cols: torch.Tensor, weight: torch.Tensor, depth_bins: int,
-                 chunk: int) -> None:
-        self.channels, self.depth_bins, self.chunk = cols.shape[0], depth_bins, chunk
-        self.shape = cols.shape[1:]
-        self.flat = cols.view(self.channels, -1)
-        # under autocast the features arrive in low precision: the products run in theirs,
-        # as autocast runs the straightforward conv (the weight's gradient is cast back)
-        self.weight2d = weight.reshape(-1, self.channels).to(cols.dtype)
-        self.soft = cols.new_empty(min(chunk, self.channels) * depth_bins, self.flat.shape[1])
-
-    def chunks(self) -> Iterator[tuple[int, int]]:
-        """(first, end) channel of every chunk."""
-        return ((c0, min(self.channels, c0 + self.chunk))
-                for c0 in range(0, self.channels, self.chunk))
-
-    def softmax(self, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax over image rows of the logits of channels c0..c1, and the logits (free for
-        reuse): both (c1-c0, D, B, W, H)."""
-        shape = (c1 - c0, self.depth_bins, *self.shape)
-        logits = _matmul(self.weight2d[c0 * self.depth_bins:c1 * self.depth_bins], self.flat)
-        soft = self.soft[: (c1 - c0) * self.depth_bins].view(shape)
-        return torch.softmax(logits.view(shape), dim=-1, out=soft), logits.view(shape)
 
 
 class PolarProjection(nn.Module):
@@ -145,7 +44,7 @@ class PolarProjection(nn.Module):
     """
 
     def __init__(self, channels: int, depth_bins: int, lean: bool = True,
-                 chunk_elements: int = 1 << 21, lean_from: int = 1 << 24) -> None:
+                 chunk_elements: int = 1 << 20, lean_from: int = 1 << 24) -> None:
         super().__init__()
         self.depth_bins = depth_bins
         self.lean = lean
@@ -153,15 +52,22 @@ class PolarProjection(nn.Module):
         self.lean_from = lean_from
         self.depth = nn.Conv2d(channels, channels * depth_bins, kernel_size=1)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def runs_lean(self, shape: torch.Size) -> bool:
+        """Whether the lean formulation runs for features of ``shape`` (B,C,H,W)."""
+        return self.lean and math.prod(shape) * self.depth_bins >= self.lean_from
+
+    def forward(self, features: torch.Tensor,
+                resample: Resampler | None = None) -> torch.Tensor:
+        """(B,C,H,W) -> (B,C,D,W); with ``resample`` (lean only) -> (B,C,N,N), resampled
+        chunk by chunk (``polar_lean``)."""
         b, c, h, w = features.shape
-        if not self.lean or b * c * self.depth_bins * h * w < self.lean_from:
+        if not self.runs_lean(features.shape):
             return naive_polar_projection(
                 features, self.depth.weight, self.depth.bias, self.depth_bins
             )
         chunk = max(1, self.chunk_elements // (b * self.depth_bins * h * w))
-        return _LeanPolar.apply(
-            features, self.depth.weight, self.depth.bias, self.depth_bins, chunk
+        return LeanPolar.apply(
+            features, self.depth.weight, self.depth.bias, self.depth_bins, chunk, resample
         )
 
 
@@ -216,14 +122,20 @@ class _Resample(torch.autograd.Function):
         return grad_polar.to(ctx.dtype), None
 
 
+def _padding(width: int, fov: float, device: torch.device) -> torch.Tensor:
+    """The W+2 source columns of the padded polar map: one column more on each side, wrapped
+    at south for a panorama, the edge column repeated for a crop."""
+    pad = torch.arange(-1, width + 1, device=device)
+    return pad % width if fov >= 360.0 else pad.clamp(0, width - 1)
+
+
 def polar_to_cartesian(polar: torch.Tensor, size: int, lean: bool = False,
                        fov: float = 360.0) -> torch.Tensor:
     """(B,C,D,W) polar features of a ``fov``-degree view -> (B,C,N,N) Cartesian grid in the
     view's frame (north-up for a panorama; see polar_sampling_grid); ``lean`` keeps only the
     grid (not the padded polar map) for the backward pass."""
     b, _, _, w = polar.shape
-    pad = torch.arange(-1, w + 1, device=polar.device)  # one column more on each side
-    pad = pad % w if fov >= 360.0 else pad.clamp(0, w - 1)  # wrap at south; edge of a crop
+    pad = _padding(w, fov, polar.device)
     padded = polar.index_select(-1, pad)
     grid = polar_sampling_grid(size, w, polar.device, fov).to(polar.dtype)
     grid = grid.expand(b, -1, -1, -1)
@@ -250,8 +162,15 @@ class BEVHead(nn.Module):
         self.decoder = BEVDecoder(channels, classes, lean=lean)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        polar = self.projection(features)
         n = self.grid_size
+        if self.projection.runs_lean(features.shape):
+            # projected and resampled chunk by chunk: no (B,C,D,W) polar map or gradient
+            w = features.shape[-1]
+            resample = Resampler(polar_sampling_grid(n, w, features.device, self.fov),
+                                 _padding(w, self.fov, features.device),
+                                 self.projection.depth_bins)
+            return self.decoder(self.projection(features, resample))
+        polar = self.projection(features)
         lean = (self.decoder.runs_lean((features.shape[0], features.shape[1], n, n))
                 if isinstance(self.decoder, BEVDecoder) else self.projection.lean)  # benchmarks
         return self.decoder(polar_to_cartesian(polar, n, lean, self.fov))

@@ -50,10 +50,12 @@ class DoubleConv(nn.Sequential):
             nn.ReLU(inplace=True),
         )
 
-    def lean(self, c1: torch.Tensor, head: nn.Conv2d | None = None) -> torch.Tensor:
-        """The block after its first conv (output ``c1``), then ``head`` if given, keeping
-        only the two conv outputs for the backward pass."""
-        return norm_relu_conv(norm_relu_conv(c1, self[3]), head)
+    def lean(self, c1: torch.Tensor, head: nn.Conv2d | None = None,
+             head_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The block after its first conv (output ``c1``), then ``head`` if given (with
+        ``head_weight``, default its own), keeping only the two conv outputs for the backward
+        pass."""
+        return norm_relu_conv(norm_relu_conv(c1, self[3]), head, head_weight)
 
 
 class ResidualBlock(nn.Module):
@@ -81,7 +83,7 @@ class ResidualBlock(nn.Module):
         """forward, keeping the input and the conv outputs only."""
         c2 = norm_relu_conv(self.body[0](x), self.body[3])
         if not self.projected:
-            return x + F.instance_norm(c2, eps=self.body[4].eps)
+            return x + norm_relu_conv(c2, relu=False)  # in c2's (channels-last) layout
         return norm_relu_conv(self.shortcut[0](x)) + norm_relu_conv(c2)
 
 
@@ -121,7 +123,9 @@ class BEVDecoder(nn.Module):
     map only; the last UpStage is checkpointed within that part too. Between the forward and
     the backward pass only the decoder input is kept. When a part is recomputed, its layers
     keep only conv outputs, block inputs and top-k indices; normalised activations and
-    upsampled maps are recomputed once more in their backward step (``decoder_lean``). Below
+    upsampled maps are recomputed once more in their backward step (``decoder_lean``), the
+    refining DoubleConv's first conv runs as two halves (no 2k-channel concatenation at
+    8N x 8N), and every map is channels-last (oneDNN's convolutions then copy nothing). Below
     ``lean_from`` output pixels per batch the plain pass runs (same maths, faster there,
     little memory).
     """
@@ -156,8 +160,13 @@ class BEVDecoder(nn.Module):
         # decoder input is kept (a batch-wide low-resolution part would keep every sample's
         # 4N x 4N map until its backward step). split, not slices: each slice's backward would
         # allocate a zero gradient of the whole batch; split's backward joins them once
-        return torch.cat([checkpoint(self._lean_sample, part, use_reentrant=False)
-                          for part in x.split(1)])
+        # channels-last maps: oneDNN's convolutions read and write them as they are, where a
+        # contiguous map is copied into its blocked layout and back (buffers as large as the
+        # maps, unseen by autograd, and time)
+        return torch.cat([checkpoint(self._lean_sample,
+                                     part.contiguous(memory_format=torch.channels_last),
+                                     use_reentrant=False)
+                          for part in x.split(1)]).contiguous()
 
     def _lean_sample(self, x: torch.Tensor) -> torch.Tensor:
         return self._lean_top(checkpoint(self._lean_bottom, x, use_reentrant=False))
@@ -173,5 +182,16 @@ class BEVDecoder(nn.Module):
     def _lean_top(self, x: torch.Tensor) -> torch.Tensor:
         # checkpointed once more: the refining DoubleConv's backward step runs without the last
         # UpStage's conv outputs, which are recomputed for that stage's own backward step
-        x = checkpoint(self.up[-1].lean, x, use_reentrant=False)
-        return self.refine.lean(self.refine[0](x), self.classifier)
+        x = checkpoint(self._lean_last_stage, x, use_reentrant=False)
+        return self.refine.lean(x, self.classifier)
+
+    def _lean_last_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """The last UpStage and the refining DoubleConv's first conv. That conv reads the
+        concatenation [DoubleConv output, top-k values]: it runs as the sum of its two halves,
+        so neither the concatenation (2k channels at 8N x 8N) nor its gradient is ever made,
+        and the DoubleConv's output is recomputed from its conv output in the backward step."""
+        stage, first = self.up[-1], self.refine[0]
+        c1, values = up_split(x, stage.conv[0], stage.k, stage.top_from)
+        k = stage.k
+        return (stage.conv.lean(c1, first, first.weight[:, :k])
+                + F.conv2d(values, first.weight[:, k:], None, first.stride, first.padding))
