@@ -6,9 +6,10 @@ compared by steps and by single-thread step time, not by the wall time of a shar
 
 - ``world OUT [--places 1000] [--seed 0]``: the demo's world (CVUSA layout, 128 px tiles,
   512x128 panoramas) with the demo's VFM-like oracle priors, made by the demo's own code;
-- ``steptime --backbones a,b+bev,c@128 [override ...]``: median single-thread step time of
-  each backbone (``+bev``: with the BEV head; ``@128``: 128 px tiles, 128x512 panoramas, BEV
-  grid 16, instead of the demo's sizes), interleaved step by step in one
+- ``steptime --backbones a,b+bev,c@128,d@128x64 [override ...]``: median single-thread step
+  time of each backbone (``+bev``: with the BEV head; ``@128``: 128x512 panoramas and 128 px
+  tiles, ``@128x64``: 64 px tiles, with the BEV grid that covers the tile; see
+  ``variant_overrides``), interleaved step by step in one
   process (fair on a busy machine); prints one line per backbone with its ratio to the first;
 - ``train --steps N WORLD RUN [override ...]``: ``ssageo.train.train`` with the demo's
   overrides plus the given ones for N steps, then R@1/5/10 of ``checkpoints/last`` on the val
@@ -48,15 +49,17 @@ def make_world(out: Path, places: int, seed: int) -> None:
 
 
 def variant_overrides(spec: str) -> tuple[bool, list[str]]:
-    """``name[@S][+bev]`` -> (BEV head on, overrides): backbone ``name``; ``@S``: S x S tiles,
-    S x 4S panoramas and the BEV grid that covers the tile (S / 8), instead of the preset's."""
+    """``name[@Q[xT]][+bev]`` -> (BEV head on, overrides): backbone ``name``; ``@Q``: Q x 4Q
+    panoramas and Q x Q tiles, ``@QxT``: T x T tiles instead, with the BEV grid that covers the
+    tile (T / 8); without ``@``, the preset's sizes."""
     bev = spec.endswith("+bev")
     name, _, size = spec.removesuffix("+bev").partition("@")
     out = [f"model.backbone={name}"]
     if size:
-        s = int(size)
-        out += [f"data.reference_size=[{s},{s}]", f"data.query_size=[{s},{4 * s}]",
-                f"model.bev.grid_size={s // 8}"]
+        q, _, t = size.partition("x")
+        tile = int(t or q)
+        out += [f"data.reference_size=[{tile},{tile}]", f"data.query_size=[{q},{4 * int(q)}]",
+                f"model.bev.grid_size={tile // 8}"]
     return bev, out
 
 
