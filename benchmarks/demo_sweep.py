@@ -6,8 +6,10 @@ compared by steps and by single-thread step time, not by the wall time of a shar
 
 - ``world OUT [--places 1000] [--seed 0]``: the demo's world (CVUSA layout, 128 px tiles,
   512x128 panoramas) with the demo's VFM-like oracle priors, made by the demo's own code;
-- ``steptime --backbones a,b+bev [override ...]``: median single-thread step time of each
-  backbone (``+bev``: with the BEV head) at the demo's sizes, interleaved step by step in one
+- ``steptime --backbones a,b+bev,c@128,d@128x64 [override ...]``: median single-thread step
+  time of each backbone (``+bev``: with the BEV head; ``@128``: 128x512 panoramas and 128 px
+  tiles, ``@128x64``: 64 px tiles, with the BEV grid that covers the tile; see
+  ``variant_overrides``), interleaved step by step in one
   process (fair on a busy machine); prints one line per backbone with its ratio to the first;
 - ``train --steps N WORLD RUN [override ...]``: ``ssageo.train.train`` with the demo's
   overrides plus the given ones for N steps, then R@1/5/10 of ``checkpoints/last`` on the val
@@ -46,14 +48,31 @@ def make_world(out: Path, places: int, seed: int) -> None:
     print(f"priors mIoU {result.statistics['miou']:.3f}")
 
 
+def variant_overrides(spec: str) -> tuple[bool, list[str]]:
+    """``name[@Q[xT]][+bev]`` -> (BEV head on, overrides): backbone ``name``; ``@Q``: Q x 4Q
+    panoramas and Q x Q tiles, ``@QxT``: T x T tiles instead, with the BEV grid that covers the
+    tile (T / 8); without ``@``, the preset's sizes."""
+    bev = spec.endswith("+bev")
+    name, _, size = spec.removesuffix("+bev").partition("@")
+    out = [f"model.backbone={name}"]
+    if size:
+        q, _, t = size.partition("x")
+        tile = int(t or q)
+        out += [f"data.reference_size=[{tile},{tile}]", f"data.query_size=[{q},{4 * int(q)}]",
+                f"model.bev.grid_size={tile // 8}"]
+    return bev, out
+
+
 def step_times(backbones: list[str], overrides: list[str], steps: int) -> dict[str, float]:
     """Median single-thread step time per backbone, interleaved step by step; a name ending in
-    ``+bev`` is that backbone with the BEV head (the SSA model), otherwise without it."""
+    ``+bev`` is that backbone with the BEV head (the SSA model), otherwise without it; ``@S``
+    sets its input size (``variant_overrides``)."""
     from ssageo.demo import StepTimer, demo_config
 
-    timers = {b: StepTimer(demo_config(Path("."), 0, b.endswith("+bev"),
-                                       [f"model.backbone={b.removesuffix('+bev')}", *overrides]))
-              for b in backbones}
+    timers = {}
+    for b in backbones:
+        bev, own = variant_overrides(b)
+        timers[b] = StepTimer(demo_config(Path("."), 0, bev, [*own, *overrides]))
     times: dict[str, list[float]] = {b: [] for b in backbones}
     for i in range(steps + 1):
         for b, timer in timers.items():

@@ -22,6 +22,8 @@ FAMILIES = {
     "convnext_atto": ({}, (160, 8, 48)),
     "resnet18": ({}, (256, 9, 48)),
     "efficientnet_b0": ({}, (112, 9, 48)),
+    # TF "same" padding layers, no SE: the model of model.pretrained=package (test_pretrained)
+    "tf_efficientnet_lite0": ({}, (112, 9, 48)),
     "vit_tiny_patch16_224": (_VIT, (192, 9, 48)),  # 140 rows padded to 144: 9 patches
     "swin_tiny_patch4_window7_224": ({"dynamic_img_size": True}, (384, 9, 48)),
     "vit_small_patch14_dinov2": (_VIT, (384, 10, 55)),  # stride 14 (see encoder.py)

