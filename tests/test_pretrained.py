@@ -89,8 +89,8 @@ def test_model_pretrained_package_builds_the_model_from_them(cache, no_network):
     expected = load_file(str(package_weights_file(LITE0)))
     got = model.encoder("query").backbone.state_dict()
     assert set(expected) - set(got) == {"classifier.weight", "classifier.bias"}
-    for key, value in got.items():
-        assert torch.equal(value, expected[key]), key
+    for key, value in got.items():  # both views' BatchNorm statistics start from ImageNet's
+        assert torch.equal(value, expected[key.removesuffix("_reference")]), key
 
 
 def test_model_info_names_the_package(cache):

@@ -110,6 +110,9 @@ class Model:
     pretrained: str | None = setting(None, "timm (timm's hub weights), a local weights file, "
                                      "or null/none: random weights", checks.as_is)
     shared_encoder: bool = setting(True, "one encoder for both views")
+    view_norm_stats: bool = setting(True, "a shared encoder keeps BatchNorm running statistics "
+                                    "per view (ssageo.model.viewnorm; LayerNorm backbones: no "
+                                    "effect)")
     bev: Bev = section(Bev, "the BEV head supervised by satellite priors")
 
 

@@ -3,6 +3,7 @@ the learnable temperature; ``build_model`` from the config's ``model`` section; 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import logging
@@ -26,6 +27,7 @@ from ssageo.model.encoder import (
     hub_weights,
 )
 from ssageo.model.pretrained import PACKAGE_WEIGHTS, describe, package_weights, package_weights_file
+from ssageo.model.viewnorm import add_view_stats, fill_view_stats, reference_stats
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ class SSAModel(nn.Module):
         backbone = model_cfg["backbone"]
         if model_cfg.get("shared_encoder", True):
             self.encoders = nn.ModuleDict({"shared": Encoder(backbone)})
+            if model_cfg.get("view_norm_stats", True):  # BatchNorm averages per view
+                add_view_stats(self.encoders["shared"])
         else:
             self.encoders = nn.ModuleDict({view: Encoder(backbone) for view in VIEWS})
         for view, size in (("query", self.query_size), ("reference", self.reference_size)):
@@ -78,13 +82,21 @@ class SSAModel(nn.Module):
             raise ValueError(f"view must be one of {VIEWS}, not {view!r}")
         return self.encoders["shared"] if "shared" in self.encoders else self.encoders[view]
 
+    def view_stats(self, view: str) -> contextlib.AbstractContextManager:
+        """Context in which ``view`` runs: a shared encoder's BatchNorm layers use (and, in
+        training, update) that view's running statistics (ssageo.model.viewnorm)."""
+        if view == "reference" and "shared" in self.encoders:
+            return reference_stats(self.encoders["shared"])
+        return contextlib.nullcontext()
+
     @property
     def descriptor_dim(self) -> int:
         return self.encoder("query").descriptor_dim
 
     def embed(self, images: torch.Tensor, view: str = "query") -> torch.Tensor:
         """(B,3,H,W) normalised images -> (B,D) L2-normalised descriptors (no BEV)."""
-        return F.normalize(self.encoder(view)(images), dim=-1)
+        with self.view_stats(view):
+            return F.normalize(self.encoder(view)(images), dim=-1)
 
     def forward(self, query: torch.Tensor | None, reference: torch.Tensor | None,
                 with_bev: bool | None = None) -> dict:
@@ -136,7 +148,8 @@ def build_model(model_cfg: dict, reference_size: tuple[int, int],
     model = SSAModel(model_cfg, reference_size, query_size, logit_scale_init)
     if source in (HUB_WEIGHTS, PACKAGE_WEIGHTS):
         for encoder in model.encoders.values():
-            encoder.backbone.load_state_dict(state)
+            encoder.backbone.load_state_dict(fill_view_stats(state,
+                                                             encoder.backbone.state_dict()))
         log.info("%s: timm's weights from %s", model_cfg["backbone"],
                  f"the hub (cache {hub_cache_dir()})" if source == HUB_WEIGHTS
                  else describe(model_cfg["backbone"]))
@@ -237,7 +250,7 @@ def load_pretrained(model: SSAModel, path: str | Path) -> dict[str, list[str]]:
     if mismatched:
         raise DataError(f"{path}: weights do not fit {model.model_cfg['backbone']}: "
                         + "; ".join(mismatched[:10]))
-    used = {k: v for k, v in renamed.items() if k in own}
+    used = fill_view_stats({k: v for k, v in renamed.items() if k in own}, own)
     if not used:
         raise DataError(f"{path}: no key matches a {model.model_cfg['backbone']} backbone "
                         f"(file keys start {sorted(state)[:3]})")
@@ -291,8 +304,8 @@ def load_weights(model: SSAModel, path: str | Path, data: bytes | None = None) -
     saved by a model of a different configuration, and naming the tensors when some hold NaN
     or infinite values (such weights only give NaN descriptors).
     """
-    state = _read_state_dict(Path(path), data)
     own = model.state_dict()
+    state = fill_view_stats(_read_state_dict(Path(path), data), own)  # older files: shared
     problems = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                 for k, v in state.items() if k in own and v.shape != own[k].shape]
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))

@@ -200,12 +200,15 @@ def grad_cam(run: Run, query_paths: list[Path], reference_paths: list[Path]
     q_enc, r_enc = model.encoder("query"), model.encoder("reference")
     with torch.no_grad():
         q_feat = q_enc.trunk(_inputs(run, query_paths, "query_size"))
-        r_feat = r_enc.trunk(_inputs(run, reference_paths, "reference_size"))
+        with model.view_stats("reference"):
+            r_feat = r_enc.trunk(_inputs(run, reference_paths, "reference_size"))
     q_feat.requires_grad_(True)
     r_feat.requires_grad_(True)
     with torch.enable_grad():
-        similarity = (F.normalize(q_enc.head(q_feat), dim=-1)
-                      * F.normalize(r_enc.head(r_feat), dim=-1)).sum()
+        q_desc = F.normalize(q_enc.head(q_feat), dim=-1)
+        with model.view_stats("reference"):  # the head holds the encoder's last stages
+            r_desc = F.normalize(r_enc.head(r_feat), dim=-1)
+        similarity = (q_desc * r_desc).sum()
         q_grad, r_grad = torch.autograd.grad(similarity, (q_feat, r_feat))
     return _normalised_cam(q_feat, q_grad), _normalised_cam(r_feat, r_grad)
 
