@@ -56,8 +56,8 @@ PANO_SIZE = (512, 128)
 # The demo's training regime on top of the synth-cpu preset (none so far: the cheaper backbone
 # measured for issue 18 learned less per step than resnet18, and ImageNet-pretrained
 # EfficientNet-Lite0 at 128 px costs 2.3x per step and after 300 steps was at chance in eval
-# mode, 13 % R@1 with per-view BatchNorm statistics; benchmarks/RESULTS.md, "The demo's
-# training regime"), and what the default
+# mode, 13 % R@1 with per-view BatchNorm statistics, now the default: model.view_norm_stats;
+# benchmarks/RESULTS.md, "The demo's training regime"), and what the default
 # budget bought on the 2-core machine the plan was sized on (2026-11-24, lightly loaded):
 # FULL_STEPS steps per model, SSA R@1 FULL_R1 % on the 200 held-out places.
 REGIME: list[str] = []
