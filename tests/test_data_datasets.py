@@ -161,3 +161,26 @@ def test_uint8_handover_normalised_on_the_device_equals_the_float_samples(manife
     assert images[1]["image"].dtype == torch.uint8
     assert torch.equal(to_device_normalised(images[1], "cpu", IMAGENET_MEAN,
                                             IMAGENET_STD)["image"], images[0]["image"])
+
+
+def test_the_tile_turned_after_its_resize_is_the_tile_turned_before_it(manifest, monkeypatch):
+    """PairDataset turns the satellite tile after its resize (4x fewer pixels at the real
+    sizes): with the photometric ops on and the JPEG op off, every sample is the one of
+    turning the native tile first (same draws, same pixels)."""
+    import ssageo.data.datasets as datasets
+    from ssageo.data.transforms import Turn, geometric_augment
+
+    cfg = {**_cfg(flip=0.5, rotate=0.75, photometric=True), "reference_size": [40, 40]}
+    now, before = (PairDataset(manifest, cfg, train=True, seed=0) for _ in range(2))
+    for ds in (now, before):
+        ds._views["reference"].transforms[0].p = 0.0  # the JPEG op: its grid would differ
+    new = [now[i] for i in range(12)]
+    monkeypatch.setattr(datasets, "geometric_augment_deferred",
+                        lambda *a: (*geometric_augment(*a), Turn()))
+    turned = 0
+    for i, sample in enumerate(new):
+        old = before[i]
+        assert all(torch.equal(sample[k], old[k]) for k in ("query", "reference", "prior"))
+        turned += not torch.equal(sample["reference"], PairDataset(
+            manifest, {**cfg, "augment": {"photometric": False}}, train=False)[i]["reference"])
+    assert turned >= 6

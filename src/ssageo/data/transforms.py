@@ -14,6 +14,7 @@ looks at azimuth ``360 * u / W - 180`` degrees. Hence:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,26 @@ def _turn(image: np.ndarray, flip: bool, k: int) -> np.ndarray:
     return cv2.flip(image, 0 if k == 2 else 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    """A drawn east-west mirror (``flip``) then ``k`` quarter turns counter-clockwise of a tile
+    or label; calling it applies them in one pass (the identity returns the image itself)."""
+
+    flip: bool = False
+    k: int = 0
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return _turn(image, self.flip, self.k) if self.flip or self.k % 4 else image
+
+
+def draw_turn(rng: np.random.Generator, p_flip: float = 0.5, p_rotate: float = 0.75) -> Turn:
+    """The pair's geometric draws: a mirror with ``p_flip``, then with ``p_rotate`` a turn by
+    k in {1, 2, 3} (uniform)."""
+    flip = bool(rng.random() < p_flip)
+    k = int(rng.integers(1, 4)) if rng.random() < p_rotate else 0
+    return Turn(flip, k)
+
+
 def geometric_augment(
     tile: np.ndarray, prior: np.ndarray | None, pano: np.ndarray, rng: np.random.Generator,
     p_flip: float = 0.5, p_rotate: float = 0.75, panorama: bool = True,
@@ -85,17 +106,30 @@ def geometric_augment(
     The pixels of :func:`flip_pair` then :func:`rotate_pair`, each image moved once: the
     tile's mirror and turn are one OpenCV op, the panorama's two rolls one (they add up).
     """
-    flip = rng.random() < p_flip
-    k = int(rng.integers(1, 4)) if rng.random() < p_rotate else 0
-    tile = _turn(tile, flip, k)
-    prior = None if prior is None else _turn(prior, flip, k)
-    if flip:
+    tile, prior, pano, turn = geometric_augment_deferred(tile, prior, pano, rng, p_flip,
+                                                         p_rotate, panorama)
+    return turn(np.ascontiguousarray(tile)), prior, pano
+
+
+def geometric_augment_deferred(
+    tile: np.ndarray, prior: np.ndarray | None, pano: np.ndarray, rng: np.random.Generator,
+    p_flip: float = 0.5, p_rotate: float = 0.75, panorama: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, Turn]:
+    """:func:`geometric_augment` with the same draws, except that the tile comes back as it
+    came, with the :class:`Turn` to apply to it after its resize to a square size: the
+    ``INTER_LINEAR_EXACT`` resize commutes with mirrors and quarter turns bit for bit
+    (tests/test_data_transforms.py), and a 384 px tile has 4x fewer pixels to move than a
+    750 px one. The label turns here: its nearest-neighbour resize does not commute with them.
+    """
+    turn = draw_turn(rng, p_flip, p_rotate)
+    prior = None if prior is None else turn(np.ascontiguousarray(prior))
+    if turn.flip:
         pano = _fliplr(pano)
     if panorama:
-        shift = (1 if flip else 0) + (-k * pano.shape[1] // 4 if k else 0)
+        shift = (1 if turn.flip else 0) + (-turn.k * pano.shape[1] // 4 if turn.k else 0)
         if shift % pano.shape[1]:
             pano = np.roll(pano, shift, axis=1)
-    return tile, prior, np.ascontiguousarray(pano)
+    return tile, prior, np.ascontiguousarray(pano), turn
 
 
 # Photometric training noise of the reference (SSA ``model_training/sample4geo/transforms.py``
@@ -117,22 +151,26 @@ def train_pipeline(view: str, size: tuple[int, int], hole_height: int) -> albume
     """The reference's training pipeline for ``view`` ("query" or "reference"), resize included.
 
     JPEG compression (q 90-100, p 0.5) on the input pixels, then the resize to ``size`` (H, W)
-    with ``cv2.INTER_LINEAR_EXACT``, then colour jitter (0.15 each, p 0.5), blur or sharpen
-    (p 0.3), and grid dropout (ratio 0.5 ground / 0.4 satellite) or coarse dropout (10-25 holes
-    of side ``hole_range(hole_height)``) (p 0.3). No op moves pixels, so geometry and the prior
-    label stay aligned.
+    with ``cv2.INTER_LINEAR_EXACT``, then (reference view) the tile's drawn mirror and quarter
+    turn, given per call as ``pipeline(image=tile, turn=...)``, then colour jitter (0.15 each,
+    p 0.5), blur or sharpen (p 0.3), and grid dropout (ratio 0.5 ground / 0.4 satellite) or
+    coarse dropout (10-25 holes of side ``hole_range(hole_height)``) (p 0.3). No other op moves
+    pixels, so geometry and the prior label stay aligned.
 
     The ops are albumentations', drawn independently from one generator pair per sample
     (``set_random_seed``), the JPEG one decoded faster: :mod:`ssageo.data.augment`.
     """
     import albumentations as A
 
-    from ssageo.data.augment import ImageCompression, SampleCompose
+    from ssageo.data.augment import ImageCompression, SampleCompose, TileTurn
 
     holes = hole_range(hole_height)
+    # the reference view's mirror and quarter turn after the resize (geometric_augment_deferred)
+    turn = [TileTurn()] if view == "reference" else []
     return SampleCompose([
         ImageCompression(quality_range=(90, 100), p=0.5),
         A.Resize(int(size[0]), int(size[1]), interpolation=RESIZE_INTERPOLATION, p=1.0),
+        *turn,
         A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.15, p=0.5),
         A.OneOf([A.AdvancedBlur(p=1.0), A.Sharpen(p=1.0)], p=0.3),
         A.OneOf([
