@@ -10,6 +10,7 @@ import dataclasses
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from ssageo.data.transforms import (
     flip_pair,
@@ -314,22 +315,25 @@ def test_the_tiles_resize_commutes_with_its_turns_and_the_labels_does_not(native
     assert moved or native == working  # some turn would move the label's samples
 
 
-def test_deferred_geometry_has_the_same_draws_and_turns_the_tile_later():
-    from ssageo.data.transforms import geometric_augment_deferred
+def test_deferred_geometry_has_the_same_draws_and_turns_tile_and_label_later():
+    """The mirror now, the quarter turn after the resizes (the reference's order)."""
+    from ssageo.data.transforms import Turn, geometric_augment_deferred
 
     rng = np.random.default_rng(3)
     tile = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
     prior = rng.integers(0, 2, (12, 12), dtype=np.uint8)
     pano = rng.integers(0, 256, (5, 32, 3), dtype=np.uint8)
-    turns = set()
+    seen = set()
     for seed in range(40):
         t, p, q = geometric_augment(tile, prior, pano, np.random.default_rng(seed))
         t2, p2, q2, turn = geometric_augment_deferred(tile, prior, pano,
                                                       np.random.default_rng(seed))
-        assert t2 is tile and np.array_equal(turn(t2), t)
-        assert np.array_equal(p2, p) and np.array_equal(q2, q)
-        turns.add(turn)
-    assert len(turns) == 8
+        flip = not np.array_equal(t2, tile)
+        assert np.array_equal(t2, Turn(flip)(tile)) and np.array_equal(p2, Turn(flip)(prior))
+        assert not turn.flip and np.array_equal(turn(t2), t) and np.array_equal(turn(p2), p)
+        assert np.array_equal(q2, q)
+        seen.add((flip, turn.k))
+    assert len(seen) == 8
 
 
 def test_the_tile_turns_after_the_resize_with_the_jpeg_grid_on_the_native_tile():
@@ -351,3 +355,15 @@ def test_the_tile_turns_after_the_resize_with_the_jpeg_grid_on_the_native_tile()
     assert np.array_equal(got, turn(resize(jpeg(image=img)["image"], size)))
     assert not np.array_equal(got, resize(jpeg(image=turn(img))["image"], size))
     assert np.array_equal(pipeline(image=img)["image"], resize(jpeg(image=img)["image"], size))
+
+
+def test_uint8_handover_moves_the_channels_first_with_the_same_bytes():
+    from ssageo.data.transforms import to_uint8_tensor
+
+    img = _image(37, 53)
+    for x in (img, img[3:30, ::-1], np.ascontiguousarray(img[:, :5])):  # views too
+        got = to_uint8_tensor(x)
+        assert got.dtype == torch.uint8 and got.is_contiguous()
+        assert np.array_equal(got.numpy(), x.transpose(2, 0, 1))
+    with pytest.raises(ValueError):  # not (H, W, C): refused as before
+        to_uint8_tensor(img[..., 0])

@@ -8,7 +8,7 @@ faster; ``transforms.train_pipeline`` builds them.
   then draws the same first number, so JPEG compression (p 0.5) and colour jitter (p 0.5) were
   applied always together and blur/sharpen and dropout (p 0.3) only with both, always paired
   (docs/FIDELITY.md).
-- :class:`TileTurn`: the tile's drawn mirror and quarter turn, right after the resize.
+- :class:`TileTurn`: the tile's drawn quarter turn, right after the resize.
 - :class:`ImageCompression`: the reference's op, OpenCV's encoder at the drawn quality, with the
   re-encoded image decoded by simplejpeg (the same libjpeg-turbo decoder, the same pixels as
   ``cv2.imdecode``; tests/test_data_decode.py), ~10 % faster.
@@ -44,10 +44,11 @@ class SampleCompose(A.Compose):
 
 
 class TileTurn(A.ImageOnlyTransform):
-    """The satellite tile's mirror and quarter turn, drawn with the pair's geometry
-    (``transforms.geometric_augment_deferred``) and applied after the resize, on 4x fewer
-    pixels than the native tile. With p 1 it draws nothing, so every other op draws what it
-    would without it; ``SampleCompose`` sets ``turn`` per call."""
+    """The satellite tile's quarter turn, drawn with the pair's geometry
+    (``transforms.geometric_augment_deferred``) and applied after the resize, as the reference
+    turns the resized tile (on 4x fewer pixels than the native tile). With p 1 it draws
+    nothing, so every other op draws what it would without it; ``SampleCompose`` sets
+    ``turn`` per call."""
 
     def __init__(self) -> None:
         super().__init__(p=1.0)

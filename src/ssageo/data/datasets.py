@@ -116,8 +116,10 @@ class PairDataset(Dataset):
         self.p_flip = float(aug.get("flip", 0.0)) if train else 0.0
         self.p_rotate = float(aug.get("rotate", 0.0)) if train else 0.0
         self.panorama = get_spec(manifest.dataset).query == "panorama"  # else perspective
-        # the tile turns after its resize when that keeps its shape (geometric_augment_deferred)
-        self._turn_after_resize = self.reference_size[0] == self.reference_size[1]
+        # tile and label turn after their resizes when that keeps their shapes, as the
+        # reference does (geometric_augment_deferred)
+        self._turn_after_resize = all(s[0] == s[1] for s in (self.reference_size,
+                                                             self.prior_size))
         self.photometric = bool(aug.get("photometric", False)) and train
         without = [r for r, p in zip(manifest.reference_paths, manifest.prior_paths, strict=True)
                    if p is None]
@@ -181,13 +183,13 @@ class PairDataset(Dataset):
         query = decode_image(m.query_paths[index], min_size=self._min_sizes[0])
         tile = decode_image(m.reference_paths[ref], min_size=self._min_sizes[1])
         prior = decode_image(m.prior_paths[ref], mode="L") if self.use_priors else None
-        turn = Turn()  # the tile's mirror and quarter turn, applied after its resize
+        turn = Turn()  # the quarter turn of tile and label, applied after their resizes
         if self.train:
             rng = self._rng(index)
             # Geometry first, on the native pixel grid, where the panorama's north column is
-            # exactly W/2; resizing afterwards moves both views consistently. The tile's turn
-            # waits for its resize, which commutes with it exactly: the same pixels, 4x fewer
-            # to move.
+            # exactly W/2; resizing afterwards moves both views consistently. The quarter turn
+            # of tile and label waits for their resizes, as in the reference (the tile's
+            # resize commutes with it exactly: the same pixels, 4x fewer to move).
             geometry = (geometric_augment_deferred(tile, prior, query, rng, self.p_flip,
                                                    self.p_rotate, self.panorama)
                         if self._turn_after_resize else
@@ -209,7 +211,7 @@ class PairDataset(Dataset):
             query = resize(query, query_size)
             tile = turn(resize(tile, self.reference_size))
         if prior is not None:
-            prior = resize_label(prior, self.prior_size)
+            prior = turn(resize_label(prior, self.prior_size))
         sample = {"query": _image_tensor(query, self), "reference": _image_tensor(tile, self),
                   "index": index}
         if prior is not None:
