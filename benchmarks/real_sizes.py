@@ -213,7 +213,8 @@ def decoder_costs(manifest, before, images: int = 48) -> None:
     turbo = _turbojpeg()
     for kind, paths in (("tile", manifest.reference_paths), ("panorama", manifest.query_paths)):
         _decoders(kind, [paths[i % len(paths)] for i in range(images)], turbo)
-    labels = {"level 3, no filters (now)": manifest.prior_paths, "level 6 (before)": before.prior_paths}
+    labels = {"level 3, no filters (now)": manifest.prior_paths,
+              "level 6 (before)": before.prior_paths}
     best = dict.fromkeys(labels, float("inf"))
     for _ in range(ROUNDS):
         for name, paths in labels.items():
