@@ -11,8 +11,9 @@ panoramas. Their training splits go through the cvusa / vigor-same presets' ``da
   ``PairDataset.__getitem__`` one by one, CPU ms per pair in this process, and the whole
   ``__getitem__`` of the same pairs (the rest: sampling, Python, allocation). Columns: the
   library as it is ("now", and with ``data.decode: reduced``); "previous", the library before
-  tile and label turned after their resizes and labels were written to decode fast (both
-  turned at the native size, the same labels written at PIL's default level 6); "baseline",
+  tile and label turned after their resizes, labels were written to decode fast and the uint8
+  handover used cv2.split (both turned at the native size, the same labels written at PIL's
+  default level 6, numpy's transposed copy); "baseline",
   the code before 2026-12-01 (PIL decoding, numpy flips/rotations copied from strided views,
   float32 normalised handover, albumentations' own JPEG-quality op, every op seeded alike).
   (The library before the fast decoding of 2026-12-02 is in benchmarks/RESULTS.md.)
@@ -47,7 +48,6 @@ from ssageo.data.transforms import (
     geometric_augment,
     label_to_classes,
     resize_label,
-    to_uint8_tensor,
 )
 from ssageo.io import read_image, write_image
 
@@ -110,9 +110,15 @@ def _patched(**names):
             setattr(datasets, name, value)
 
 
+def _transposed_uint8(image) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
 def _previous():
-    """Tile and label turned on their native grid with the panorama."""
-    return _patched(geometric_augment_deferred=lambda *a: (*geometric_augment(*a), Turn()))
+    """Tile and label turned on their native grid with the panorama; the uint8 handover by
+    numpy's transposed copy."""
+    return _patched(geometric_augment_deferred=lambda *a: (*geometric_augment(*a), Turn()),
+                    to_uint8_tensor=_transposed_uint8)
 
 
 def _baseline():
@@ -151,7 +157,8 @@ def step_costs(ds: PairDataset, pairs: int) -> dict[str, float]:
     def tensors(q, r, prior):
         label = label_to_classes(prior, ds.classes, dtype=np.int64 if ds.normalise else np.uint8)
         if not ds.normalise:
-            return to_uint8_tensor(q), to_uint8_tensor(r), torch.from_numpy(label)
+            return (datasets.to_uint8_tensor(q), datasets.to_uint8_tensor(r),
+                    torch.from_numpy(label))
         return (datasets.to_tensor(q, ds.mean, ds.std), datasets.to_tensor(r, ds.mean, ds.std),
                 torch.from_numpy(label))
 

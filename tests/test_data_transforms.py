@@ -367,3 +367,15 @@ def test_uint8_handover_moves_the_channels_first_with_the_same_bytes():
         assert np.array_equal(got.numpy(), x.transpose(2, 0, 1))
     with pytest.raises(ValueError):  # not (H, W, C): refused as before
         to_uint8_tensor(img[..., 0])
+
+
+@pytest.mark.parametrize("shape", [(7, 40, 3), (5, 30), (3, 1232, 3)])
+def test_one_copy_roll_of_the_panorama_equals_numpys(shape):
+    from ssageo.data.transforms import _rolled
+
+    pano = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    for mirror in (False, True):
+        for shift in (1, 2, shape[1] // 4 + 1, shape[1] // 2, shape[1] - 1):
+            got = _rolled(pano, shift, mirror)
+            want = np.roll(pano[:, ::-1] if mirror else pano, shift, axis=1)
+            assert got.flags.c_contiguous and np.array_equal(got, want), (mirror, shift)

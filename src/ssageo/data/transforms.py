@@ -92,14 +92,30 @@ def draw_turn(rng: np.random.Generator, p_flip: float = 0.5, p_rotate: float = 0
 
 def _turn_query(pano: np.ndarray, turn: Turn, panorama: bool) -> np.ndarray:
     """The query of a tile turned by ``turn``: a panorama mirrored about its north column and
-    rolled (one pass each), a perspective query only mirrored."""
-    if turn.flip:
-        pano = _fliplr(pano)
-    if panorama:
-        shift = (1 if turn.flip else 0) + (-turn.k * pano.shape[1] // 4 if turn.k else 0)
-        if shift % pano.shape[1]:
-            pano = np.roll(pano, shift, axis=1)
-    return np.ascontiguousarray(pano)
+    rolled, a perspective query only mirrored; contiguous."""
+    w = pano.shape[1]
+    shift = ((1 if turn.flip else 0) + (-turn.k * w // 4 if turn.k else 0)) % w if panorama else 0
+    if not shift:
+        return _fliplr(pano) if turn.flip else np.ascontiguousarray(pano)
+    return _rolled(pano, shift, turn.flip)
+
+
+def _rolled(pano: np.ndarray, shift: int, mirror: bool) -> np.ndarray:
+    """``np.roll(np.fliplr(pano) if mirror else pano, shift, axis=1)`` (0 < shift < W), each
+    pixel copied once into the result (numpy's roll of a mirrored copy moves it three times:
+    ~1 ms of a CVUSA panorama, ~7 ms of a VIGOR one)."""
+    w = pano.shape[1]
+    out = np.empty(pano.shape, pano.dtype)
+    if not mirror:
+        out[:, shift:] = pano[:, :w - shift]
+        out[:, :shift] = pano[:, w - shift:]
+        return out
+    # column j shows mirrored column (j - shift) % W, i.e. pano column W - 1 - (j - shift) % W:
+    # columns shift.. are pano's shift.. mirrored, columns ..shift pano's ..shift mirrored
+    for part, dst in ((pano[:, shift:], out[:, shift:]), (pano[:, :shift], out[:, :shift])):
+        if not np.shares_memory(cv2.flip(part, 1, dst=dst), out):  # OpenCV reallocated
+            dst[...] = part[:, ::-1]
+    return out
 
 
 def geometric_augment(
