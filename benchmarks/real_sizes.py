@@ -12,8 +12,8 @@ panoramas. Their training splits go through the cvusa / vigor-same presets' ``da
   ``__getitem__`` of the same pairs (the rest: sampling, Python, allocation). Columns: the
   library as it is ("now", and with ``data.decode: reduced``); "previous", the library before
   tile and label turned after their resizes, labels were written to decode fast and the uint8
-  handover used cv2.split (both turned at the native size, the same labels written at PIL's
-  default level 6, numpy's transposed copy); "baseline",
+  handover used cv2.split (both turned at the native size, the panorama mirrored then rolled by
+  numpy, the same labels written at PIL's default level 6, numpy's transposed copy); "baseline",
   the code before 2026-12-01 (PIL decoding, numpy flips/rotations copied from strided views,
   float32 normalised handover, albumentations' own JPEG-quality op, every op seeded alike).
   (The library before the fast decoding of 2026-12-02 is in benchmarks/RESULTS.md.)
@@ -45,7 +45,7 @@ from ssageo.data.augment import TileTurn
 from ssageo.data.decode import decode_image
 from ssageo.data.transforms import (
     Turn,
-    geometric_augment,
+    draw_turn,
     label_to_classes,
     resize_label,
 )
@@ -110,14 +110,31 @@ def _patched(**names):
             setattr(datasets, name, value)
 
 
+def _former_geometry(tile, prior, pano, rng, p_flip, p_rotate, panorama=True):
+    """geometric_augment before 2026-12-02's last pass: every image turned on its native grid,
+    the panorama mirrored then rolled by numpy."""
+    from ssageo.data.transforms import _fliplr, _turn
+
+    turn = draw_turn(rng, p_flip, p_rotate)
+    tile = _turn(tile, turn.flip, turn.k)
+    prior = None if prior is None else _turn(prior, turn.flip, turn.k)
+    if turn.flip:
+        pano = _fliplr(pano)
+    if panorama:
+        shift = (1 if turn.flip else 0) + (-turn.k * pano.shape[1] // 4 if turn.k else 0)
+        if shift % pano.shape[1]:
+            pano = np.roll(pano, shift, axis=1)
+    return tile, prior, np.ascontiguousarray(pano), Turn()
+
+
 def _transposed_uint8(image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
 def _previous():
-    """Tile and label turned on their native grid with the panorama; the uint8 handover by
-    numpy's transposed copy."""
-    return _patched(geometric_augment_deferred=lambda *a: (*geometric_augment(*a), Turn()),
+    """Tile and label turned on their native grid with the panorama (mirrored, then rolled by
+    numpy); the uint8 handover by numpy's transposed copy."""
+    return _patched(geometric_augment_deferred=_former_geometry,
                     to_uint8_tensor=_transposed_uint8)
 
 
