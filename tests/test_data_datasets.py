@@ -190,3 +190,7 @@ def test_tile_and_label_turn_after_their_resizes_as_the_reference(manifest, monk
         assert np.array_equal(sample["prior"].numpy(), Turn(False, turn.k)(label) > 127)
         turns.add(turn)
     assert len({t.k for t in turns}) == 4 and len({t.flip for t in turns}) == 2
+    # a non-square working size: tile and label turn on the native grid, shapes stay
+    odd = PairDataset(manifest, {**cfg, "reference_size": [40, 48]}, train=True, seed=0)
+    assert {(tuple(s["reference"].shape), tuple(s["prior"].shape))
+            for s in (odd[i] for i in range(12))} == {((3, 40, 48), (40, 48))}
