@@ -11,10 +11,13 @@ panoramas. Their training splits go through the cvusa / vigor-same presets' ``da
   ``PairDataset.__getitem__`` one by one, CPU ms per pair in this process, and the whole
   ``__getitem__`` of the same pairs (the rest: sampling, Python, allocation). Columns: the
   library as it is ("now", and with ``data.decode: reduced``); "previous", the library before
-  the fast decoding (``read_image`` for every image, albumentations' own JPEG-quality op, every
-  op seeded alike); "baseline", the code before 2026-12-01 (PIL decoding, numpy
-  flips/rotations copied from strided views, float32 normalised handover).
-- Decoders alone on the world's tiles and panoramas.
+  tile and label turned after their resizes, labels were written to decode fast and the uint8
+  handover used cv2.split (both turned at the native size, the panorama mirrored then rolled by
+  numpy, the same labels written at PIL's default level 6, numpy's transposed copy); "baseline",
+  the code before 2026-12-01 (PIL decoding, numpy flips/rotations copied from strided views,
+  float32 normalised handover, albumentations' own JPEG-quality op, every op seeded alike).
+  (The library before the fast decoding of 2026-12-02 is in benchmarks/RESULTS.md.)
+- Decoders alone on the world's tiles, panoramas and labels (both label levels).
 - End to end: ``PairDataset`` through a DataLoader with ONE worker process (batch 32); pairs per
   CPU second of that worker is the rate per loader core (the machine may be shared: wall-clock
   rates are printed with the load average beside them).
@@ -22,6 +25,7 @@ panoramas. Their training splits go through the cvusa / vigor-same presets' ``da
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import resource
@@ -37,9 +41,15 @@ from torch.utils.data import DataLoader
 import ssageo.data.datasets as datasets
 from ssageo.config import load_config
 from ssageo.data import PairDataset, load_manifest
+from ssageo.data.augment import TileTurn
 from ssageo.data.decode import decode_image
-from ssageo.data.transforms import label_to_classes, resize_label, to_uint8_tensor
-from ssageo.io import read_image
+from ssageo.data.transforms import (
+    Turn,
+    draw_turn,
+    label_to_classes,
+    resize_label,
+)
+from ssageo.io import read_image, write_image
 
 DATASETS = {  # name: (preset, layout, places, tile side, panorama (W, H))
     "cvusa": ("cvusa", "cvusa", 16, 750, (1232, 224)),
@@ -100,19 +110,56 @@ def _patched(**names):
             setattr(datasets, name, value)
 
 
+def _former_geometry(tile, prior, pano, rng, p_flip, p_rotate, panorama=True):
+    """geometric_augment before 2026-12-02's last pass: every image turned on its native grid,
+    the panorama mirrored then rolled by numpy."""
+    from ssageo.data.transforms import _fliplr, _turn
+
+    turn = draw_turn(rng, p_flip, p_rotate)
+    tile = _turn(tile, turn.flip, turn.k)
+    prior = None if prior is None else _turn(prior, turn.flip, turn.k)
+    if turn.flip:
+        pano = _fliplr(pano)
+    if panorama:
+        shift = (1 if turn.flip else 0) + (-turn.k * pano.shape[1] // 4 if turn.k else 0)
+        if shift % pano.shape[1]:
+            pano = np.roll(pano, shift, axis=1)
+    return tile, prior, np.ascontiguousarray(pano), Turn()
+
+
+def _transposed_uint8(image) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
 def _previous():
-    return _patched(decode_image=read_image, train_pipeline=_albumentations_pipeline)
+    """Tile and label turned on their native grid with the panorama (mirrored, then rolled by
+    numpy); the uint8 handover by numpy's transposed copy."""
+    return _patched(geometric_augment_deferred=_former_geometry,
+                    to_uint8_tensor=_transposed_uint8)
 
 
 def _baseline():
-    return _patched(decode_image=_pil_decode, geometric_augment=_numpy_geometry,
+    return _patched(decode_image=_pil_decode,
+                    geometric_augment_deferred=lambda *a: (*_numpy_geometry(*a), Turn()),
                     to_tensor=_hwc_to_tensor, train_pipeline=_albumentations_pipeline)
+
+
+def _default_level_labels(manifest, root: Path):
+    """``manifest`` reading copies of its labels written at PIL's default zlib level (6), as
+    labels were written before (the same pixels)."""
+    paths = []
+    for path in manifest.prior_paths:
+        copy = root / Path(path).relative_to(manifest.root)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        write_image(copy, read_image(path, mode="L"))
+        paths.append(copy)
+    return dataclasses.replace(manifest, prior_paths=paths)
 
 
 # --- measurements ---------------------------------------------------------------------------
 def step_costs(ds: PairDataset, pairs: int) -> dict[str, float]:
     """CPU ms per pair of each step of ``PairDataset.__getitem__`` (train, photometric on),
-    with whatever decode_image / geometric_augment / to_tensor ``datasets`` holds now; the last
+    with whatever decode_image / geometry / to_tensor ``datasets`` holds now; the last
     step makes ``ds``'s sample tensors (float32 normalised, or uint8 with ``normalise=False``).
     Then "whole __getitem__": the same pairs through ``ds[i]``, sampling and Python included."""
     cost: dict[str, float] = {}
@@ -127,7 +174,8 @@ def step_costs(ds: PairDataset, pairs: int) -> dict[str, float]:
     def tensors(q, r, prior):
         label = label_to_classes(prior, ds.classes, dtype=np.int64 if ds.normalise else np.uint8)
         if not ds.normalise:
-            return to_uint8_tensor(q), to_uint8_tensor(r), torch.from_numpy(label)
+            return (datasets.to_uint8_tensor(q), datasets.to_uint8_tensor(r),
+                    torch.from_numpy(label))
         return (datasets.to_tensor(q, ds.mean, ds.std), datasets.to_tensor(r, ds.mean, ds.std),
                 torch.from_numpy(label))
 
@@ -140,16 +188,20 @@ def step_costs(ds: PairDataset, pairs: int) -> dict[str, float]:
                      min_size=ds._min_sizes[0])
         prior = timed("decode label", datasets.decode_image, m.prior_paths[ref], mode="L")
         rng = ds._rng(i)
-        tile, prior, pano = timed("geometric aug", datasets.geometric_augment, tile, prior, pano,
-                                  rng, ds.p_flip, ds.p_rotate)
+        tile, prior, pano, turn = timed("geometric aug", datasets.geometric_augment_deferred,
+                                        tile, prior, pano, rng, ds.p_flip, ds.p_rotate)
         images = {"query": pano, "reference": tile}
         for name, view in ds._views.items():
             view.set_random_seed(int(rng.integers(2**31)))
             x = images[name]
-            for step, op in zip(PHOTOMETRIC_STEPS, view.transforms, strict=True):
+            ops = [op for op in view.transforms if not isinstance(op, TileTurn)]
+            for step, op in zip(PHOTOMETRIC_STEPS, ops, strict=True):
                 x = timed(step, op, image=x)["image"]
+                if step.startswith("resize") and len(ops) < len(view.transforms):
+                    x = timed("geometric aug", turn, x)  # the tile's quarter turn (TileTurn)
             images[name] = x
         prior = timed("label resize", resize_label, prior, ds.prior_size)
+        prior = timed("geometric aug", turn, prior)  # the label's quarter turn
         timed("label classes + to-tensor (both views)", tensors, images["query"],
               images["reference"], prior)
     ds[0]  # warm-up
@@ -178,12 +230,24 @@ def _turbojpeg():
                                                   scaling_factor=scale)
 
 
-def decoder_costs(manifest, images: int = 48) -> None:
+def decoder_costs(manifest, before, images: int = 48) -> None:
     """CPU ms per image of each decoder on the world's tiles and panoramas (bytes already read;
-    ``read_image`` reads the file and checks its header too, as the loader runs it)."""
+    ``read_image`` reads the file and checks its header too, as the loader runs it), and of
+    ``decode_image`` on the labels as written now and as ``before`` (a manifest) has them."""
     turbo = _turbojpeg()
     for kind, paths in (("tile", manifest.reference_paths), ("panorama", manifest.query_paths)):
         _decoders(kind, [paths[i % len(paths)] for i in range(images)], turbo)
+    labels = {"level 3, no filters (now)": manifest.prior_paths,
+              "level 6 (before)": before.prior_paths}
+    best = dict.fromkeys(labels, float("inf"))
+    for _ in range(ROUNDS):
+        for name, paths in labels.items():
+            t0 = time.process_time()
+            for i in range(images):
+                decode_image(paths[i % len(paths)], mode="L")
+            best[name] = min(best[name], 1e3 * (time.process_time() - t0) / images)
+    print("  decode_image, labels " + ", ".join(f"{k} {v:.2f}" for k, v in best.items())
+          + " CPU ms per label")
 
 
 def _decoders(kind: str, paths: list, turbo) -> None:
@@ -277,28 +341,32 @@ def _world(tmp: Path, name: str) -> Path:
 #: rounds of each measurement; the least CPU time (best rate) of them is reported
 ROUNDS = 3
 #: the loader configurations compared, in one run: (label, data overrides, PairDataset kwargs,
-#: code patched in). "now" is what `ssageo train` runs (uint8 handover, normalise=False).
+#: code patched in, labels as written before). "now" is what `ssageo train` runs (uint8
+#: handover, normalise=False).
 CONFIGS = (
-    ("baseline", {}, {}, _baseline),
-    ("previous", {}, {"normalise": False}, _previous),
-    ("now", {}, {"normalise": False}, nullcontext),
-    ("now+reduced", {"decode": "reduced"}, {"normalise": False}, nullcontext),
+    ("baseline", {}, {}, _baseline, True),
+    ("previous", {}, {"normalise": False}, _previous, True),
+    ("now", {}, {"normalise": False}, nullcontext, False),
+    ("now+reduced", {"decode": "reduced"}, {"normalise": False}, nullcontext, False),
 )
 
 
 def _datasets(name: str, tmp: Path, configs=CONFIGS) -> tuple:
-    """(manifest, {label: PairDataset}) of ``name``'s world at the real sizes."""
+    """(manifest, manifest with the labels as written before, {label: PairDataset}) of
+    ``name``'s world at the real sizes."""
     manifest = load_manifest(_world(tmp, name), split="train")
+    before = _default_level_labels(manifest, tmp / f"{name}-level6")
     preset = DATASETS[name][0]
     data = load_config(preset)["data"]
     print(f"{name}: preset {preset}: query {data['query_size']}, reference "
           f"{data['reference_size']}, photometric {data['augment']['photometric']}, "
           f"decode {data['decode']}")
     sets = {}
-    for label, over, kw, code in configs:
+    for label, over, kw, code, old_labels in configs:
         with code():  # the pipelines are built in __init__
-            sets[label] = PairDataset(manifest, {**data, **over}, train=True, seed=0, **kw)
-    return manifest, sets
+            sets[label] = PairDataset(before if old_labels else manifest, {**data, **over},
+                                      train=True, seed=0, **kw)
+    return manifest, before, sets
 
 
 def _step_table(sets: dict, pairs: int, configs=CONFIGS,
@@ -308,7 +376,7 @@ def _step_table(sets: dict, pairs: int, configs=CONFIGS,
     step's CPU time, caches and memory bandwidth taken, only ever adds)."""
     costs: dict[str, dict[str, float]] = {}
     for _ in range(rounds):
-        for label, _, _, code in configs:
+        for label, _, _, code, _ in configs:
             with code():
                 new = step_costs(sets[label], pairs)
             old = costs.setdefault(label, new)
@@ -354,7 +422,7 @@ def profile(pairs: int = 64) -> None:
     now = tuple(c for c in CONFIGS if c[0].startswith("now"))
     with tempfile.TemporaryDirectory() as tmp:
         for name in DATASETS:
-            _, sets = _datasets(name, Path(tmp), now)
+            *_, sets = _datasets(name, Path(tmp), now)
             _as_in_workers(_step_table, sets, pairs, now)
 
 
@@ -362,17 +430,17 @@ def real_sizes(pairs: int = 64, samples: int = 256) -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         for name in DATASETS:
-            manifest, sets = _datasets(name, Path(tmp))
+            manifest, before, sets = _datasets(name, Path(tmp))
             costs = _as_in_workers(_step_table, sets, pairs)
             print(f"  normalise on the device (run here on the CPU, 1 thread): "
                   f"{device_normalise_cost(sets['now']):.2f} ms per pair")
-            decoder_costs(manifest)
+            decoder_costs(manifest, before)
             # the baseline's per-step costs are above; its worker (float32 handover) is not
             # run again: RESULTS.md has it
             loaders = [c for c in CONFIGS if c[0] != "baseline"]
             runs: dict[str, list[tuple[float, float]]] = {label: [] for label, *_ in loaders}
             for _ in range(ROUNDS):  # the configurations take turns
-                for label, _, _, code in loaders:
+                for label, _, _, code, _ in loaders:
                     with code():
                         runs[label].append(one_worker(sets[label], samples))
             rates = {label: max(r) for label, r in runs.items()}

@@ -161,3 +161,36 @@ def test_uint8_handover_normalised_on_the_device_equals_the_float_samples(manife
     assert images[1]["image"].dtype == torch.uint8
     assert torch.equal(to_device_normalised(images[1], "cpu", IMAGENET_MEAN,
                                             IMAGENET_STD)["image"], images[0]["image"])
+
+
+def test_tile_and_label_turn_after_their_resizes_as_the_reference(manifest, monkeypatch):
+    """PairDataset mirrors on the native grid and turns tile and label after their resizes (as
+    SSA's datasets, 4x fewer pixels to move at the real sizes): with the photometric ops on and
+    the JPEG op off, the tile is the one of turning it first (same draws, same pixels); the
+    label is SSA's: mirrored, resized (nearest), then turned."""
+    import cv2
+
+    import ssageo.data.datasets as datasets
+    from ssageo.data.transforms import Turn, draw_turn, geometric_augment
+    from ssageo.io import read_image
+
+    cfg = {**_cfg(flip=0.5, rotate=0.75, photometric=True), "reference_size": [40, 40]}
+    now, before = (PairDataset(manifest, cfg, train=True, seed=0) for _ in range(2))
+    for ds in (now, before):
+        ds._views["reference"].transforms[0].p = 0.0  # the JPEG op: its grid would differ
+    new = [now[i] for i in range(20)]
+    monkeypatch.setattr(datasets, "geometric_augment_deferred",
+                        lambda *a: (*geometric_augment(*a), Turn()))
+    turns = set()
+    for i, sample in enumerate(new):
+        assert all(torch.equal(sample[k], before[i][k]) for k in ("query", "reference"))
+        turn = draw_turn(np.random.default_rng([0, 0, i]))  # the sample's first draws
+        label = read_image(manifest.prior_paths[int(manifest.positive[i])], mode="L")
+        label = cv2.resize(Turn(turn.flip)(label), (40, 40), interpolation=cv2.INTER_NEAREST)
+        assert np.array_equal(sample["prior"].numpy(), Turn(False, turn.k)(label) > 127)
+        turns.add(turn)
+    assert len({t.k for t in turns}) == 4 and len({t.flip for t in turns}) == 2
+    # a non-square working size: tile and label turn on the native grid, shapes stay
+    odd = PairDataset(manifest, {**cfg, "reference_size": [40, 48]}, train=True, seed=0)
+    assert {(tuple(s["reference"].shape), tuple(s["prior"].shape))
+            for s in (odd[i] for i in range(12))} == {((3, 40, 48), (40, 48))}

@@ -10,6 +10,7 @@ import dataclasses
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from ssageo.data.transforms import (
     flip_pair,
@@ -139,14 +140,16 @@ def _op(t):
     return (name, t.p, {k: getattr(t, k) for k in keys.get(name, ())})
 
 
-def _reference_pipeline(ratio, size, holes):
-    """SSA's get_transforms_train (model_training/sample4geo/transforms.py), written out."""
+def _reference_pipeline(ratio, size, holes, turn=False):
+    """SSA's get_transforms_train (model_training/sample4geo/transforms.py), written out; with
+    ``turn`` (the satellite view), our tile's mirror and quarter turn after the resize."""
     jitter = {"brightness": (0.85, 1.15), "contrast": (0.85, 1.15), "saturation": (0.85, 1.15),
               "hue": (-0.15, 0.15)}
     return [
         ("ImageCompression", 0.5, {"quality_range": (90, 100)}),
         ("Resize", 1.0, {"height": size[0], "width": size[1],
                          "interpolation": cv2.INTER_LINEAR_EXACT}),
+        *([("TileTurn", 1.0, {})] if turn else []),
         ("ColorJitter", 0.5, jitter),
         ("OneOf", 0.3, [("AdvancedBlur", 1.0, {}), ("Sharpen", 1.0, {})]),
         ("OneOf", 0.3, [("GridDropout", 1.0, {"ratio": ratio}),
@@ -162,7 +165,7 @@ def test_training_pipelines_are_the_references_with_holes_scaled_to_the_working_
     assert _describe(train_pipeline("query", (140, 768), 384)) == \
         _reference_pipeline(0.5, (140, 768), (38, 76))
     assert _describe(train_pipeline("reference", (384, 384), 384)) == \
-        _reference_pipeline(0.4, (384, 384), (38, 76))
+        _reference_pipeline(0.4, (384, 384), (38, 76), turn=True)
 
 
 @pytest.mark.parametrize("hole_size_from, query_holes", [("reference", (19, 38)),
@@ -180,7 +183,8 @@ def test_pair_dataset_sizes_holes_from_the_satellite_or_each_view(synth_world, h
     for view, size, holes in (("query", (70, 384), query_holes),
                               ("reference", (192, 192), (19, 38))):
         ratio = {"query": 0.5, "reference": 0.4}[view]
-        assert _describe(ds._views[view]) == _reference_pipeline(ratio, size, holes)
+        assert _describe(ds._views[view]) == _reference_pipeline(ratio, size, holes,
+                                                                 turn=view == "reference")
     sample = ds[0]
     assert sample["query"].shape == (3, 70, 384) and sample["reference"].shape == (3, 192, 192)
     from ssageo.config import ConfigError
@@ -282,3 +286,96 @@ def test_one_pass_geometry_equals_the_flip_then_the_rotation(panorama):
             assert a.flags.c_contiguous and np.array_equal(a, b), (flip, k)
         seen.add((flip, k))
     assert len(seen) == 8
+
+
+# the satellite tile sizes of the datasets (CVUSA 750, VIGOR 640, CVACT 1200, University 512,
+# synthetic 256 and 64) to the working sizes (384, synth-cpu 64)
+TILE_RESIZES = [(750, 384), (640, 384), (1200, 384), (512, 384), (256, 64), (64, 64)]
+
+
+@pytest.mark.parametrize("native, working", TILE_RESIZES)
+def test_the_tiles_resize_commutes_with_its_turns_and_the_labels_does_not(native, working):
+    """Why the tile may turn after its resize (geometric_augment_deferred) and the label not:
+    INTER_LINEAR_EXACT gives the same pixels either way for all 8 (flip, k), the label's
+    nearest-neighbour resize does not."""
+    from ssageo.data.transforms import Turn, resize_label
+
+    rng = np.random.default_rng(native)
+    tile = rng.integers(0, 256, (native, native, 3), dtype=np.uint8)
+    label = rng.integers(0, 2, (native, native), dtype=np.uint8) * 255
+    moved = set()
+    for flip in (False, True):
+        for k in range(4):
+            turn = Turn(flip, k)
+            assert np.array_equal(resize(turn(tile), (working, working)),
+                                  turn(resize(tile, (working, working)))), (flip, k)
+            if not np.array_equal(resize_label(turn(label), (working, working)),
+                                  turn(resize_label(label, (working, working)))):
+                moved.add((flip, k))
+    assert moved or native == working  # some turn would move the label's samples
+
+
+def test_deferred_geometry_has_the_same_draws_and_turns_tile_and_label_later():
+    """The mirror now, the quarter turn after the resizes (the reference's order)."""
+    from ssageo.data.transforms import Turn, geometric_augment_deferred
+
+    rng = np.random.default_rng(3)
+    tile = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    prior = rng.integers(0, 2, (12, 12), dtype=np.uint8)
+    pano = rng.integers(0, 256, (5, 32, 3), dtype=np.uint8)
+    seen = set()
+    for seed in range(40):
+        t, p, q = geometric_augment(tile, prior, pano, np.random.default_rng(seed))
+        t2, p2, q2, turn = geometric_augment_deferred(tile, prior, pano,
+                                                      np.random.default_rng(seed))
+        flip = not np.array_equal(t2, tile)
+        assert np.array_equal(t2, Turn(flip)(tile)) and np.array_equal(p2, Turn(flip)(prior))
+        assert not turn.flip and np.array_equal(turn(t2), t) and np.array_equal(turn(p2), p)
+        assert np.array_equal(q2, q)
+        seen.add((flip, turn.k))
+    assert len(seen) == 8
+
+
+def test_the_tile_turns_after_the_resize_with_the_jpeg_grid_on_the_native_tile():
+    """In the satellite pipeline the turn comes after the JPEG op and the resize: the JPEG
+    grid lies on the native tile (not turning first: other pixels where the op fires)."""
+    import albumentations as A
+
+    from ssageo.data.transforms import Turn
+
+    img, size, turn = _image(200, 200), (96, 96), Turn(True, 1)
+    pipeline = train_pipeline("reference", size, 384)
+    jpeg = A.ImageCompression(quality_range=(90, 90), p=1.0)
+    for t in pipeline.transforms:
+        name = type(t).__name__
+        t.p = 1.0 if name in ("Resize", "ImageCompression", "TileTurn") else 0.0
+        if name == "ImageCompression":
+            t.quality_range = (90, 90)
+    got = pipeline(image=img, turn=turn)["image"]
+    assert np.array_equal(got, turn(resize(jpeg(image=img)["image"], size)))
+    assert not np.array_equal(got, resize(jpeg(image=turn(img))["image"], size))
+    assert np.array_equal(pipeline(image=img)["image"], resize(jpeg(image=img)["image"], size))
+
+
+def test_uint8_handover_moves_the_channels_first_with_the_same_bytes():
+    from ssageo.data.transforms import to_uint8_tensor
+
+    img = _image(37, 53)
+    for x in (img, img[3:30, ::-1], np.ascontiguousarray(img[:, :5])):  # views too
+        got = to_uint8_tensor(x)
+        assert got.dtype == torch.uint8 and got.is_contiguous()
+        assert np.array_equal(got.numpy(), x.transpose(2, 0, 1))
+    with pytest.raises(ValueError):  # not (H, W, C): refused as before
+        to_uint8_tensor(img[..., 0])
+
+
+@pytest.mark.parametrize("shape", [(7, 40, 3), (5, 30), (3, 1232, 3)])
+def test_one_copy_roll_of_the_panorama_equals_numpys(shape):
+    from ssageo.data.transforms import _rolled
+
+    pano = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    for mirror in (False, True):
+        for shift in (1, 2, shape[1] // 4 + 1, shape[1] // 2, shape[1] - 1):
+            got = _rolled(pano, shift, mirror)
+            want = np.roll(pano[:, ::-1] if mirror else pano, shift, axis=1)
+            assert got.flags.c_contiguous and np.array_equal(got, want), (mirror, shift)

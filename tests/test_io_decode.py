@@ -111,3 +111,38 @@ def test_reduced_decode_then_resize_is_close_to_full_decode_then_resize(tmp_path
     assert diff.mean() < 4.0, diff.mean()
     assert np.abs(full.mean(axis=(0, 1)) - reduced.mean(axis=(0, 1))).max() < 0.5
     assert diff.any()  # not the same pixels: the option is not a free lunch
+
+
+def png_zlib_level(path) -> tuple[int, tuple[int, ...]]:
+    """(the FLEVEL field of a PNG's zlib stream: 0 fastest .. 3 maximum compression, the row
+    filter types used) of an 8-bit grey PNG."""
+    import zlib
+
+    data, at, stream = open(path, "rb").read(), 8, b""
+    while at < len(data):  # chunks: length, type, data, CRC
+        size = int.from_bytes(data[at:at + 4], "big")
+        if data[at + 4:at + 8] == b"IDAT":
+            stream += data[at + 8:at + 8 + size]
+        at += 12 + size
+    width = int.from_bytes(data[16:20], "big")
+    rows = zlib.decompress(stream)
+    return stream[1] >> 6, tuple(sorted(set(rows[::width + 1])))  # filter byte, then the row
+
+
+def test_labels_are_written_to_decode_fast_with_the_same_pixels(tmp_path, synth_world):
+    from ssageo.data.decode import decode_image
+    from ssageo.data.transforms import resize_label
+    from ssageo.io import write_image
+
+    label = resize_label(((_textured(94, 94)[..., 0] > 128) * 255).astype(np.uint8), (750, 750))
+    write_image(tmp_path / "label.png", label, label=True)
+    write_image(tmp_path / "image.png", label)
+    assert png_zlib_level(tmp_path / "label.png") == (1, (0,))  # zlib level 3, no filters
+    assert png_zlib_level(tmp_path / "image.png")[0] == 2  # PIL's default, level 6
+    for name in ("label.png", "image.png"):  # the same 8-bit grey 0/255 PNG, read alike
+        assert np.array_equal(decode_image(tmp_path / name, mode="L"), label)
+        assert np.array_equal(_pil(tmp_path / name, "L"), label)
+    # `ssageo synth` writes its label maps so (`ssageo priors`: tests/test_priors.py)
+    world = synth_world("cvusa")
+    labels = (world / "sat_BEV_label").rglob("*.png")
+    assert {png_zlib_level(p) for p in labels} == {(1, (0,))}

@@ -219,6 +219,10 @@ def test_a_rerun_with_other_parameters_is_refused_naming_them(synth_world, tmp_p
     assert _priors(capsys, world)[0] == 0
     record = json.loads((world / "priors-run.json").read_text())
     assert record["parameters"]["backend"] == "oracle" and record["parameters"]["erode"] == 0
+    from test_io_decode import png_zlib_level  # written to decode fast: level 3, no filters
+
+    labels = (world / "sat_BEV_label").rglob("*.png")
+    assert {png_zlib_level(p) for p in labels} == {(1, (0,))}
     code, out, err = _priors(capsys, world, "--erode", "1", "--seed", "4")
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1
     assert "priors-run.json" in err and "erode (0 -> 1)" in err and "seed (0 -> 4)" in err

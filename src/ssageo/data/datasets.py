@@ -32,7 +32,9 @@ from ssageo.data.registry import get_spec
 from ssageo.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    Turn,
     geometric_augment,
+    geometric_augment_deferred,
     label_to_classes,
     resize,
     resize_label,
@@ -114,6 +116,10 @@ class PairDataset(Dataset):
         self.p_flip = float(aug.get("flip", 0.0)) if train else 0.0
         self.p_rotate = float(aug.get("rotate", 0.0)) if train else 0.0
         self.panorama = get_spec(manifest.dataset).query == "panorama"  # else perspective
+        # tile and label turn after their resizes when that keeps their shapes, as the
+        # reference does (geometric_augment_deferred)
+        self._turn_after_resize = all(s[0] == s[1] for s in (self.reference_size,
+                                                             self.prior_size))
         self.photometric = bool(aug.get("photometric", False)) and train
         without = [r for r, p in zip(manifest.reference_paths, manifest.prior_paths, strict=True)
                    if p is None]
@@ -177,12 +183,19 @@ class PairDataset(Dataset):
         query = decode_image(m.query_paths[index], min_size=self._min_sizes[0])
         tile = decode_image(m.reference_paths[ref], min_size=self._min_sizes[1])
         prior = decode_image(m.prior_paths[ref], mode="L") if self.use_priors else None
+        turn = Turn()  # the quarter turn of tile and label, applied after their resizes
         if self.train:
             rng = self._rng(index)
             # Geometry first, on the native pixel grid, where the panorama's north column is
-            # exactly W/2; resizing afterwards moves both views consistently.
-            tile, prior, query = geometric_augment(tile, prior, query, rng,
-                                                   self.p_flip, self.p_rotate, self.panorama)
+            # exactly W/2; resizing afterwards moves both views consistently. The quarter turn
+            # of tile and label waits for their resizes, as in the reference (the tile's
+            # resize commutes with it exactly: the same pixels, 4x fewer to move).
+            geometry = (geometric_augment_deferred(tile, prior, query, rng, self.p_flip,
+                                                   self.p_rotate, self.panorama)
+                        if self._turn_after_resize else
+                        (*geometric_augment(tile, prior, query, rng, self.p_flip, self.p_rotate,
+                                            self.panorama), turn))
+            tile, prior, query, turn = geometry
         if not crop.identity:  # the crop of the panorama as augmented
             heading = crop.heading_for(index, rng if self.train else None)
             query = crop_panorama(query, crop.fov, heading)
@@ -191,13 +204,14 @@ class PairDataset(Dataset):
             for name in ("query", "reference"):
                 view = self._query_pipeline(query_size) if name == "query" else self._views[name]
                 view.set_random_seed(int(rng.integers(2**31)))
-                images[name] = view(image=images[name])["image"]
+                images[name] = view(image=images[name],
+                                    turn=turn if name == "reference" else None)["image"]
             query, tile = images["query"], images["reference"]
         else:
             query = resize(query, query_size)
-            tile = resize(tile, self.reference_size)
+            tile = turn(resize(tile, self.reference_size))
         if prior is not None:
-            prior = resize_label(prior, self.prior_size)
+            prior = turn(resize_label(prior, self.prior_size))
         sample = {"query": _image_tensor(query, self), "reference": _image_tensor(tile, self),
                   "index": index}
         if prior is not None:

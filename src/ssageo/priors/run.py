@@ -161,7 +161,8 @@ def run_priors(
 
     def write(tile: Tile, label: np.ndarray) -> None:
         _check_label(tile, label)
-        write_image(tile.prior_path, label)  # an OutputError when it cannot: stops the run
+        # an OutputError when it cannot: stops the run
+        write_image(tile.prior_path, label, label=True)
         if record is not None:
             record.mark([tile.rel])
         fractions.append(float(np.count_nonzero(label)) / label.size)

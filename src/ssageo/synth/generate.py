@@ -283,7 +283,7 @@ def _render_job(index: int) -> int:
         rgb, classes = render_panorama(world, job.row, job.col, pano_size, rng)
         write_image(out / job.image, rgb)
         if job.labels:
-            write_image(out / job.labels[0], classes)
+            write_image(out / job.labels[0], classes, label=True)
     elif job.kind == "drone":
         write_image(out / job.image, render_drone(world, job.row, job.col, sat_size, rng))
     else:
@@ -291,8 +291,8 @@ def _render_job(index: int) -> int:
         write_image(out / job.image, rgb)
         if len(job.labels) == 2:  # (prior, truth); a University tile has the truth only
             prior = np.where((classes == BUILDING) | (classes == TREE), 255, 0).astype(np.uint8)
-            write_image(out / job.labels[0], prior)
-        write_image(out / job.labels[-1], classes)
+            write_image(out / job.labels[0], prior, label=True)
+        write_image(out / job.labels[-1], classes, label=True)
     return 1
 
 
