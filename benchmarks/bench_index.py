@@ -30,7 +30,8 @@ import numpy as np
 
 from ssageo.evaluate import ann
 from ssageo.evaluate.ann import exact_topk
-from ssageo.evaluate.shards import ShardedIndex, build_sharded
+from ssageo.evaluate.shardindex import ShardedIndex
+from ssageo.evaluate.shards import build_sharded
 
 
 def fit_mixture(data: Path, checkpoint: Path | None, config: str, rank: int, components: int):
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--pq-bytes", type=int, default=32)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--rerank", type=int, nargs="+", default=[0, 50, 100, 200])
+    parser.add_argument("--rerank-store", choices=["float32", "sq12", "sq8"], default="float32",
+                        help="What the index keeps for re-ranking (ssageo.evaluate.ann).")
     parser.add_argument("--exact-queries", type=int, default=100,
                         help="Queries timed through the exact sharded index (0: skip).")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()))
@@ -174,7 +177,7 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         build_sharded(folder, NamedRows(args.tiles), embed, meta, "ivfpq", args.shard_size,
-                      args.lists, args.pq_bytes, rerank_store=True,
+                      args.lists, args.pq_bytes, rerank_store=args.rerank_store,
                       embed_rows=lambda rows: train.chunk(0, len(rows)),
                       log=lambda m: print(m, flush=True))
         build_s = time.perf_counter() - t0 - gen_s - gt_s
@@ -184,15 +187,16 @@ def main() -> None:
         load_s = time.perf_counter() - t0
         result = {
             "source": args.source, "tiles": args.tiles, "dim": args.dim, "lists": args.lists,
-            "pq_bytes": args.pq_bytes, "queries": len(q), "threads": os.environ.get(
-                "OMP_NUM_THREADS"), "load_avg_start": os.getloadavg()[0],
+            "pq_bytes": args.pq_bytes, "rerank_store": args.rerank_store, "queries": len(q),
+            "threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_start": os.getloadavg()[0],
             "build_s": round(build_s, 1), "generate_s": round(gen_s, 1),
             "ground_truth_s": round(gt_s, 1), "load_s": round(load_s, 1),
             "memory_bytes_per_tile": round(ann.memory_bytes(index.ann) / args.tiles, 2),
             "disk_codes_bytes_per_tile": round(sum(
                 v for k, v in sizes.items() if k.endswith(".npz")) / args.tiles, 2),
-            "disk_floats_bytes_per_tile": round(sum(
-                v for k, v in sizes.items() if k.endswith(".f32.npy")) / args.tiles, 2),
+            "disk_store_bytes_per_tile": round(sum(
+                v for k, v in sizes.items() if k.endswith((".f32.npy", ".sq12.npy", ".sq8.npy")))
+                / args.tiles, 2),
             "runs": [],
         }
         for nprobe in args.nprobe:
@@ -206,7 +210,7 @@ def main() -> None:
                        "recall@10": recall(found, truth_i, 10)}
                 result["runs"].append(run)
                 print(json.dumps(run), flush=True)
-        if args.exact_queries:
+        if args.exact_queries and args.rerank_store == "float32":
             t0 = time.perf_counter()
             exact_topk(q[: args.exact_queries], index.stores(), 10)
             result["exact_qps"] = round(args.exact_queries / (time.perf_counter() - t0), 1)

@@ -221,8 +221,10 @@ def index_build(
     lists: int | None = typer.Option(
         None, min=1, help="ivfpq: inverted lists (default about 4 sqrt(tiles))."),
     pq_bytes: int = typer.Option(32, min=1, help="ivfpq: code bytes per tile."),
-    rerank_store: bool = typer.Option(
-        True, help="ivfpq: also store float descriptors for exact re-ranking (locate --rerank)."
+    rerank_store: str = typer.Option(
+        "float32", help="ivfpq: what to keep for re-ranking (locate --rerank): float32 "
+        "descriptors (exact scores), sq12 / sq8 (residuals in 12 / 8 bits: 3/8 / 1/4 of "
+        "the bytes) or none."
     ),
     extend: bool = typer.Option(False, "--extend", help="Add these tiles to an existing folder."),
     batch_size: int = typer.Option(64, min=1, help="Tiles per batch."),

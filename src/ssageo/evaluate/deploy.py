@@ -172,7 +172,8 @@ class OnnxLocalizer(Localizer):
 def build_onnx_index(
     onnx_path: str | Path, table: TileTable, out: str | Path,
     source: str, kind: str = "exact", shard_size: int = 65536, lists: int | None = None,
-    pq_bytes: int = 32, rerank_store: bool = True, extend: bool = False, batch_size: int = 64,
+    pq_bytes: int = 32, rerank_store: str | bool = "float32", extend: bool = False,
+    batch_size: int = 64,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict:
     """Embed the tiles of ``table`` (:mod:`ssageo.evaluate.tiles`) with an exported reference

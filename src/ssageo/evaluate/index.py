@@ -39,8 +39,8 @@ from ssageo.io import DataError, atomic_write, read_image
 if TYPE_CHECKING:  # torch is imported where a model runs: an index opens without it (--onnx)
     import torch
 
-if TYPE_CHECKING:  # shards imports this module
-    from ssageo.evaluate.shards import ShardedIndex
+if TYPE_CHECKING:  # shardindex imports this module
+    from ssageo.evaluate.shardindex import ShardedIndex
 
 INDEX_FORMAT = "ssageo-index"
 INDEX_VERSION = 1
@@ -222,7 +222,7 @@ def open_index(path: str | Path) -> GeoIndex | ShardedIndex:
     """A :class:`GeoIndex` (one ``.npz`` file) or a sharded index (a folder with a manifest)."""
     path = Path(path)
     if path.is_dir():
-        from ssageo.evaluate.shards import ShardedIndex
+        from ssageo.evaluate.shardindex import ShardedIndex
 
         return ShardedIndex.load(path)
     return GeoIndex.load(path)
