@@ -69,11 +69,9 @@ class ShardedIndex:
                      allow_pickle=False) as npz:
             return npz[key]
 
-    def _store(self, s: int) -> np.ndarray | None:
+    def _store(self, s: int) -> np.ndarray:
         """Shard ``s``'s memory-mapped re-ranking store: float32 descriptors or sq12 / sq8
-        code rows (None when it stores none)."""
-        if self.store == "none":
-            return None
+        code rows (only asked for when the index keeps one)."""
         if s not in self._stores:
             name = self.shards[s]["name"].replace(".npz", STORE_SUFFIX[self.store])
             self._stores[s] = np.load(self._file(self.shards[s], name), mmap_mode="r")
