@@ -134,6 +134,11 @@ def main() -> None:
     parser.add_argument("--rerank", type=int, nargs="+", default=[0, 50, 100, 200])
     parser.add_argument("--rerank-store", choices=["float32", "sq12", "sq8"], default="float32",
                         help="What the index keeps for re-ranking (ssageo.evaluate.ann).")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="Read the re-ranking store into RAM at load (locate --in-memory).")
+    parser.add_argument("--keep", action="store_true", help="Keep the index folder.")
+    parser.add_argument("--search-threads", type=int, default=None,
+                        help="faiss/BLAS threads while searching (default: as while building).")
     parser.add_argument("--exact-queries", type=int, default=100,
                         help="Queries timed through the exact sharded index (0: skip).")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()))
@@ -183,7 +188,7 @@ def main() -> None:
         build_s = time.perf_counter() - t0 - gen_s - gt_s
         sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
         t0 = time.perf_counter()
-        index = ShardedIndex.load(folder)
+        index = ShardedIndex.load(folder, in_memory=args.in_memory)
         load_s = time.perf_counter() - t0
         result = {
             "source": args.source, "tiles": args.tiles, "dim": args.dim, "lists": args.lists,
@@ -199,6 +204,13 @@ def main() -> None:
                 / args.tiles, 2),
             "runs": [],
         }
+        if args.search_threads:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(args.search_threads)
+            ann.faiss_module().omp_set_num_threads(args.search_threads)
+            result["search_threads"] = args.search_threads
+        result["in_memory"] = args.in_memory
         for nprobe in args.nprobe:
             for rerank in args.rerank:
                 index.search(q[:20], 10, nprobe=nprobe, rerank=rerank)  # warm the page cache
@@ -217,7 +229,8 @@ def main() -> None:
         result["load_avg_end"] = os.getloadavg()[0]
         print(json.dumps(result))
     finally:
-        shutil.rmtree(folder.parent)  # the bench's own temporary folder
+        if not args.keep:
+            shutil.rmtree(folder.parent)  # the bench's own temporary folder
 
 
 if __name__ == "__main__":

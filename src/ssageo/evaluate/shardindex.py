@@ -30,16 +30,19 @@ class ShardedIndex:
 
     Loading checks every file's presence and size; a file's SHA-256 is checked when it is
     first read (an ``ivfpq`` index reads every shard's codes at once and holds them in memory,
-    ``pq_bytes`` + 8 bytes per tile; float stores are memory-mapped when a search needs them).
+    ``pq_bytes`` + 8 bytes per tile; re-ranking stores are memory-mapped when a search needs
+    them, or, ``in_memory``, read whole at load: re-scoring then never waits for the disk, where
+    the OS's page cache would not keep a memory-mapped store).
     """
 
-    def __init__(self, folder: Path, manifest: dict) -> None:
+    def __init__(self, folder: Path, manifest: dict, in_memory: bool = False) -> None:
         self.path, self.manifest = folder, manifest
         self.metadata, self.kind = manifest["metadata"], manifest["kind"]
         self.shards = manifest["shards"]
         self.firsts = np.asarray([s["first"] for s in self.shards], dtype=np.int64)
         self._checked: set[str] = set()
         self._stores: dict[int, np.ndarray] = {}
+        self.in_memory = in_memory
         self.store = manifest_store(manifest)  # "float32", "sq12", "sq8" or "none"
         self.sq: ann.ResidualSQ | None = None  # the compressed store's codec
         self._column = functools.lru_cache(maxsize=8)(self._read_column)  # per shard and key
@@ -74,7 +77,8 @@ class ShardedIndex:
         code rows (only asked for when the index keeps one)."""
         if s not in self._stores:
             name = self.shards[s]["name"].replace(".npz", STORE_SUFFIX[self.store])
-            self._stores[s] = np.load(self._file(self.shards[s], name), mmap_mode="r")
+            self._stores[s] = np.load(self._file(self.shards[s], name),
+                                      mmap_mode=None if self.in_memory else "r")
         return self._stores[s]
 
     def stores(self) -> Iterator[tuple[int, np.ndarray]]:
@@ -86,7 +90,7 @@ class ShardedIndex:
         return ((int(self.firsts[s]), self._store(s)) for s in range(len(self.shards)))
 
     @classmethod
-    def load(cls, folder: str | Path) -> ShardedIndex:
+    def load(cls, folder: str | Path, in_memory: bool = False) -> ShardedIndex:
         """Open an index folder (DataError naming the first missing or corrupt file)."""
         folder = Path(folder)
         manifest = read_manifest(folder)
@@ -95,7 +99,11 @@ class ShardedIndex:
         if not manifest["complete"]:
             raise DataError(f"{folder}: index build was interrupted after {manifest['count']} "
                             "tiles; rerun the same `ssageo index build` to finish it")
-        return cls(folder, manifest)
+        index = cls(folder, manifest, in_memory)
+        if in_memory and index.store != "none":
+            for s in range(len(index.shards)):
+                index._store(s)  # read now: every search then re-scores from RAM
+        return index
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
         """The store's rows ``ids`` (1-D): float32 descriptors or code rows, gathered from
