@@ -94,6 +94,10 @@ def test_a_compressed_store_reranks_like_the_float_store_in_fewer_bytes(tmp_path
                                atol=1e-5)  # scoring without decoding is the same sum
     s_f, i_f = f32.search(queries, 10, nprobe=8, rerank=50)
     s_q, i_q = small.search(queries, 10, nprobe=8, rerank=50)
+    in_ram = ShardedIndex.load(tmp_path / store, in_memory=True)  # read whole, not mapped
+    assert all(type(in_ram._store(s)) is np.ndarray for s in range(2))
+    assert all(isinstance(small._store(s), np.memmap) for s in range(2))
+    np.testing.assert_array_equal(in_ram.search(queries, 10, nprobe=8, rerank=50)[1], i_q)
     assert np.mean(i_q[:, 0] == np.argmax(exact, axis=1)) >= 0.99
     assert np.mean(i_q[:, 0] == i_f[:, 0]) >= 0.99
     error = np.abs(s_q - np.take_along_axis(exact, i_q, 1))
@@ -319,7 +323,8 @@ def test_cli_builds_an_ivfpq_index_and_locates_with_reranking(tile_csv, tmp_path
     assert manifest["params"] == {"shard_size": 300, "lists": 2, "pq_bytes": 8,
                                   "rerank_store": "sq12"}
     located = cli("locate", root / "t5.png", root / "t7.png", "--index", tmp_path / "ivf",
-                  "--json", "--rerank", 20, "--nprobe", 2, "--top-k", 3, "--device", "cpu")
+                  "--json", "--rerank", 20, "--in-memory", "--nprobe", 2, "--top-k", 3,
+                  "--device", "cpu")
     out, err = located.communicate()
     assert located.returncode == 0, err
     for image, hits in zip(("t5.png", "t7.png"), json.loads(out), strict=True):

@@ -153,8 +153,9 @@ def check_same_model(encoder: OnnxEncoder, metadata: dict, where: Path | None) -
 class OnnxLocalizer(Localizer):
     """:class:`Localizer` whose query encoder is an exported ONNX file (no torch)."""
 
-    def __init__(self, index_path: str | Path, onnx_path: str | Path) -> None:
-        self.index = open_index(index_path)
+    def __init__(self, index_path: str | Path, onnx_path: str | Path,
+                 in_memory: bool = False) -> None:
+        self.index = open_index(index_path, in_memory)
         self.encoder = OnnxEncoder(onnx_path, view="query")
         check_same_model(self.encoder, self.index.metadata, self.index.path)
         self.timings: list[dict] = []
