@@ -30,7 +30,8 @@ import numpy as np
 
 from ssageo.evaluate import ann
 from ssageo.evaluate.ann import exact_topk
-from ssageo.evaluate.shards import ShardedIndex, build_sharded
+from ssageo.evaluate.shardindex import ShardedIndex
+from ssageo.evaluate.shards import build_sharded
 
 
 def fit_mixture(data: Path, checkpoint: Path | None, config: str, rank: int, components: int):
@@ -131,6 +132,13 @@ def main() -> None:
     parser.add_argument("--pq-bytes", type=int, default=32)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--rerank", type=int, nargs="+", default=[0, 50, 100, 200])
+    parser.add_argument("--rerank-store", choices=["float32", "sq12", "sq8"], default="float32",
+                        help="What the index keeps for re-ranking (ssageo.evaluate.ann).")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="Read the re-ranking store into RAM at load (locate --in-memory).")
+    parser.add_argument("--keep", action="store_true", help="Keep the index folder.")
+    parser.add_argument("--search-threads", type=int, default=None,
+                        help="faiss/BLAS threads while searching (default: as while building).")
     parser.add_argument("--exact-queries", type=int, default=100,
                         help="Queries timed through the exact sharded index (0: skip).")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()))
@@ -174,27 +182,35 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         build_sharded(folder, NamedRows(args.tiles), embed, meta, "ivfpq", args.shard_size,
-                      args.lists, args.pq_bytes, rerank_store=True,
+                      args.lists, args.pq_bytes, rerank_store=args.rerank_store,
                       embed_rows=lambda rows: train.chunk(0, len(rows)),
                       log=lambda m: print(m, flush=True))
         build_s = time.perf_counter() - t0 - gen_s - gt_s
         sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
         t0 = time.perf_counter()
-        index = ShardedIndex.load(folder)
+        index = ShardedIndex.load(folder, in_memory=args.in_memory)
         load_s = time.perf_counter() - t0
         result = {
             "source": args.source, "tiles": args.tiles, "dim": args.dim, "lists": args.lists,
-            "pq_bytes": args.pq_bytes, "queries": len(q), "threads": os.environ.get(
-                "OMP_NUM_THREADS"), "load_avg_start": os.getloadavg()[0],
+            "pq_bytes": args.pq_bytes, "rerank_store": args.rerank_store, "queries": len(q),
+            "threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_start": os.getloadavg()[0],
             "build_s": round(build_s, 1), "generate_s": round(gen_s, 1),
             "ground_truth_s": round(gt_s, 1), "load_s": round(load_s, 1),
             "memory_bytes_per_tile": round(ann.memory_bytes(index.ann) / args.tiles, 2),
             "disk_codes_bytes_per_tile": round(sum(
                 v for k, v in sizes.items() if k.endswith(".npz")) / args.tiles, 2),
-            "disk_floats_bytes_per_tile": round(sum(
-                v for k, v in sizes.items() if k.endswith(".f32.npy")) / args.tiles, 2),
+            "disk_store_bytes_per_tile": round(sum(
+                v for k, v in sizes.items() if k.endswith((".f32.npy", ".sq12.npy", ".sq8.npy")))
+                / args.tiles, 2),
             "runs": [],
         }
+        if args.search_threads:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(args.search_threads)
+            ann.faiss_module().omp_set_num_threads(args.search_threads)
+            result["search_threads"] = args.search_threads
+        result["in_memory"] = args.in_memory
         for nprobe in args.nprobe:
             for rerank in args.rerank:
                 index.search(q[:20], 10, nprobe=nprobe, rerank=rerank)  # warm the page cache
@@ -206,14 +222,15 @@ def main() -> None:
                        "recall@10": recall(found, truth_i, 10)}
                 result["runs"].append(run)
                 print(json.dumps(run), flush=True)
-        if args.exact_queries:
+        if args.exact_queries and args.rerank_store == "float32":
             t0 = time.perf_counter()
             exact_topk(q[: args.exact_queries], index.stores(), 10)
             result["exact_qps"] = round(args.exact_queries / (time.perf_counter() - t0), 1)
         result["load_avg_end"] = os.getloadavg()[0]
         print(json.dumps(result))
     finally:
-        shutil.rmtree(folder.parent)  # the bench's own temporary folder
+        if not args.keep:
+            shutil.rmtree(folder.parent)  # the bench's own temporary folder
 
 
 if __name__ == "__main__":

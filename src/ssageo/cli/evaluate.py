@@ -221,8 +221,10 @@ def index_build(
     lists: int | None = typer.Option(
         None, min=1, help="ivfpq: inverted lists (default about 4 sqrt(tiles))."),
     pq_bytes: int = typer.Option(32, min=1, help="ivfpq: code bytes per tile."),
-    rerank_store: bool = typer.Option(
-        True, help="ivfpq: also store float descriptors for exact re-ranking (locate --rerank)."
+    rerank_store: str = typer.Option(
+        "float32", help="ivfpq: what to keep for re-ranking (locate --rerank): float32 "
+        "descriptors (exact scores), sq12 / sq8 (residuals in 12 / 8 bits: 3/8 / 1/4 of "
+        "the bytes) or none."
     ),
     extend: bool = typer.Option(False, "--extend", help="Add these tiles to an existing folder."),
     batch_size: int = typer.Option(64, min=1, help="Tiles per batch."),
@@ -290,8 +292,11 @@ def locate(
     top_k: int = typer.Option(5, min=1, help="Tiles to list per image."),
     nprobe: int = typer.Option(32, min=1, help="ivfpq: inverted lists visited per query."),
     rerank: int = typer.Option(
-        100, min=0, help="ivfpq: candidates re-scored exactly from stored floats (0: none)."
+        100, min=0, help="ivfpq: candidates re-scored from the re-ranking store (0: none)."
     ),
+    in_memory: bool = typer.Option(
+        False, "--in-memory", help="ivfpq: read the re-ranking store into RAM first (for many "
+        "queries; a memory-mapped store is read from disk where the OS does not cache it)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     onnx: Path | None = typer.Option(
@@ -315,7 +320,7 @@ def locate(
             raise typer.BadParameter("give --checkpoint or --onnx, not both")
         if fov is not None or photo:
             raise typer.BadParameter("--fov/--photo need the PyTorch model (drop --onnx)")
-        localizer, fovs = OnnxLocalizer(index, onnx), None
+        localizer, fovs = OnnxLocalizer(index, onnx, in_memory), None
         results = localizer.locate_many(images, top_k, nprobe=nprobe, rerank=rerank)
     else:
         from ssageo.evaluate.index import Localizer
@@ -324,7 +329,7 @@ def locate(
         if fov is not None:
             _check_crop(fov, None)
         fovs = photo_fovs(images, fov) if fov is not None or photo else None
-        localizer = Localizer(index, checkpoint, _device(device))
+        localizer = Localizer(index, checkpoint, _device(device), in_memory)
         results = localizer.locate_many(images, top_k, nprobe=nprobe, rerank=rerank,
                                         fovs=None if fovs is None else [f for f, _ in fovs])
         if fovs is not None and localizer.model.bev is not None:  # each candidate's heading

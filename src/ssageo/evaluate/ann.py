@@ -105,6 +105,98 @@ def search(index: Any, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.nda
     return 1.0 - dist / 2.0, ids
 
 
+STORES = ("float32", "sq12", "sq8", "none")  # the re-ranking stores of an ``ivfpq`` index
+SQ_BITS = {"sq8": 8, "sq12": 12}
+
+
+def store_kind(value: object) -> str:
+    """A manifest's or caller's re-ranking store as one of :data:`STORES` (manifests of the
+    first sharded format say ``true`` / ``false`` for float32 / none)."""
+    kind = {True: "float32", False: "none"}.get(value, value)  # type: ignore[call-overload]
+    if kind not in STORES:
+        raise ConfigError(f"--rerank-store must be one of {', '.join(STORES)}, got {value!r}")
+    return str(kind)
+
+
+SQ_MARGIN = 0.1  # of each dimension's residual range in the sample, added on both sides
+
+
+class ResidualSQ:
+    """The compressed re-ranking store's codec: each descriptor as its inverted list (its
+    nearest coarse centroid of the IVF-PQ index) and its residual to that centroid, each
+    dimension quantised uniformly to ``bits`` (8 or 12) over the range the training sample's
+    residuals span, widened by :data:`SQ_MARGIN` for tiles beyond it. Residuals span a fraction
+    of the descriptors' range, so these steps are finer than a global scalar quantiser's.
+
+    A row of codes is the list number (4 bytes, little-endian) then the packed residual codes
+    (1 byte per dimension for 8 bits, 3 bytes per 2 dimensions for 12). Scores need no
+    decoding: ``q . x = (centroids @ q)[list] + q . low + (code + 0.5) . (q * step)``."""
+
+    def __init__(self, centroids: np.ndarray, low: np.ndarray, step: np.ndarray,
+                 bits: int) -> None:
+        self.centroids, self.low, self.step, self.bits = centroids, low, step, bits
+
+    @classmethod
+    def train(cls, index: Any, sample: np.ndarray, bits: int) -> ResidualSQ:
+        """Fit the per-dimension ranges to ``sample``'s residuals under ``index``'s lists."""
+        centroids = index.quantizer.reconstruct_n(0, index.nlist)
+        residual = sample - centroids[cls._assign(index, sample)]
+        low, high = residual.min(0), residual.max(0)
+        margin = (high - low) * SQ_MARGIN
+        step = np.maximum(high - low + 2 * margin, 1e-12) / (2**bits)
+        return cls(centroids, (low - margin).astype(np.float32), step.astype(np.float32), bits)
+
+    @staticmethod
+    def _assign(index: Any, x: np.ndarray) -> np.ndarray:
+        return index.quantizer.assign(np.ascontiguousarray(x, dtype=np.float32), 1)[:, 0]
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays to save (``np.savez``); :meth:`from_state` reads them back."""
+        return {"low": self.low, "step": self.step, "bits": np.asarray(self.bits)}
+
+    @classmethod
+    def from_state(cls, index: Any, state: Any) -> ResidualSQ:
+        return cls(index.quantizer.reconstruct_n(0, index.nlist), state["low"], state["step"],
+                   int(state["bits"]))
+
+    def encode(self, index: Any, x: np.ndarray) -> np.ndarray:
+        """(n, 4 + packed codes) uint8 rows of ``x`` (n, D)."""
+        lists = self._assign(index, x)
+        levels = np.floor((x - self.centroids[lists] - self.low) / self.step)
+        levels = np.clip(levels, 0, 2**self.bits - 1).astype(np.uint16)
+        if self.bits == 12:  # two 12-bit codes in three bytes
+            even, odd = levels[:, 0::2], levels[:, 1::2]
+            packed = np.stack([even >> 4, ((even & 15) << 4) | (odd >> 8), odd & 255], axis=2)
+            levels = packed.reshape(len(x), -1)
+        head = lists.astype("<u4").view(np.uint8).reshape(len(x), 4)
+        return np.concatenate([head, levels.astype(np.uint8)], axis=1)
+
+    def levels(self, codes: np.ndarray) -> np.ndarray:
+        """(n, D) float32 residual levels of code rows."""
+        body = codes[:, 4:]
+        if self.bits == 8:
+            return body.astype(np.float32)
+        a, b, c = (body[:, i::3].astype(np.uint16) for i in range(3))
+        out = np.empty((len(codes), 2 * a.shape[1]), dtype=np.float32)
+        out[:, 0::2], out[:, 1::2] = (a << 4) | (b >> 4), ((b & 15) << 8) | c
+        return out
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """(n, D) float32 descriptors the code rows stand for."""
+        lists = np.ascontiguousarray(codes[:, :4]).view("<u4")[:, 0]
+        return self.centroids[lists] + self.low + (self.levels(codes) + 0.5) * self.step
+
+    def scores(self, codes: np.ndarray, query: np.ndarray) -> np.ndarray:
+        """(n,) dot products of ``query`` (D,) with the descriptors the rows stand for."""
+        q = np.asarray(query, dtype=np.float32)
+        lists = np.ascontiguousarray(codes[:, :4]).view("<u4")[:, 0]
+        unique, where = np.unique(lists, return_inverse=True)
+        near = self.centroids[unique] @ q  # only the candidates' lists
+        weights = q * self.step
+        const = np.float32(q @ self.low + 0.5 * weights.sum())
+        return self.levels(codes) @ weights + near[where] + const
+
+
 def memory_bytes(index: Any) -> int:
     """Bytes the searchable index holds in memory: codes, ids, centroids and PQ codebooks."""
     codes = index.ntotal * (index.code_size + 8)  # 8-byte ids in the inverted lists

@@ -153,8 +153,9 @@ def check_same_model(encoder: OnnxEncoder, metadata: dict, where: Path | None) -
 class OnnxLocalizer(Localizer):
     """:class:`Localizer` whose query encoder is an exported ONNX file (no torch)."""
 
-    def __init__(self, index_path: str | Path, onnx_path: str | Path) -> None:
-        self.index = open_index(index_path)
+    def __init__(self, index_path: str | Path, onnx_path: str | Path,
+                 in_memory: bool = False) -> None:
+        self.index = open_index(index_path, in_memory)
         self.encoder = OnnxEncoder(onnx_path, view="query")
         check_same_model(self.encoder, self.index.metadata, self.index.path)
         self.timings: list[dict] = []
@@ -172,7 +173,8 @@ class OnnxLocalizer(Localizer):
 def build_onnx_index(
     onnx_path: str | Path, table: TileTable, out: str | Path,
     source: str, kind: str = "exact", shard_size: int = 65536, lists: int | None = None,
-    pq_bytes: int = 32, rerank_store: bool = True, extend: bool = False, batch_size: int = 64,
+    pq_bytes: int = 32, rerank_store: str | bool = "float32", extend: bool = False,
+    batch_size: int = 64,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict:
     """Embed the tiles of ``table`` (:mod:`ssageo.evaluate.tiles`) with an exported reference

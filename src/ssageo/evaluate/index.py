@@ -39,8 +39,8 @@ from ssageo.io import DataError, atomic_write, read_image
 if TYPE_CHECKING:  # torch is imported where a model runs: an index opens without it (--onnx)
     import torch
 
-if TYPE_CHECKING:  # shards imports this module
-    from ssageo.evaluate.shards import ShardedIndex
+if TYPE_CHECKING:  # shardindex imports this module
+    from ssageo.evaluate.shardindex import ShardedIndex
 
 INDEX_FORMAT = "ssageo-index"
 INDEX_VERSION = 1
@@ -218,13 +218,14 @@ def index_metadata(
     }
 
 
-def open_index(path: str | Path) -> GeoIndex | ShardedIndex:
-    """A :class:`GeoIndex` (one ``.npz`` file) or a sharded index (a folder with a manifest)."""
+def open_index(path: str | Path, in_memory: bool = False) -> GeoIndex | ShardedIndex:
+    """A :class:`GeoIndex` (one ``.npz`` file) or a sharded index (a folder with a manifest;
+    ``in_memory``: its re-ranking store read into RAM now, not memory-mapped)."""
     path = Path(path)
     if path.is_dir():
-        from ssageo.evaluate.shards import ShardedIndex
+        from ssageo.evaluate.shardindex import ShardedIndex
 
-        return ShardedIndex.load(path)
+        return ShardedIndex.load(path, in_memory)
     return GeoIndex.load(path)
 
 
@@ -263,7 +264,8 @@ class Localizer:
 
     ``Localizer(index_path, checkpoint=None)`` opens the index and the model (the checkpoint the
     index was built from, unless another is given). A checkpoint whose model identity or weights
-    differ from the index's is refused with DataError.
+    differ from the index's is refused with DataError. ``in_memory``: a sharded index's
+    re-ranking store is read into RAM at once (:func:`open_index`).
     """
 
     def __init__(
@@ -271,8 +273,9 @@ class Localizer:
         index_path: str | Path,
         checkpoint: str | Path | None = None,
         device: str | torch.device = "cpu",
+        in_memory: bool = False,
     ) -> None:
-        self.index = open_index(index_path)
+        self.index = open_index(index_path, in_memory)
         meta, where = self.index.metadata, self.index.path
         checkpoint = Path(checkpoint or meta["checkpoint"])
         if not weights_file(checkpoint).is_file():

@@ -10,8 +10,14 @@ Layout of an index folder (every file written atomically, the manifest last):
 - ``shard-NNNNN.npz``: the shard's tile paths, (n, 2) lat/lon and, for ``ivfpq``, its (n, C)
   uint8 codes (inverted-list number + PQ code).
 - ``shard-NNNNN.f32.npy``: the shard's (n, D) float32 descriptors (always for ``exact``; for
-  ``ivfpq`` only with the re-ranking store), memory-mapped when searched.
-- ``ivfpq.trained``: the trained, empty faiss IVF-PQ index every shard is encoded against.
+  ``ivfpq`` with the float32 re-ranking store), memory-mapped when searched.
+- ``shard-NNNNN.sq12.npy`` / ``.sq8.npy``: for ``ivfpq`` with a compressed re-ranking store,
+  the descriptors as uint8 rows: inverted-list number and the residual to its centroid in 12
+  or 8 bits per dimension (3/8 or 1/4 of float32: RAM-resident where float32 would not be).
+- ``ivfpq.trained``: the trained, empty faiss IVF-PQ index every shard is encoded against;
+  ``residual-sq.npz`` the compressed store's quantiser (:class:`ann.ResidualSQ`).
+
+Searching a built folder: :mod:`ssageo.evaluate.shardindex`.
 
 A build writes shard after shard and rewrites the manifest after each, so an interrupted build
 rerun with the same input keeps (after verifying) the shards already written; ``extend`` adds
@@ -20,10 +26,9 @@ the tiles of a new input after the existing ones, without touching them.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,13 +36,14 @@ import numpy as np
 
 from ssageo.config import ConfigError
 from ssageo.evaluate import ann
-from ssageo.evaluate.ann import exact_topk
 from ssageo.io import DataError, OutputError, atomic_write, atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:  # not imported when run: the tile readers load the data stage (torch)
     from ssageo.evaluate.tiles import TileTable
 
 SHARDED_FORMAT = "ssageo-sharded-index"
+SQ = "residual-sq.npz"
+STORE_SUFFIX = {"float32": ".f32.npy", "sq12": ".sq12.npy", "sq8": ".sq8.npy"}  # shard files
 SHARDED_VERSION = 1
 MANIFEST = "manifest.json"
 TRAINED = "ivfpq.trained"
@@ -58,7 +64,7 @@ def _record(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
-def _verify(folder: Path, name: str, record: dict, what: str) -> Path:
+def verify_file(folder: Path, name: str, record: dict, what: str) -> Path:
     """DataError naming the file when it is missing or differs from its manifest record."""
     path = folder / name
     if not path.is_file():
@@ -84,6 +90,9 @@ def read_manifest(folder: Path) -> dict | None:
     if manifest.get("version") != SHARDED_VERSION:
         raise DataError(f"{path}: sharded index version {manifest.get('version')}; this ssageo "
                         f"reads version {SHARDED_VERSION} - rebuild the index")
+    params = manifest.get("params", {})
+    if "rerank_store" in params:  # true / false in indexes built before compressed stores
+        params["rerank_store"] = ann.store_kind(params["rerank_store"])
     return manifest
 
 
@@ -127,7 +136,7 @@ def _resume_point(folder: Path, manifest: dict, table: TileTable) -> int:
     first = manifest["build_first"]
     for shard in manifest["shards"]:
         for name, record in shard["files"].items():
-            _verify(folder, name, record, "index shard")
+            verify_file(folder, name, record, "index shard")
         if shard["first"] < first:
             continue
         start, stop = shard["first"] - first, shard["first"] - first + shard["count"]
@@ -157,7 +166,7 @@ def build_sharded(
     shard_size: int = DEFAULT_SHARD_SIZE,
     lists: int | None = None,
     pq_bytes: int = 32,
-    rerank_store: bool = True,
+    rerank_store: str | bool = "float32",
     extend: bool = False,
     train_size: int = 262144,
     embed_rows: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -172,6 +181,8 @@ def build_sharded(
     the whole input (:func:`training_rows`, embedded by ``embed_rows(rows)``) when the input is
     larger than a shard and ``embed_rows`` is given, else the first shard's. ``lists``
     defaults to about 4 sqrt(N) (a power of two, at most what that sample trains).
+    ``rerank_store`` (``ivfpq``): "float32" descriptors, "sq12" / "sq8" residual codes, or
+    "none".
     """
     out = Path(out)
     if kind not in KINDS:
@@ -190,52 +201,85 @@ def build_sharded(
             lists = int(2 ** np.round(np.log2(max(4 * np.sqrt(len(table)), 1))))
             lists = max(1, min(lists, sample // ann.MIN_TRAIN_PER_LIST))
         ann.check_params(metadata["descriptor_dim"], lists, pq_bytes)
-        params.update(lists=lists, pq_bytes=pq_bytes, rerank_store=rerank_store)
+        params.update(lists=lists, pq_bytes=pq_bytes, rerank_store=ann.store_kind(rerank_store))
     manifest = _start(out, metadata, kind, params, extend)
     out.mkdir(parents=True, exist_ok=True)
     done = _resume_point(out, manifest, table)
     if done:
         log(f"resuming: {done} tiles already in verified shards")
-    index = None
+    trained: tuple[Any, Any] | None = None  # (faiss index, scalar quantiser)
     if manifest["trained"] is not None:
-        index = ann.load(np.fromfile(_verify(out, TRAINED, manifest["trained"], "trained "
-                                             "IVF-PQ quantiser"), dtype=np.uint8))
+        trained = load_trained(out, manifest)
     elif kind == "ivfpq" and sampled:
         rows = training_rows(len(table), train_size)
         log(f"training the IVF-PQ quantisers on {len(rows)} tiles sampled over all "
             f"{len(table)}")
-        index = _train(out, manifest, np.ascontiguousarray(embed_rows(rows), dtype=np.float32))
+        trained = _train(out, manifest, np.ascontiguousarray(embed_rows(rows), dtype=np.float32))
     for start in range(done, len(table), manifest["params"]["shard_size"]):
         stop = min(start + manifest["params"]["shard_size"], len(table))
         desc = np.ascontiguousarray(embed(start, stop), dtype=np.float32)
-        if kind == "ivfpq" and index is None:
-            index = _train(out, manifest, desc[:train_size])
+        if kind == "ivfpq" and trained is None:
+            trained = _train(out, manifest, desc[:train_size])
         paths, coords = table.rows(start, stop)
-        _write_shard(out, manifest, desc, np.asarray(coords, dtype=np.float64), paths, index)
+        _write_shard(out, manifest, desc, np.asarray(coords, dtype=np.float64), paths, trained)
         log(f"shard {len(manifest['shards'])}: tiles {start + 1}..{stop} of {len(table)}")
     manifest.update(complete=True, build_first=manifest["count"])
     _write_manifest(out, manifest)
     return manifest
 
 
-def _train(folder: Path, manifest: dict, sample: np.ndarray) -> Any:  # a faiss index
-    """Train the IVF-PQ quantisers on ``sample``, write them, and return the empty index."""
+def manifest_store(manifest: dict) -> str:
+    """The manifest's re-ranking store: "float32" (always for ``exact``), "sq12", "sq8" or
+    "none"."""
+    if manifest["kind"] == "exact":
+        return "float32"
+    return ann.store_kind(manifest["params"].get("rerank_store", False))
+
+
+def _train(folder: Path, manifest: dict, sample: np.ndarray) -> tuple[Any, Any]:
+    """Train the IVF-PQ quantisers (and the store's scalar quantiser) on ``sample``, write
+    them, and return (the empty faiss index, the scalar quantiser or None)."""
     trained = ann.train(sample, manifest["params"]["lists"], manifest["params"]["pq_bytes"])
+    index, store, codec = ann.load(trained), manifest_store(manifest), None
+    if store in ann.SQ_BITS:
+        codec = ann.ResidualSQ.train(index, sample, ann.SQ_BITS[store])
+        atomic_write(folder / SQ, lambda tmp: _save_npz(tmp, codec.state()))
+        manifest["sq"] = _record(folder / SQ)
     atomic_write_bytes(folder / TRAINED, trained.tobytes())
     manifest["trained"] = _record(folder / TRAINED)
-    return ann.load(trained)
+    return index, codec
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    with path.open("wb") as f:  # a file object: np.savez would add ".npz" to a bare name
+        np.savez(f, **arrays)
+
+
+def load_trained(folder: Path, manifest: dict) -> tuple[Any, ann.ResidualSQ | None]:
+    """(the trained, empty faiss IVF-PQ index, the compressed store's codec or None),
+    verified."""
+    index = ann.load(np.fromfile(verify_file(folder, TRAINED, manifest["trained"],
+                                         "trained IVF-PQ quantiser"), dtype=np.uint8))
+    if manifest_store(manifest) not in ann.SQ_BITS:
+        return index, None
+    path = verify_file(folder, SQ, manifest["sq"], "re-ranking store quantiser")
+    with np.load(path, allow_pickle=False) as state:
+        return index, ann.ResidualSQ.from_state(index, state)
 
 
 def _write_shard(folder: Path, manifest: dict, desc: np.ndarray, coords: np.ndarray,
-                 tiles: list[str], index: Any) -> None:
+                 tiles: list[str], trained: tuple[Any, Any] | None) -> None:
     """Write one shard's files, then record them in the manifest (written last)."""
     name = f"shard-{len(manifest['shards']):05d}"
     arrays = {"coords": coords, "tiles": np.asarray(tiles, dtype=str)}
-    if index is not None:
-        arrays["codes"] = ann.encode(index, desc)
+    if trained is not None:
+        arrays["codes"] = ann.encode(trained[0], desc)
     files = {f"{name}.npz": lambda f: np.savez(f, **arrays)}
-    if manifest["kind"] == "exact" or manifest["params"].get("rerank_store"):
-        files[f"{name}.f32.npy"] = lambda f: np.save(f, desc)
+    store = manifest_store(manifest)
+    if store != "none":
+        codec = None if trained is None else trained[1]
+        kept = desc if codec is None else codec.encode(trained[0], desc)
+        files[name + STORE_SUFFIX[store]] = lambda f: np.save(f, kept)
     for file, save in files.items():
         def write(tmp: Path, save: Callable[[Any], None] = save) -> None:
             with tmp.open("wb") as f:
@@ -251,136 +295,13 @@ def _write_shard(folder: Path, manifest: dict, desc: np.ndarray, coords: np.ndar
     _write_manifest(folder, manifest)
 
 
-class ShardedIndex:
-    """A loaded sharded index: ``tiles`` and ``coords`` (read per shard on demand: at 100 M
-    tiles they would fill ~14 GB), ``metadata`` and :meth:`search`.
-
-    Loading checks every file's presence and size; a file's SHA-256 is checked when it is
-    first read (an ``ivfpq`` index reads every shard's codes at once and holds them in memory,
-    ``pq_bytes`` + 8 bytes per tile; float stores are memory-mapped when a search needs them).
-    """
-
-    def __init__(self, folder: Path, manifest: dict) -> None:
-        self.path, self.manifest = folder, manifest
-        self.metadata, self.kind = manifest["metadata"], manifest["kind"]
-        self.shards = manifest["shards"]
-        self.firsts = np.asarray([s["first"] for s in self.shards], dtype=np.int64)
-        self._checked: set[str] = set()
-        self._floats: dict[int, np.ndarray] = {}
-        self._column = functools.lru_cache(maxsize=8)(self._read_column)  # per shard and key
-        for shard in self.shards:
-            for name, record in shard["files"].items():
-                path = folder / name
-                if not path.is_file() or path.stat().st_size != record["bytes"]:
-                    _verify(folder, name, record, "index shard")  # names it: missing / corrupt
-        self.ann = None
-        if manifest["trained"] is not None:
-            self.ann = ann.load(np.fromfile(_verify(folder, TRAINED, manifest["trained"],
-                                                    "trained IVF-PQ quantiser"), dtype=np.uint8))
-            for shard in self.shards:
-                with np.load(self._file(shard, shard["name"]), allow_pickle=False) as npz:
-                    ann.add_codes(self.ann, npz["codes"], shard["first"])
-        self.tiles = _Column(self, "tiles")
-        self.coords = _Column(self, "coords")
-
-    def _file(self, shard: dict, name: str) -> Path:
-        """A shard's file, its SHA-256 verified the first time it is read."""
-        if name not in self._checked:
-            _verify(self.path, name, shard["files"][name], "index shard")
-            self._checked.add(name)
-        return self.path / name
-
-    def _read_column(self, s: int, key: str) -> np.ndarray:
-        with np.load(self._file(self.shards[s], self.shards[s]["name"]),
-                     allow_pickle=False) as npz:
-            return npz[key]
-
-    def _store(self, s: int) -> np.ndarray | None:
-        """Shard ``s``'s memory-mapped float32 descriptors (None when it stores none)."""
-        name = self.shards[s]["name"].replace(".npz", ".f32.npy")
-        if name not in self.shards[s]["files"]:
-            return None
-        if s not in self._floats:
-            self._floats[s] = np.load(self._file(self.shards[s], name), mmap_mode="r")
-        return self._floats[s]
-
-    def stores(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, memory-mapped float32 descriptors) of every shard, verified when read."""
-        return ((int(self.firsts[s]), self._store(s)) for s in range(len(self.shards)))
-
-    @classmethod
-    def load(cls, folder: str | Path) -> ShardedIndex:
-        """Open an index folder (DataError naming the first missing or corrupt file)."""
-        folder = Path(folder)
-        manifest = read_manifest(folder)
-        if manifest is None:
-            raise DataError(f"{folder}: not an ssageo index ({MANIFEST} not found)")
-        if not manifest["complete"]:
-            raise DataError(f"{folder}: index build was interrupted after {manifest['count']} "
-                            "tiles; rerun the same `ssageo index build` to finish it")
-        return cls(folder, manifest)
-
-    def _rows(self, ids: np.ndarray) -> np.ndarray:
-        """Float descriptors of the rows ``ids`` (1-D), gathered from the shards' stores."""
-        which = np.searchsorted(self.firsts, ids, side="right") - 1
-        out = np.empty((len(ids), self.metadata["descriptor_dim"]), dtype=np.float32)
-        for s in np.unique(which):
-            mask = which == s
-            out[mask] = self._store(int(s))[ids[mask] - self.firsts[s]]
-        return out
-
-    def search(self, queries: np.ndarray, k: int, nprobe: int = 32,
-               rerank: int = 100) -> tuple[np.ndarray, np.ndarray]:
-        """(cosine scores, rows) of the ``k`` best tiles per query, best first (rows -1 when
-        fewer were found). ``ivfpq``: the best ``max(k, rerank)`` candidates of ``nprobe``
-        lists, re-scored exactly from the float store when there is one."""
-        if self.ann is None:
-            return exact_topk(queries, self.stores(), k)
-        use_store = self._store(0) is not None and rerank > 0
-        scores, ids = ann.search(self.ann, queries, max(k, rerank) if use_store else k, nprobe)
-        if not use_store:
-            return scores, ids
-        for q in range(len(queries)):
-            found = ids[q][ids[q] >= 0]
-            exact = self._rows(found) @ np.asarray(queries[q], dtype=np.float32)
-            order = np.argsort(-exact, kind="stable")
-            scores[q], ids[q] = -np.inf, -1
-            scores[q, : len(order)], ids[q, : len(order)] = exact[order], found[order]
-        return scores[:, :k], ids[:, :k]
-
-
-class _Column:
-    """One per-tile array of a sharded index (``tiles`` or ``coords``), read shard by shard
-    when rows are asked for: ``column[i]``, ``column[rows]``, ``len(column)``, ``tolist()``."""
-
-    def __init__(self, index: ShardedIndex, key: str) -> None:
-        self.index, self.key = index, key
-
-    def __len__(self) -> int:
-        return int(self.index.manifest["count"])
-
-    def __getitem__(self, rows: int | slice | Sequence[int] | np.ndarray) -> Any:
-        if isinstance(rows, int | np.integer):
-            if not -len(self) <= rows < len(self):
-                raise IndexError(f"row {rows} of an index of {len(self)} tiles")
-            rows = int(rows) % len(self)
-            s = int(np.searchsorted(self.index.firsts, rows, side="right") - 1)
-            return self.index._column(s, self.key)[rows - self.index.firsts[s]]
-        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows)
-        return np.asarray([self[int(r)] for r in rows]) if len(rows) else np.asarray([])
-
-    def tolist(self) -> list:
-        parts = [self.index._column(s, self.key) for s in range(len(self.index.shards))]
-        return np.concatenate(parts).tolist()
-
-
 AUTO_EXACT_MAX = 250_000  # --kind auto: exact up to here (benchmarks/RESULTS.md, "Sharded index")
 
 
 def build_tile_index(
     checkpoint: str | Path, table: TileTable, out: str | Path,
     source: str, kind: str = "exact", shard_size: int = DEFAULT_SHARD_SIZE,
-    lists: int | None = None, pq_bytes: int = 32, rerank_store: bool = True,
+    lists: int | None = None, pq_bytes: int = 32, rerank_store: str | bool = "float32",
     extend: bool = False, batch_size: int = 64, workers: int = 0, device: str = "cpu",
     log: Callable[[str], None] = lambda _: None,
 ) -> dict:
