@@ -28,11 +28,12 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
         torch.contiguous_format
 
 
-def _norm_relu(x: torch.Tensor, relu: bool = True) -> torch.Tensor:
+def _norm_relu(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+               relu: bool = True) -> torch.Tensor:
     # not F.instance_norm: it returns a contiguous map whatever the input's memory format, and
     # (PyTorch 2.13, CPU) its gradient is wrong for a channels-last input whose incoming
     # gradient is channels-last too (tests/test_model_bev_lean.py)
-    xhat = _normalised(x)[0]
+    xhat = (x - mean).mul_(rstd)
     return xhat.relu_() if relu else xhat
 
 
@@ -51,15 +52,16 @@ class _NormReLUConv(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, conv: nn.Conv2d | None,  # noqa: D102
                 weight: torch.Tensor | None, bias: torch.Tensor | None,
                 relu: bool = True) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+        # the norm's statistics (two numbers per channel) are kept for the backward step
+        mean, rstd = _statistics(x)
+        ctx.save_for_backward(x, weight, mean, rstd)
         ctx.conv, ctx.relu = conv, relu
         if conv is None or weight is None:
-            return _norm_relu(x, relu)
+            return _norm_relu(x, mean, rstd, relu)
         if not _banded(conv):
-            return conv._conv_forward(_norm_relu(x), weight, bias)
+            return conv._conv_forward(_norm_relu(x, mean, rstd), weight, bias)
         # a few output rows at a time from the activation's rows around them: the activation
         # is never made for the whole map
-        mean, rstd = _statistics(x)
         out: torch.Tensor | None = None
         for r0, r1 in _bands(x.shape[2]):
             band = _act_band(x, mean, rstd, r0, r1, _pads(conv)[0], x.dtype)
@@ -74,9 +76,8 @@ class _NormReLUConv(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
-        x, weight = ctx.saved_tensors
+        x, weight, mean, rstd = ctx.saved_tensors
         conv = ctx.conv
-        mean, rstd = _statistics(x)
         conv_grads: list[torch.Tensor | None] = [None, None]
         if conv is not None:
             # the incoming gradient in the map's layout (the head's output is contiguous)
@@ -151,16 +152,18 @@ def _banded_weight_grad(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
 
 
 def _statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, 1/std) per sample and channel, as F.instance_norm's (biased variance, NORM_EPS)."""
-    var, mean = torch.var_mean(x, dim=(2, 3), correction=0, keepdim=True)
-    return mean, (var + NORM_EPS).rsqrt_()
-
-
-def _normalised(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(instance-normalised ``x``, 1/std per sample and channel), as F.instance_norm up to
-    rounding."""
-    mean, rstd = _statistics(x)
-    return (x - mean).mul_(rstd), rstd
+    """(mean, 1/std) per sample and channel, as F.instance_norm's (biased variance, NORM_EPS):
+    the mean, then the variance as the mean square deviation from it (two passes, as
+    precise as ``torch.var_mean``), the deviations a few rows at a time. ``torch.var_mean``
+    (a Welford reduction) takes 10-20x longer on these maps (benchmarks/RESULTS.md); in low
+    precision the sums run in float32."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    pixels = x.shape[2] * x.shape[3]
+    mean = x.sum((2, 3), keepdim=True, dtype=acc).div_(pixels)
+    var = torch.zeros_like(mean)
+    for r0 in range(0, x.shape[2], NORM_ROWS):
+        var += (x[:, :, r0:r0 + NORM_ROWS] - mean).square_().sum((2, 3), keepdim=True)
+    return mean.to(x.dtype), var.div_(pixels).add_(NORM_EPS).rsqrt_().to(x.dtype)
 
 
 #: image rows per step of the norm's backward pass (``_norm_relu_backward``)
