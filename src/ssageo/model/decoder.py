@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ssageo.model.decoder_lean import norm_relu_conv, up_split, upsample
+from ssageo.model.decoder_lean import norm_relu_conv, upsample
+from ssageo.model.decoder_up import up_split
 
 
 def decoder_widths(channels: int) -> tuple[int, tuple[int, int, int]]:
