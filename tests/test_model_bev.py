@@ -125,6 +125,41 @@ def test_up_stage_row_bands_match_the_plain_stage_in_float64(rows, top_from, mon
     assert torch.autograd.gradcheck(stage.lean, (x[:1].clone().requires_grad_(),), fast_mode=True)
 
 
+def test_later_stages_take_the_first_k_of_their_sorted_top_input_where_zeros_tie():
+    """Stages after the first take the first k channels of their top-k input (a previous
+    top-k output, sorted): same values and gradients as topk, also where ReLU zeros tie, and
+    topk runs for the first stage only."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class TopK(TorchDispatchMode):
+        channels: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "topk":
+                self.channels.append(args[0].shape[1])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    decoder = BEVDecoder(32, 2).double()
+    z = torch.randn(1, 16, 5, 6, dtype=torch.float64) - 1  # ReLU: ~84 % zeros
+    target = torch.randn(1, 4, 40, 48, dtype=torch.float64)
+    results = []
+    for lean in (True, False):
+        zi = z.clone(memory_format=torch.channels_last).requires_grad_()
+        decoder.zero_grad()
+        x = top = F.relu(zi)
+        with TopK() as mode:
+            for stage in decoder.up:
+                x, top = (stage.lean(x), None) if lean else stage(x, top)
+            (x * target).sum().backward()
+        results.append((x, zi.grad, *[s.conv[0].weight.grad.clone() for s in decoder.up]))
+        if lean:
+            assert mode.channels and set(mode.channels) == {16}  # the first stage's only
+    assert (results[1][0][:, -2:] == 0).any()  # zeros among the last top-k values: ties
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 def test_lean_up_stage_never_makes_top_k_indices_for_the_whole_map():
     """topk's int64 indices (twice the values' bytes) are made a few rows at a time only."""
     from torch.utils._python_dispatch import TorchDispatchMode

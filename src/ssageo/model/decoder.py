@@ -94,12 +94,14 @@ class UpStage(nn.Module):
     ``forward(x, top)`` -> (cat[DoubleConv(up(x)), topk], topk) with ``topk`` the ``k`` largest
     channel values (sorted) of ``up(top)``. The previous stage's output ends with its top-k
     output, so ``top`` is ``x``'s last channels from ``top_from`` on (the first stage:
-    ``top = x``, ``top_from = 0``); the lean pass relies on that.
+    ``top = x``, ``top_from = 0``); the lean pass relies on that. ``sorted_top``: ``top`` is a
+    previous stage's top-k output (channels sorted at every pixel): the lean pass then takes its
+    first ``k`` channels (``decoder_up._UpSplit``).
     """
 
-    def __init__(self, c_in: int, k: int, top_from: int) -> None:
+    def __init__(self, c_in: int, k: int, top_from: int, sorted_top: bool = False) -> None:
         super().__init__()
-        self.k, self.top_from = k, top_from
+        self.k, self.top_from, self.sorted_top = k, top_from, sorted_top
         self.conv = DoubleConv(c_in, k)
         self.out_channels = 2 * k
 
@@ -109,7 +111,7 @@ class UpStage(nn.Module):
 
     def lean(self, x: torch.Tensor) -> torch.Tensor:
         """forward's first output, keeping the input, the top-k indices and the conv outputs."""
-        c1, values = up_split(x, self.conv[0], self.k, self.top_from)
+        c1, values = up_split(x, self.conv[0], self.k, self.top_from, self.sorted_top)
         return torch.cat([self.conv.lean(c1), values], dim=1)
 
 
@@ -140,7 +142,7 @@ class BEVDecoder(nn.Module):
         self.blocks = nn.Sequential(ResidualBlock(channels, half), ResidualBlock(half, half))
         stages, c_in, top = [], half, half
         for k in widths:
-            stages.append(UpStage(c_in, k, top_from=c_in - top))
+            stages.append(UpStage(c_in, k, top_from=c_in - top, sorted_top=bool(stages)))
             c_in, top = stages[-1].out_channels, k
         self.up = nn.ModuleList(stages)
         self.refine = DoubleConv(c_in, widths[-1])
@@ -192,7 +194,7 @@ class BEVDecoder(nn.Module):
         so neither the concatenation (2k channels at 8N x 8N) nor its gradient is ever made,
         and the DoubleConv's output is recomputed from its conv output in the backward step."""
         stage, first = self.up[-1], self.refine[0]
-        c1, values = up_split(x, stage.conv[0], stage.k, stage.top_from)
+        c1, values = up_split(x, stage.conv[0], stage.k, stage.top_from, stage.sorted_top)
         k = stage.k
         return (stage.conv.lean(c1, first, first.weight[:, :k])
                 + F.conv2d(values, first.weight[:, k:], None, first.stride, first.padding))

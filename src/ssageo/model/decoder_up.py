@@ -90,18 +90,27 @@ class _UpSplit(torch.autograd.Function):
     Keeps ``x`` and the top-k indices (as bytes when channel numbers fit) for the backward
     pass, which remakes ``up`` band by band for the conv's weight gradient and adds the top-k
     gradient into the band's input gradient before undoing the upsampling.
+
+    ``sorted_top``: the top-k input's channels are sorted (descending) at every pixel, as a
+    previous stage's top-k output is, and stay so upsampled (each output pixel is a sum of
+    input pixels with weights >= 0, and rounding keeps such sums in order); its ``k``
+    largest are then its first ``k`` channels, so neither topk nor its indices are needed.
+    (Where values tie, topk may pick other channels of equal value; the tied values are
+    zeros passed on from the first stage's ReLU, which gives them no gradient, so the
+    gradients are the same.)
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,  # noqa: D102
-                k: int, top_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+                k: int, top_from: int, sorted_top: bool) -> tuple[torch.Tensor, torch.Tensor]:
         halo, padding = _geometry(conv)
         b, _, h, w = x.shape
         layout = memory_format(x)
         values = torch.empty(b, k, 2 * h, 2 * w, dtype=x.dtype, device=x.device,
                              memory_format=layout)
-        index = torch.empty(b, k, 2 * h, 2 * w, device=x.device, memory_format=layout,
-                            dtype=torch.uint8 if x.shape[1] - top_from <= 256 else torch.int32)
+        index = None if sorted_top else torch.empty(
+            b, k, 2 * h, 2 * w, device=x.device, memory_format=layout,
+            dtype=torch.uint8 if x.shape[1] - top_from <= 256 else torch.int32)
         out: torch.Tensor | None = None
         for r0, r1 in _bands(2 * h):
             band = _band(x, r0, r1, halo)
@@ -110,8 +119,11 @@ class _UpSplit(torch.autograd.Function):
                 out = torch.empty((b, y.shape[1], 2 * h, 2 * w), dtype=y.dtype,
                                   device=x.device, memory_format=layout)
             out[:, :, r0:r1] = y
-            values[:, :, r0:r1], index[:, :, r0:r1] = \
-                band[:, top_from:, halo:halo + r1 - r0].topk(k, dim=1)
+            top = band[:, top_from:, halo:halo + r1 - r0]
+            if index is None:
+                values[:, :, r0:r1] = top[:, :k]
+            else:
+                values[:, :, r0:r1], index[:, :, r0:r1] = top.topk(k, dim=1)
         ctx.save_for_backward(x, weight, index)
         ctx.conv, ctx.top_from = conv, top_from
         assert out is not None  # x has rows
@@ -137,15 +149,18 @@ class _UpSplit(torch.autograd.Function):
             grad_weight += part
             # the top-k values' gradient into the band's own rows of the top-k input
             top = grad_band[:, top_from:, halo:halo + r1 - r0]
-            top.scatter_add_(1, index[:, :, r0:r1].long(),
-                             grad_values[:, :, r0:r1].to(top.dtype))
+            if index is None:  # sorted_top: the values are the first k channels
+                top[:, :grad_values.shape[1]] += grad_values[:, :, r0:r1]
+            else:
+                top.scatter_add_(1, index[:, :, r0:r1].long(),
+                                 grad_values[:, :, r0:r1].to(top.dtype))
             lo, hi = max(r0 - halo, 0), min(r1 + halo, rows)
             _upsampled_rows_backward(grad_band[:, :, lo - (r0 - halo):hi - (r0 - halo)],
                                      grad_x, lo)
-        return grad_x, None, grad_weight, None, None
+        return grad_x, None, grad_weight, None, None, None
 
 
-def up_split(x: torch.Tensor, conv: nn.Conv2d, k: int,
-             top_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+def up_split(x: torch.Tensor, conv: nn.Conv2d, k: int, top_from: int,
+             sorted_top: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(conv(upsample(x)), top-k values of upsample(x)[:, top_from:]), lean (see _UpSplit)."""
-    return _UpSplit.apply(x, conv, conv.weight, k, top_from)
+    return _UpSplit.apply(x, conv, conv.weight, k, top_from, sorted_top)
