@@ -13,6 +13,8 @@ gradient and undoes the upsampling band by band.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Any
 
 import torch
@@ -20,43 +22,58 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ssageo.model.decoder_lean import memory_format
-
 #: output rows per band of the lean UpStage (``_UpSplit``): its upsampled input rows (all
 #: channels, plus two halo rows) and topk's int64 indices exist for these rows only
 UP_ROWS = 32
 
 
 def _row_weights(rows: int, r0: int, r1: int, device: torch.device,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lower source row, upper source row, upper weight) of rows r0..r1 of a map of ``rows``
-    rows upsampled x2 with aligned corners (bilinear), as upsample_bilinear2d computes them."""
+                 dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+    """(first source row s, matrix M): rows r0..r1 of a map of ``rows`` rows upsampled x2 with
+    aligned corners (bilinear, weights as upsample_bilinear2d's) are M @ its rows s.. ."""
     scale = (rows - 1) / (2 * rows - 1)
-    src = torch.arange(r0, r1, device=device, dtype=torch.float64) * scale
-    low = src.floor().long()
-    return low, (low + 1).clamp_(max=rows - 1), (src - low).to(dtype)
+    sources = [(int(math.floor(i * scale)), i * scale) for i in range(r0, r1)]
+    first, last = sources[0][0], min(sources[-1][0] + 1, rows - 1)
+    matrix = [[0.0] * (last - first + 1) for _ in sources]
+    for weights, (low, src) in zip(matrix, sources, strict=True):
+        weights[low - first] += 1 - (src - low)
+        weights[min(low + 1, rows - 1) - first] += src - low
+    return first, torch.tensor(matrix, device=device, dtype=dtype)
+
+
+def _own_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off (products in their inputs' precision) where autocast exists."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B,C,H,W) -> (B,H,W*C): a view of a channels-last map (else a copy)."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2], -1)
 
 
 def _upsampled_rows(x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-    """Rows r0..r1 of ``upsample(x)`` (x2, bilinear, aligned corners), in ``x``'s layout."""
-    low, high, weight = _row_weights(x.shape[2], r0, r1, x.device, x.dtype)
-    rows = torch.lerp(x.index_select(2, low), x.index_select(2, high), weight.view(1, 1, -1, 1))
-    rows = rows.contiguous(memory_format=memory_format(x))
-    return F.interpolate(rows, size=(r1 - r0, 2 * x.shape[3]), mode="bilinear",
-                         align_corners=True)
+    """Rows r0..r1 of ``upsample(x)`` (x2, bilinear, aligned corners), channels-last: the
+    rows' interpolation as one small product over the channels-last rows, then the columns'."""
+    first, matrix = _row_weights(x.shape[2], r0, r1, x.device, x.dtype)
+    b, c, _, w = x.shape
+    with _own_precision(x.device):  # in x's precision, as upsample
+        rows = torch.matmul(matrix, _as_rows(x)[:, first:first + matrix.shape[1]])
+    rows = rows.view(b, r1 - r0, w, c).permute(0, 3, 1, 2)
+    return F.interpolate(rows, size=(r1 - r0, 2 * w), mode="bilinear", align_corners=True)
 
 
 def _upsampled_rows_backward(grad: torch.Tensor, grad_x: torch.Tensor, r0: int) -> None:
-    """Add into ``grad_x`` the gradient of ``x`` from ``grad``, the gradient of
-    ``_upsampled_rows(x, r0, r0 + len(grad rows))``."""
+    """Add into ``grad_x`` (channels-last) the gradient of ``x`` from ``grad``, the gradient
+    of ``_upsampled_rows(x, r0, r0 + len(grad rows))``."""
     b, c, n, w2 = grad.shape
     columns = torch.ops.aten.upsample_bilinear2d_backward(
         grad, [n, w2], [b, c, n, w2 // 2], True, None, None)
-    low, high, weight = _row_weights(grad_x.shape[2], r0, r0 + n, grad.device, grad_x.dtype)
-    weight = weight.view(1, 1, -1, 1)
-    columns = columns.to(grad_x.dtype)
-    grad_x.index_add_(2, high, columns * weight)
-    grad_x.index_add_(2, low, columns.mul_(1 - weight))
+    first, matrix = _row_weights(grad_x.shape[2], r0, r0 + n, grad.device, grad_x.dtype)
+    columns = _as_rows(columns.to(grad_x.dtype))
+    with _own_precision(grad.device):
+        _as_rows(grad_x)[:, first:first + matrix.shape[1]] += torch.matmul(matrix.t(), columns)
 
 
 def _band(x: torch.Tensor, r0: int, r1: int, halo: int) -> torch.Tensor:
@@ -68,7 +85,7 @@ def _band(x: torch.Tensor, r0: int, r1: int, halo: int) -> torch.Tensor:
     if (lo, hi) == (r0 - halo, r1 + halo):
         return up
     return F.pad(up, (0, 0, lo - (r0 - halo), r1 + halo - hi)).contiguous(
-        memory_format=memory_format(x))
+        memory_format=torch.channels_last)
 
 
 def _bands(rows: int) -> list[tuple[int, int]]:
@@ -105,7 +122,7 @@ class _UpSplit(torch.autograd.Function):
                 k: int, top_from: int, sorted_top: bool) -> tuple[torch.Tensor, torch.Tensor]:
         halo, padding = _geometry(conv)
         b, _, h, w = x.shape
-        layout = memory_format(x)
+        layout = torch.channels_last  # the bands' (_upsampled_rows)
         values = torch.empty(b, k, 2 * h, 2 * w, dtype=x.dtype, device=x.device,
                              memory_format=layout)
         index = None if sorted_top else torch.empty(
@@ -136,9 +153,11 @@ class _UpSplit(torch.autograd.Function):
         x, weight, index = ctx.saved_tensors
         halo, padding = _geometry(ctx.conv)
         rows, top_from = 2 * x.shape[2], ctx.top_from
-        grad_x, grad_weight = torch.zeros_like(x), torch.zeros_like(weight)
+        grad_weight = torch.zeros_like(weight)
+        # channels-last, so that its rows are a view (_upsampled_rows_backward)
+        grad_x = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
         low = grad_conv.dtype  # under autocast the forward conv ran in this precision
-        grad_conv = grad_conv.contiguous(memory_format=memory_format(x))
+        grad_conv = grad_conv.contiguous(memory_format=torch.channels_last)
         weight = weight.to(low)
         for r0, r1 in _bands(rows):
             band = _band(x, r0, r1, halo).to(low)
