@@ -129,8 +129,12 @@ def _act_band(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, r0: int, 
     conv's zero padding), in ``x``'s layout and ``dtype``."""
     lo, hi = max(r0 - halo, 0), min(r1 + halo, x.shape[2])
     band = torch.empty((x.shape[0], x.shape[1], r1 - r0 + 2 * halo, x.shape[3]), dtype=dtype,
-                       device=x.device, memory_format=memory_format(x)).zero_()
-    band[:, :, lo - r0 + halo:hi - r0 + halo] = (x[:, :, lo:hi] - mean).mul_(rstd).relu_()
+                       device=x.device, memory_format=memory_format(x))
+    # written in place (no temporary, no copy); only the rows beyond the map are zeroed
+    start, stop = lo - r0 + halo, hi - r0 + halo
+    torch.sub(x[:, :, lo:hi], mean, out=band[:, :, start:stop]).mul_(rstd).relu_()
+    band[:, :, :start].zero_()
+    band[:, :, stop:].zero_()
     return band
 
 
