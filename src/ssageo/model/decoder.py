@@ -125,10 +125,13 @@ class BEVDecoder(nn.Module):
     (last UpStage, DoubleConv, classifier) runs its backward step beside the sample's 4N x 4N
     map only; the last UpStage is checkpointed within that part too. Between the forward and
     the backward pass only the decoder input is kept. When a part is recomputed, its layers
-    keep only conv outputs, block inputs and top-k indices; normalised activations and
-    upsampled maps are recomputed once more in their backward step (``decoder_lean``), the
-    refining DoubleConv's first conv runs as two halves (no 2k-channel concatenation at
-    8N x 8N), and every map is channels-last (oneDNN's convolutions then copy nothing). Below
+    keep only conv outputs, block inputs and the first stage's top-k indices; normalised
+    activations are recomputed once more in their backward step, in row bands from InstanceNorm
+    statistics kept from the forward step (``decoder_lean``), the UpStages' upsampled maps in
+    row bands too (``decoder_up``; later stages take the first k channels of their sorted
+    top-k input), the refining DoubleConv's first conv runs as two halves (no 2k-channel
+    concatenation at 8N x 8N), and every map is channels-last (oneDNN's convolutions then copy
+    nothing). Below
     ``lean_from`` output pixels per batch the plain pass runs (same maths, faster there,
     little memory).
     """

@@ -1,6 +1,7 @@
 """Autograd functions of the BEV decoder's lean pass (``decoder.py``): the same operators as the
 modules, values and gradients included, but each keeps only the conv inputs it cannot cheaply
-redo for the backward pass and recomputes normalised activations and upsampled maps there.
+redo for the backward pass and recomputes normalised activations there (the UpStages' lean
+start, which recomputes upsampled maps, is in ``decoder_up.py``).
 """
 
 from __future__ import annotations
