@@ -100,27 +100,64 @@ def test_lean_decoder_functions_pass_gradcheck_in_float64():
     assert torch.autograd.gradcheck(lambda t: refine.lean(t, classifier), (c1,), fast_mode=True)
 
 
-# channel groups crossing top_from .. one group; top-k rows: bands of 1, 4 (one partial), all
-@pytest.mark.parametrize("group, rows", [(1, 32), (3, 4), (16, 1)])
-def test_up_stage_channel_groups_match_the_plain_stage_in_float64(group, rows, monkeypatch):
-    from ssageo.model import decoder_lean
+# row bands of the upsampled map (6 rows): 1 row (every band at an edge or beside a halo),
+# 4 (a partial last band), 32 (one band); top-k over the last channels or all of them
+@pytest.mark.parametrize("rows, top_from", [(1, 5), (4, 5), (32, 5), (4, 0)])
+def test_up_stage_row_bands_match_the_plain_stage_in_float64(rows, top_from, monkeypatch):
+    from ssageo.model import decoder_up
 
-    monkeypatch.setattr(decoder_lean, "UP_CHANNELS", group)
-    monkeypatch.setattr(decoder_lean, "TOP_ROWS", rows)
+    monkeypatch.setattr(decoder_up, "UP_ROWS", rows)
     torch.manual_seed(0)
-    stage = UpStage(8, 3, top_from=5).double()  # top-k over the last 3 channels
+    stage = UpStage(8, 3, top_from=top_from).double()
     x = torch.randn(2, 8, 3, 4, dtype=torch.float64)
     target = torch.randn(2, 6, 6, 8, dtype=torch.float64)
     results = []
-    for run in (stage.lean, lambda t: stage(t, t[:, 5:])[0]):
-        xi = x.clone().requires_grad_()
-        stage.zero_grad()
-        out = run(xi)
-        (out * target).sum().backward()
-        results.append((out, xi.grad, stage.conv[0].weight.grad.clone()))
+    for run in (stage.lean, lambda t: stage(t, t[:, top_from:])[0]):
+        for layout in (torch.channels_last, torch.contiguous_format):
+            xi = x.clone(memory_format=layout).requires_grad_()
+            stage.zero_grad()
+            out = run(xi)
+            (out * target).sum().backward()
+            results.append((out, xi.grad, stage.conv[0].weight.grad.clone()))
+    for lean in results[:2]:
+        for a, b in zip(lean, results[2], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert torch.autograd.gradcheck(stage.lean, (x[:1].clone().requires_grad_(),), fast_mode=True)
+
+
+def test_later_stages_take_the_first_k_of_their_sorted_top_input_where_zeros_tie():
+    """Stages after the first take the first k channels of their top-k input (a previous
+    top-k output, sorted): same values and gradients as topk, also where ReLU zeros tie, and
+    topk runs for the first stage only."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class TopK(TorchDispatchMode):
+        channels: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "topk":
+                self.channels.append(args[0].shape[1])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    decoder = BEVDecoder(32, 2).double()
+    z = torch.randn(1, 16, 5, 6, dtype=torch.float64) - 1  # ReLU: ~84 % zeros
+    target = torch.randn(1, 4, 40, 48, dtype=torch.float64)
+    results = []
+    for lean in (True, False):
+        zi = z.clone(memory_format=torch.channels_last).requires_grad_()
+        decoder.zero_grad()
+        x = top = F.relu(zi)
+        with TopK() as mode:
+            for stage in decoder.up:
+                x, top = (stage.lean(x), None) if lean else stage(x, top)
+            (x * target).sum().backward()
+        results.append((x, zi.grad, *[s.conv[0].weight.grad.clone() for s in decoder.up]))
+        if lean:
+            assert mode.channels and set(mode.channels) == {16}  # the first stage's only
+    assert (results[1][0][:, -2:] == 0).any()  # zeros among the last top-k values: ties
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
-    assert torch.autograd.gradcheck(stage.lean, (x[:1].clone().requires_grad_(),), fast_mode=True)
 
 
 def test_lean_up_stage_never_makes_top_k_indices_for_the_whole_map():
@@ -142,7 +179,7 @@ def test_lean_up_stage_never_makes_top_k_indices_for_the_whole_map():
     x = torch.randn(1, 8, 40, 6, requires_grad=True)  # 80 rows after upsampling
     with LargestIndex() as mode:
         stage.lean(x).sum().backward()
-    assert 0 < mode.largest <= 3 * 32 * 12  # k * TOP_ROWS * width, not k * 80 * 12
+    assert 0 < mode.largest <= 3 * 32 * 12  # k * UP_ROWS * width, not k * 80 * 12
 
 
 def test_lean_resampling_keeps_only_the_grid_and_matches_grid_sample():

@@ -182,3 +182,55 @@ def test_lean_decoder_in_row_bands_matches_the_plain_one_in_float64(rows, monkey
     lean, plain = _lean_and_plain(16, 1, torch.float64)
     for a, b in zip(lean, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("rows, channels_last", [(2, True), (32, False)])
+def test_norm_statistics_match_var_mean_taken_in_row_bands_in_float64(rows, channels_last,
+                                                                     monkeypatch):
+    from ssageo.model import decoder_lean
+    from ssageo.model.decoder_lean import NORM_EPS, _statistics
+
+    monkeypatch.setattr(decoder_lean, "NORM_ROWS", rows)  # 2: a partial last band of 1 row
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64) * 3 + 10
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    var, mean = torch.var_mean(x, dim=(2, 3), correction=0, keepdim=True)
+    with _Ops() as ops:
+        got_mean, got_rstd = _statistics(x)
+    torch.testing.assert_close(got_mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_rstd, (var + NORM_EPS).rsqrt(), rtol=1e-12, atol=1e-12)
+    # not torch.var_mean's Welford reduction (10-20x slower on the decoder's maps), and no
+    # temporary as large as the map
+    assert not [name for name, _, _ in ops.calls if name == "var_mean"]
+    assert max(t.numel() for _, _, out in ops.calls for t in _tensors(out)) <= 2 * 3 * rows * 7
+
+
+def test_lean_norm_relu_conv_takes_the_statistics_once_for_both_passes(monkeypatch):
+    from ssageo.model import decoder_lean
+
+    calls = []
+    statistics = decoder_lean._statistics
+    monkeypatch.setattr(decoder_lean, "_statistics",
+                        lambda x: calls.append(x.shape) or statistics(x))
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 3, 3, padding=1)
+    x = torch.randn(1, 4, 6, 5, requires_grad=True)
+    decoder_lean.norm_relu_conv(x, conv).square().sum().backward()
+    assert calls == [(1, 4, 6, 5)]  # the forward step's, kept for the backward step
+    assert x.grad is not None and conv.weight.grad is not None
+
+
+def test_lean_up_stage_never_makes_the_whole_upsampled_map():
+    # the 8-channel input upsampled to 80 x 12 is made in row bands only (decoder_up.UP_ROWS),
+    # in the forward and the backward pass
+    from ssageo.model.decoder import UpStage
+
+    torch.manual_seed(0)
+    stage = UpStage(8, 3, top_from=5)
+    x = torch.randn(1, 8, 40, 6, requires_grad=True)
+    with _Ops() as ops:
+        stage.lean(x).sum().backward()
+    shapes = {tuple(t.shape) for _, _, out in ops.calls for t in _tensors(out)}
+    assert (1, 8, 34, 12) in shapes  # a band: 32 rows and a halo row on each side
+    assert not [s for s in shapes if len(s) == 4 and s[1] == 8 and s[2] > 34 and s[3] == 12]

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ssageo.model.decoder_lean import norm_relu_conv, up_split, upsample
+from ssageo.model.decoder_lean import norm_relu_conv, upsample
+from ssageo.model.decoder_up import up_split
 
 
 def decoder_widths(channels: int) -> tuple[int, tuple[int, int, int]]:
@@ -93,12 +94,14 @@ class UpStage(nn.Module):
     ``forward(x, top)`` -> (cat[DoubleConv(up(x)), topk], topk) with ``topk`` the ``k`` largest
     channel values (sorted) of ``up(top)``. The previous stage's output ends with its top-k
     output, so ``top`` is ``x``'s last channels from ``top_from`` on (the first stage:
-    ``top = x``, ``top_from = 0``); the lean pass relies on that.
+    ``top = x``, ``top_from = 0``); the lean pass relies on that. ``sorted_top``: ``top`` is a
+    previous stage's top-k output (channels sorted at every pixel): the lean pass then takes its
+    first ``k`` channels (``decoder_up._UpSplit``).
     """
 
-    def __init__(self, c_in: int, k: int, top_from: int) -> None:
+    def __init__(self, c_in: int, k: int, top_from: int, sorted_top: bool = False) -> None:
         super().__init__()
-        self.k, self.top_from = k, top_from
+        self.k, self.top_from, self.sorted_top = k, top_from, sorted_top
         self.conv = DoubleConv(c_in, k)
         self.out_channels = 2 * k
 
@@ -108,7 +111,7 @@ class UpStage(nn.Module):
 
     def lean(self, x: torch.Tensor) -> torch.Tensor:
         """forward's first output, keeping the input, the top-k indices and the conv outputs."""
-        c1, values = up_split(x, self.conv[0], self.k, self.top_from)
+        c1, values = up_split(x, self.conv[0], self.k, self.top_from, self.sorted_top)
         return torch.cat([self.conv.lean(c1), values], dim=1)
 
 
@@ -122,10 +125,13 @@ class BEVDecoder(nn.Module):
     (last UpStage, DoubleConv, classifier) runs its backward step beside the sample's 4N x 4N
     map only; the last UpStage is checkpointed within that part too. Between the forward and
     the backward pass only the decoder input is kept. When a part is recomputed, its layers
-    keep only conv outputs, block inputs and top-k indices; normalised activations and
-    upsampled maps are recomputed once more in their backward step (``decoder_lean``), the
-    refining DoubleConv's first conv runs as two halves (no 2k-channel concatenation at
-    8N x 8N), and every map is channels-last (oneDNN's convolutions then copy nothing). Below
+    keep only conv outputs, block inputs and the first stage's top-k indices; normalised
+    activations are recomputed once more in their backward step, in row bands from InstanceNorm
+    statistics kept from the forward step (``decoder_lean``), the UpStages' upsampled maps in
+    row bands too (``decoder_up``; later stages take the first k channels of their sorted
+    top-k input), the refining DoubleConv's first conv runs as two halves (no 2k-channel
+    concatenation at 8N x 8N), and every map is channels-last (oneDNN's convolutions then copy
+    nothing). Below
     ``lean_from`` output pixels per batch the plain pass runs (same maths, faster there,
     little memory).
     """
@@ -139,7 +145,7 @@ class BEVDecoder(nn.Module):
         self.blocks = nn.Sequential(ResidualBlock(channels, half), ResidualBlock(half, half))
         stages, c_in, top = [], half, half
         for k in widths:
-            stages.append(UpStage(c_in, k, top_from=c_in - top))
+            stages.append(UpStage(c_in, k, top_from=c_in - top, sorted_top=bool(stages)))
             c_in, top = stages[-1].out_channels, k
         self.up = nn.ModuleList(stages)
         self.refine = DoubleConv(c_in, widths[-1])
@@ -191,7 +197,8 @@ class BEVDecoder(nn.Module):
         so neither the concatenation (2k channels at 8N x 8N) nor its gradient is ever made,
         and the DoubleConv's output is recomputed from its conv output in the backward step."""
         stage, first = self.up[-1], self.refine[0]
-        c1, values = up_split(x, stage.conv[0], stage.k, stage.top_from)
+        c1, values = up_split(x, stage.conv[0], stage.k, stage.top_from, stage.sorted_top)
         k = stage.k
-        return (stage.conv.lean(c1, first, first.weight[:, :k])
-                + F.conv2d(values, first.weight[:, k:], None, first.stride, first.padding))
+        # in place: no third 8N x 8N map (fresh pages cost time)
+        return stage.conv.lean(c1, first, first.weight[:, :k]).add_(
+            F.conv2d(values, first.weight[:, k:], None, first.stride, first.padding))

@@ -1,6 +1,7 @@
 """Autograd functions of the BEV decoder's lean pass (``decoder.py``): the same operators as the
 modules, values and gradients included, but each keeps only the conv inputs it cannot cheaply
-redo for the backward pass and recomputes normalised activations and upsampled maps there.
+redo for the backward pass and recomputes normalised activations there (the UpStages' lean
+start, which recomputes upsampled maps, is in ``decoder_up.py``).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
         torch.contiguous_format
 
 
-def _norm_relu(x: torch.Tensor, relu: bool = True) -> torch.Tensor:
+def _norm_relu(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+               relu: bool = True) -> torch.Tensor:
     # not F.instance_norm: it returns a contiguous map whatever the input's memory format, and
     # (PyTorch 2.13, CPU) its gradient is wrong for a channels-last input whose incoming
     # gradient is channels-last too (tests/test_model_bev_lean.py)
-    xhat = _normalised(x)[0]
+    xhat = (x - mean).mul_(rstd)
     return xhat.relu_() if relu else xhat
 
 
@@ -51,15 +53,16 @@ class _NormReLUConv(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, conv: nn.Conv2d | None,  # noqa: D102
                 weight: torch.Tensor | None, bias: torch.Tensor | None,
                 relu: bool = True) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+        # the norm's statistics (two numbers per channel) are kept for the backward step
+        mean, rstd = _statistics(x)
+        ctx.save_for_backward(x, weight, mean, rstd)
         ctx.conv, ctx.relu = conv, relu
         if conv is None or weight is None:
-            return _norm_relu(x, relu)
+            return _norm_relu(x, mean, rstd, relu)
         if not _banded(conv):
-            return conv._conv_forward(_norm_relu(x), weight, bias)
+            return conv._conv_forward(_norm_relu(x, mean, rstd), weight, bias)
         # a few output rows at a time from the activation's rows around them: the activation
         # is never made for the whole map
-        mean, rstd = _statistics(x)
         out: torch.Tensor | None = None
         for r0, r1 in _bands(x.shape[2]):
             band = _act_band(x, mean, rstd, r0, r1, _pads(conv)[0], x.dtype)
@@ -74,9 +77,8 @@ class _NormReLUConv(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
-        x, weight = ctx.saved_tensors
+        x, weight, mean, rstd = ctx.saved_tensors
         conv = ctx.conv
-        mean, rstd = _statistics(x)
         conv_grads: list[torch.Tensor | None] = [None, None]
         if conv is not None:
             # the incoming gradient in the map's layout (the head's output is contiguous)
@@ -128,8 +130,12 @@ def _act_band(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, r0: int, 
     conv's zero padding), in ``x``'s layout and ``dtype``."""
     lo, hi = max(r0 - halo, 0), min(r1 + halo, x.shape[2])
     band = torch.empty((x.shape[0], x.shape[1], r1 - r0 + 2 * halo, x.shape[3]), dtype=dtype,
-                       device=x.device, memory_format=memory_format(x)).zero_()
-    band[:, :, lo - r0 + halo:hi - r0 + halo] = (x[:, :, lo:hi] - mean).mul_(rstd).relu_()
+                       device=x.device, memory_format=memory_format(x))
+    # written in place (no temporary, no copy); only the rows beyond the map are zeroed
+    start, stop = lo - r0 + halo, hi - r0 + halo
+    torch.sub(x[:, :, lo:hi], mean, out=band[:, :, start:stop]).mul_(rstd).relu_()
+    band[:, :, :start].zero_()
+    band[:, :, stop:].zero_()
     return band
 
 
@@ -151,16 +157,18 @@ def _banded_weight_grad(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
 
 
 def _statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, 1/std) per sample and channel, as F.instance_norm's (biased variance, NORM_EPS)."""
-    var, mean = torch.var_mean(x, dim=(2, 3), correction=0, keepdim=True)
-    return mean, (var + NORM_EPS).rsqrt_()
-
-
-def _normalised(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(instance-normalised ``x``, 1/std per sample and channel), as F.instance_norm up to
-    rounding."""
-    mean, rstd = _statistics(x)
-    return (x - mean).mul_(rstd), rstd
+    """(mean, 1/std) per sample and channel, as F.instance_norm's (biased variance, NORM_EPS):
+    the mean, then the variance as the mean square deviation from it (two passes, as
+    precise as ``torch.var_mean``), the deviations a few rows at a time. ``torch.var_mean``
+    (a Welford reduction) takes 10-20x longer on these maps (benchmarks/RESULTS.md); in low
+    precision the sums run in float32."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    pixels = x.shape[2] * x.shape[3]
+    mean = x.sum((2, 3), keepdim=True, dtype=acc).div_(pixels)
+    var = torch.zeros_like(mean)
+    for r0 in range(0, x.shape[2], NORM_ROWS):
+        var += (x[:, :, r0:r0 + NORM_ROWS] - mean).square_().sum((2, 3), keepdim=True)
+    return mean.to(x.dtype), var.div_(pixels).add_(NORM_EPS).rsqrt_().to(x.dtype)
 
 
 #: image rows per step of the norm's backward pass (``_norm_relu_backward``)
@@ -201,94 +209,3 @@ def norm_relu_conv(x: torch.Tensor, conv: nn.Conv2d | None = None,
     if conv is not None and weight is None:
         weight = conv.weight
     return _NormReLUConv.apply(x, conv, weight, None if conv is None else conv.bias, relu)
-
-
-class _UpSplit(torch.autograd.Function):
-    """The shared start of an UpStage: ``up = upsample(x)`` feeds the conv branch's first conv
-    and the top-k branch (the ``k`` largest of ``up``'s channels from ``top_from`` on, which
-    are the upsampled previous top-k output); returns (conv(up), top-k values).
-
-    Keeps ``x`` and the top-k indices (as bytes when channel numbers fit) for the backward
-    pass, which recomputes ``up`` (4x the size of ``x``) for the conv's weight gradient and
-    adds the top-k gradient into the conv's input gradient before undoing the upsampling, a
-    few channels at a time.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,  # noqa: D102
-                k: int, top_from: int) -> tuple[torch.Tensor, torch.Tensor]:
-        values, index = _top_values(upsample(x[:, top_from:]), k)
-        # the conv as a sum over input-channel groups, each upsampled again (cheap): the
-        # upsampled top-k input (4x x's channels from top_from on) is freed before the convs
-        out: torch.Tensor | None = None
-        for c0 in range(0, x.shape[1], UP_CHANNELS):
-            c1 = min(x.shape[1], c0 + UP_CHANNELS)
-            y = conv._conv_forward(upsample(x[:, c0:c1]), weight[:, c0:c1], None)
-            out = y if out is None else out.add_(y)
-        ctx.save_for_backward(x, weight, index)
-        ctx.conv, ctx.top_from = conv, top_from
-        assert out is not None  # x has channels
-        return out, values
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_conv: torch.Tensor,  # noqa: D102
-                 grad_values: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, index = ctx.saved_tensors
-        conv, (b, c, h, w) = ctx.conv, x.shape
-        grad_x, grad_weight = torch.empty_like(x), torch.empty_like(weight)
-        # a few input channels at a time: each channel's upsampled map, weight gradient and
-        # input gradient involve that channel only, so none is ever made for all channels
-        for c0 in range(0, c, UP_CHANNELS):
-            c1 = min(c, c0 + UP_CHANNELS)
-            low = grad_conv.dtype  # under autocast the forward conv ran in this precision
-            grad_up, grad_weight[:, c0:c1] = torch.ops.aten.convolution_backward(
-                grad_conv, upsample(x[:, c0:c1]).to(low), weight[:, c0:c1].to(low).contiguous(),
-                None, *_geometry(conv), [True, True, False])[:2]
-            if c1 > ctx.top_from:
-                _scatter_top(grad_up, index, grad_values, c0 - ctx.top_from)
-            grad_x[:, c0:c1] = torch.ops.aten.upsample_bilinear2d_backward(
-                grad_up, [2 * h, 2 * w], [b, c1 - c0, h, w], True, None, None)
-        return grad_x, None, grad_weight, None, None
-
-
-#: input channels per step of the UpStage's backward pass (``_UpSplit``)
-UP_CHANNELS = 16
-#: image rows per step of the top-k selection: its int64 indices exist for these rows only
-TOP_ROWS = 32
-
-
-def _top_values(top: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``top.topk(k, dim=1)``, its indices as bytes when channel numbers fit (else int32):
-    a few rows at a time (each pixel's selection is its own), so topk's int64 indices (twice
-    the values' size) are never made for the whole map."""
-    b, _, h, w = top.shape
-    layout = memory_format(top)
-    values = torch.empty(b, k, h, w, dtype=top.dtype, device=top.device, memory_format=layout)
-    index = torch.empty(b, k, h, w, dtype=torch.uint8 if top.shape[1] <= 256 else torch.int32,
-                        device=top.device, memory_format=layout)
-    for r0 in range(0, h, TOP_ROWS):
-        rows = slice(r0, r0 + TOP_ROWS)
-        v, i = top[:, :, rows].topk(k, dim=1)
-        values[:, :, rows], index[:, :, rows] = v, i
-    return values, index
-
-
-def _scatter_top(grad_up: torch.Tensor, index: torch.Tensor, grad_values: torch.Tensor,
-                 first: int) -> None:
-    """Add the top-k values' gradient into ``grad_up``, the gradient of channels ``first`` ..
-    of the top-k input (negative: channels before it); a few rows at a time, so the int64
-    index (scatter_add's) stays small."""
-    span = grad_up.shape[1]
-    for r0 in range(0, index.shape[2], 32):
-        rows = slice(r0, r0 + 32)
-        idx = index[:, :, rows].long() - first
-        inside = (idx >= 0) & (idx < span)
-        grad_up[:, :, rows].scatter_add_(1, idx.clamp_(0, span - 1),
-                                         (grad_values[:, :, rows] * inside).to(grad_up.dtype))
-
-
-def up_split(x: torch.Tensor, conv: nn.Conv2d, k: int,
-             top_from: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(conv(upsample(x)), top-k values of upsample(x)[:, top_from:]), lean (see _UpSplit)."""
-    return _UpSplit.apply(x, conv, conv.weight, k, top_from)
