@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from ssageo.evaluate import ann
 from ssageo.evaluate.ann import exact_topk
 from ssageo.evaluate.shardindex import ShardedIndex
 from ssageo.evaluate.shards import MANIFEST, build_sharded, training_rows
@@ -89,6 +90,9 @@ def test_a_compressed_store_reranks_like_the_float_store_in_fewer_bytes(tmp_path
     # residual components within half a step, but for the few that fall beyond the widened
     # range of the training sample (the first shard's tiles) and are clipped to it
     decoded = small.sq.decode(codes)
+    pq_codes = np.load(tmp_path / store / "shard-00001.npz")["codes"]  # lists as the PQ's
+    np.testing.assert_array_equal(codes[:, :4].copy().view("<u4")[:, 0],
+                                  ann.list_numbers(small.ann, pq_codes))
     assert np.mean(np.abs(decoded - desc[2000:]) <= small.sq.step * 0.5 + 1e-6) > 0.999
     np.testing.assert_allclose(small.sq.scores(codes, queries[0]), decoded @ queries[0],
                                atol=1e-5)  # scoring without decoding is the same sum

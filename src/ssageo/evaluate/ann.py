@@ -91,6 +91,15 @@ def encode(index: Any, x: np.ndarray) -> np.ndarray:
     return index.sa_encode(np.ascontiguousarray(x, dtype=np.float32))
 
 
+def list_numbers(index: Any, codes: np.ndarray) -> np.ndarray:
+    """(n,) inverted-list numbers of IVF codes (:func:`encode`): their first bytes,
+    little-endian."""
+    lists = np.zeros(len(codes), dtype=np.int64)
+    for byte in range(index.coarse_code_size()):
+        lists |= codes[:, byte].astype(np.int64) << (8 * byte)
+    return lists
+
+
 def add_codes(index: Any, codes: np.ndarray, first_id: int) -> None:
     """Add a shard's codes to ``index`` with ids ``first_id, first_id + 1, ...``."""
     ids = np.arange(first_id, first_id + len(codes), dtype=np.int64)
@@ -159,9 +168,10 @@ class ResidualSQ:
         return cls(index.quantizer.reconstruct_n(0, index.nlist), state["low"], state["step"],
                    int(state["bits"]))
 
-    def encode(self, index: Any, x: np.ndarray) -> np.ndarray:
-        """(n, 4 + packed codes) uint8 rows of ``x`` (n, D)."""
-        lists = self._assign(index, x)
+    def encode(self, index: Any, x: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
+        """(n, 4 + packed codes) uint8 rows of ``x`` (n, D); ``codes``, its IVF-PQ codes
+        (:func:`encode`), give the lists without a second search of the centroids."""
+        lists = self._assign(index, x) if codes is None else list_numbers(index, codes)
         levels = np.floor((x - self.centroids[lists] - self.low) / self.step)
         levels = np.clip(levels, 0, 2**self.bits - 1).astype(np.uint16)
         if self.bits == 12:  # two 12-bit codes in three bytes

@@ -278,7 +278,7 @@ def _write_shard(folder: Path, manifest: dict, desc: np.ndarray, coords: np.ndar
     store = manifest_store(manifest)
     if store != "none":
         codec = None if trained is None else trained[1]
-        kept = desc if codec is None else codec.encode(trained[0], desc)
+        kept = desc if codec is None else codec.encode(trained[0], desc, arrays["codes"])
         files[name + STORE_SUFFIX[store]] = lambda f: np.save(f, kept)
     for file, save in files.items():
         def write(tmp: Path, save: Callable[[Any], None] = save) -> None:
