@@ -14,7 +14,7 @@ _WHERE = {
     "is_index_file": "index", "open_index": "index",
     "haversine_m": "metrics", "one_percent_k": "metrics", "rank_queries": "metrics",
     "retrieval_metrics": "metrics",
-    "ShardedIndex": "shards", "build_sharded": "shards", "build_tile_index": "shards",
+    "ShardedIndex": "shardindex", "build_sharded": "shards", "build_tile_index": "shards",
     "dataset_tiles": "tiles", "read_tiles_csv": "tiles",
 }
 
