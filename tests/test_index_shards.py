@@ -115,6 +115,17 @@ def test_a_compressed_store_reranks_like_the_float_store_in_fewer_bytes(tmp_path
         ShardedIndex.load(tmp_path / store)
 
 
+def test_a_store_that_cannot_hold_the_descriptors_is_refused_before_any_work(tmp_path):
+    from ssageo.config import ConfigError
+
+    odd = structured(500)[:, :63]
+    with pytest.raises(ConfigError, match="sq12 packs dimensions in pairs.*63"):
+        build(tmp_path / "odd", odd, kind="ivfpq", lists=4, pq_bytes=7, rerank_store="sq12")
+    with pytest.raises(ConfigError, match="--rerank-store must be one of"):
+        build(tmp_path / "bad", structured(500), kind="ivfpq", lists=4, rerank_store="f16")
+    assert not (tmp_path / "odd").exists() and not (tmp_path / "bad").exists()
+
+
 def test_an_index_written_with_a_boolean_rerank_store_still_opens(tmp_path):
     desc = structured(1000, seed=4)
     build(tmp_path / "ivf", desc, kind="ivfpq", shard_size=1000, lists=8, pq_bytes=8)

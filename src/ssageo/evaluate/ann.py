@@ -118,6 +118,13 @@ STORES = ("float32", "sq12", "sq8", "none")  # the re-ranking stores of an ``ivf
 SQ_BITS = {"sq8": 8, "sq12": 12}
 
 
+def check_store(store: str, dim: int) -> None:
+    """ConfigError when ``store`` cannot hold ``dim``-d descriptors (sq12 packs pairs)."""
+    if store == "sq12" and dim % 2:
+        raise ConfigError(f"--rerank-store sq12 packs dimensions in pairs; the descriptors have "
+                          f"{dim} (odd): use sq8 or float32")
+
+
 def store_kind(value: object) -> str:
     """A manifest's or caller's re-ranking store as one of :data:`STORES` (manifests of the
     first sharded format say ``true`` / ``false`` for float32 / none)."""
@@ -191,16 +198,20 @@ class ResidualSQ:
         out[:, 0::2], out[:, 1::2] = (a << 4) | (b >> 4), ((b & 15) << 8) | c
         return out
 
+    @staticmethod
+    def lists(codes: np.ndarray) -> np.ndarray:
+        """(n,) inverted-list numbers of code rows."""
+        return np.ascontiguousarray(codes[:, :4]).view("<u4")[:, 0]
+
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """(n, D) float32 descriptors the code rows stand for."""
-        lists = np.ascontiguousarray(codes[:, :4]).view("<u4")[:, 0]
+        lists = self.lists(codes)
         return self.centroids[lists] + self.low + (self.levels(codes) + 0.5) * self.step
 
     def scores(self, codes: np.ndarray, query: np.ndarray) -> np.ndarray:
         """(n,) dot products of ``query`` (D,) with the descriptors the rows stand for."""
         q = np.asarray(query, dtype=np.float32)
-        lists = np.ascontiguousarray(codes[:, :4]).view("<u4")[:, 0]
-        unique, where = np.unique(lists, return_inverse=True)
+        unique, where = np.unique(self.lists(codes), return_inverse=True)
         near = self.centroids[unique] @ q  # only the candidates' lists
         weights = q * self.step
         const = np.float32(q @ self.low + 0.5 * weights.sum())

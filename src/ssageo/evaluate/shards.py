@@ -202,6 +202,7 @@ def build_sharded(
             lists = max(1, min(lists, sample // ann.MIN_TRAIN_PER_LIST))
         ann.check_params(metadata["descriptor_dim"], lists, pq_bytes)
         params.update(lists=lists, pq_bytes=pq_bytes, rerank_store=ann.store_kind(rerank_store))
+        ann.check_store(params["rerank_store"], metadata["descriptor_dim"])
     manifest = _start(out, metadata, kind, params, extend)
     out.mkdir(parents=True, exist_ok=True)
     done = _resume_point(out, manifest, table)
