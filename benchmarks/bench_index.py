@@ -14,6 +14,11 @@ subset, so recall@1/@10 of the IVF-PQ search is measured against exact search in
 
     OMP_NUM_THREADS=1 python benchmarks/bench_index.py --fit-from SYNTH_DIR --tiles 1000000 \\
         --dim 256 --work /tmp/bench_index [--lists 1024 --pq-bytes 32 --nprobe 16 32 64]
+    # 10 M x 1024-d as recorded in RESULTS.md (a trained checkpoint, the sq12 store in RAM)
+    OMP_NUM_THREADS=2 python benchmarks/bench_index.py --fit-from SYNTH_DIR --checkpoint CKPT \
+        --tiles 10000000 --dim 1024 --lists 2048 --pca 256 --nprobe 32 64 \
+        --rerank 0 200 500 1000 --exact-queries 0 --rerank-store sq12 --in-memory \
+        --search-threads 1 --queries 500
 """
 
 from __future__ import annotations
@@ -130,6 +135,8 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=262144)
     parser.add_argument("--lists", type=int, default=1024)
     parser.add_argument("--pq-bytes", type=int, default=32)
+    parser.add_argument("--pca", type=int, default=0,
+                        help="Lists and codes after a PCA projection to this many dims (0: off).")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--rerank", type=int, nargs="+", default=[0, 50, 100, 200])
     parser.add_argument("--rerank-store", choices=["float32", "sq12", "sq8"], default="float32",
@@ -184,7 +191,7 @@ def main() -> None:
         build_sharded(folder, NamedRows(args.tiles), embed, meta, "ivfpq", args.shard_size,
                       args.lists, args.pq_bytes, rerank_store=args.rerank_store,
                       embed_rows=lambda rows: train.chunk(0, len(rows)),
-                      log=lambda m: print(m, flush=True))
+                      log=lambda m: print(m, flush=True), pca=args.pca)
         build_s = time.perf_counter() - t0 - gen_s - gt_s
         sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
         t0 = time.perf_counter()
@@ -192,7 +199,8 @@ def main() -> None:
         load_s = time.perf_counter() - t0
         result = {
             "source": args.source, "tiles": args.tiles, "dim": args.dim, "lists": args.lists,
-            "pq_bytes": args.pq_bytes, "rerank_store": args.rerank_store, "queries": len(q),
+            "pq_bytes": args.pq_bytes, "pca": args.pca, "rerank_store": args.rerank_store,
+            "queries": len(q),
             "threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_start": os.getloadavg()[0],
             "build_s": round(build_s, 1), "generate_s": round(gen_s, 1),
             "ground_truth_s": round(gt_s, 1), "load_s": round(load_s, 1),

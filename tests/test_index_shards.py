@@ -115,6 +115,48 @@ def test_a_compressed_store_reranks_like_the_float_store_in_fewer_bytes(tmp_path
         ShardedIndex.load(tmp_path / store)
 
 
+def test_a_pca_projection_codes_fewer_dimensions_and_reranks_from_whole_descriptors(tmp_path):
+    from ssageo.config import ConfigError
+
+    desc = structured(4000, seed=5)
+    rng = np.random.default_rng(9)
+    queries = desc[:300] + rng.normal(size=(300, DIM)).astype(np.float32) * 0.05
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = queries @ desc.T
+    build(tmp_path / "pca", desc[:3000], kind="ivfpq", shard_size=1500, lists=16, pq_bytes=8,
+          pca=16, rerank_store="sq12")
+    index = ShardedIndex.load(tmp_path / "pca")
+    assert index.manifest["params"]["pca"] == 16
+    inner = ann.ivf(index.ann)
+    assert (index.ann.d, inner.d, inner.pq.dsub) == (DIM, 16, 2)  # 8 bytes code 16 dims
+    assert ann.project(index.ann, desc[:5]).shape == (5, 16)
+    assert ann.memory_bytes(index.ann) - ann.memory_bytes(ann.ivf(index.ann)) == DIM * 16 * 4
+    codes = np.load(tmp_path / "pca" / "shard-00001.sq12.npy")
+    pq_codes = np.load(tmp_path / "pca" / "shard-00001.npz")["codes"]
+    assert pq_codes.shape == (1500, 1 + 8)  # list byte + PQ code
+    np.testing.assert_array_equal(index.sq.lists(codes), ann.list_numbers(index.ann, pq_codes))
+    # the store's residuals are to the lists' centroids mapped back to the whole space
+    # (shard 1 holds rows 1500-2999)
+    decoded = index.sq.decode(codes)
+    assert np.mean(np.abs(decoded - desc[1500:3000]) <= index.sq.step * 0.5 + 1e-6) > 0.999
+    # an extension encodes new tiles with the same projection and lists
+    build_sharded(tmp_path / "pca", TileList([f"n{i}.png" for i in range(1000)],
+                                             np.zeros((1000, 2))),
+                  lambda a, b: desc[3000 + a: 3000 + b], meta(), extend=True)
+    index = ShardedIndex.load(tmp_path / "pca")
+    assert index.manifest["params"]["pca"] == 16 and index.manifest["count"] == 4000
+    _, ids = index.search(queries, 10, nprobe=8, rerank=50)
+    assert np.mean(ids[:, 0] == np.argmax(exact, axis=1)) >= 0.99
+    _, ids = index.search(desc[[3100, 3999]], 1, nprobe=8, rerank=20)
+    assert ids[:, 0].tolist() == [3100, 3999]
+    with pytest.raises(ConfigError, match="--pca 65 must be between 0 .off. and the "
+                                          "descriptor dimension 64"):
+        build(tmp_path / "wide", desc, kind="ivfpq", lists=4, pca=65)
+    with pytest.raises(ConfigError, match="--pq-bytes 8 must divide the --pca dimension 12"):
+        build(tmp_path / "odd", desc, kind="ivfpq", lists=4, pq_bytes=8, pca=12)
+    assert not (tmp_path / "wide").exists() and not (tmp_path / "odd").exists()
+
+
 def test_a_store_that_cannot_hold_the_descriptors_is_refused_before_any_work(tmp_path):
     from ssageo.config import ConfigError
 
@@ -330,13 +372,13 @@ def test_cli_builds_an_ivfpq_index_and_locates_with_reranking(tile_csv, tmp_path
     (tmp_path / "big.csv").write_text("\n".join(rows) + "\n")
     built = cli("index", "build", "--checkpoint", checkpoint, "--tiles", tmp_path / "big.csv",
                 "--out", tmp_path / "ivf", "--kind", "ivfpq", "--lists", 2, "--pq-bytes", 8,
-                "--shard-size", 300, "--rerank-store", "sq12", "--device", "cpu")
+                "--shard-size", 300, "--rerank-store", "sq12", "--pca", 64, "--device", "cpu")
     out, err = built.communicate()
     assert built.returncode == 0, err
     assert "indexed 300 tiles (ivfpq, D = 320)" in " ".join(out.split())
     manifest = json.loads((tmp_path / "ivf" / MANIFEST).read_text())
     assert manifest["params"] == {"shard_size": 300, "lists": 2, "pq_bytes": 8,
-                                  "rerank_store": "sq12"}
+                                  "rerank_store": "sq12", "pca": 64}
     located = cli("locate", root / "t5.png", root / "t7.png", "--index", tmp_path / "ivf",
                   "--json", "--rerank", 20, "--in-memory", "--nprobe", 2, "--top-k", 3,
                   "--device", "cpu")

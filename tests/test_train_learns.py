@@ -9,10 +9,10 @@ from ssageo.config import load_config
 from ssageo.synth import generate
 from ssageo.train import train
 
-# The synth-cpu preset as it is, for 6 short epochs (90 steps of 16 pairs), so that it fits in
+# The synth-cpu preset as it is, for 4 short epochs (60 steps of 16 pairs), so that it fits in
 # about a minute on 2 cores. Hard-negative batches stay on (GPS, then similarity recomputed
 # every 2 epochs).
-SHORT = ["data.workers=1", "train.epochs=6", "train.checkpoint_every=1000",
+SHORT = ["data.workers=1", "train.epochs=4", "train.checkpoint_every=1000",
          "train.sampling.similarity_every=2", "eval.every=2"]
 
 
@@ -26,15 +26,15 @@ def test_short_synth_cpu_run_on_300_places_beats_chance_on_val(tmp_path):
 
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     evals = [r for r in map(json.loads, lines) if r["kind"] == "eval"]
-    assert [r["epoch"] for r in evals] == [2, 4, 6]
+    assert [r["epoch"] for r in evals] == [2, 4]
     best = max(evals, key=lambda r: r["R@1"])
     chance = {"R@1": 100 / 60, "R@5": 500 / 60, "R@10": 1000 / 60}
-    # Measured on this CPU build (deterministic; 1 torch thread, 1 loader worker): after epoch 6
-    # R@1 5.0, R@5 30.0, R@10 45.0; chance is 1.7, 8.3, 16.7. Bounds leave a margin of one
-    # query (R@1) and three queries (R@5, R@10).
+    # Measured on this CPU build (deterministic; 1 torch thread, 1 loader worker): after epoch 4
+    # R@1 11.7, R@5 40.0, R@10 53.3 (7, 24 and 32 of the 60 queries); chance is 1.7, 8.3, 16.7.
+    # Bounds leave a margin of three queries: 4, 21 and 29 queries.
     last = evals[-1]
-    assert last["R@1"] >= 2 * chance["R@1"]
-    assert last["R@5"] >= 3 * chance["R@5"]
-    assert last["R@10"] >= 2.4 * chance["R@10"]
+    assert last["R@1"] >= 4 * chance["R@1"]
+    assert last["R@5"] >= 4.2 * chance["R@5"]
+    assert last["R@10"] >= 2.9 * chance["R@10"]
     assert summary["best_val_R@1"] == best["R@1"]
     assert summary["validation"] == "val split"

@@ -221,6 +221,9 @@ def index_build(
     lists: int | None = typer.Option(
         None, min=1, help="ivfpq: inverted lists (default about 4 sqrt(tiles))."),
     pq_bytes: int = typer.Option(32, min=1, help="ivfpq: code bytes per tile."),
+    pca: int = typer.Option(
+        0, min=0, help="ivfpq: lists and codes of the descriptors projected on their first PCA "
+        "directions (e.g. 256 for 1024-d descriptors; 0: off); re-ranking uses whole ones."),
     rerank_store: str = typer.Option(
         "float32", help="ivfpq: what to keep for re-ranking (locate --rerank): float32 "
         "descriptors (exact scores), sq12 / sq8 (residuals in 12 / 8 bits: 3/8 / 1/4 of "
@@ -263,7 +266,8 @@ def index_build(
         if kind == "auto":
             kind = "exact" if len(table) <= AUTO_EXACT_MAX else "ivfpq"
         meta = build_onnx_index(onnx, table, out, source, kind, shard_size, lists,
-                                pq_bytes, rerank_store, extend, batch_size, Console().print)
+                                pq_bytes, rerank_store, extend, batch_size, Console().print,
+                                pca=pca)
         count, dim, what = meta["count"], meta["descriptor_dim"], "exact" if single else kind
     elif single:
         paths, coords = table.rows(0, len(table))
@@ -275,7 +279,7 @@ def index_build(
             kind = "exact" if len(table) <= AUTO_EXACT_MAX else "ivfpq"
         manifest = build_tile_index(
             checkpoint, table, out, source, kind, shard_size, lists, pq_bytes,
-            rerank_store, extend, batch_size, workers, device, log=Console().print,
+            rerank_store, extend, batch_size, workers, device, log=Console().print, pca=pca,
         )
         count, dim, what = manifest["count"], manifest["metadata"]["descriptor_dim"], kind
     Console().print(f"indexed {count} tiles ({what}, D = {dim}) into {out}")

@@ -3,7 +3,10 @@
 A coarse quantiser of ``lists`` centroids splits the descriptor space into inverted lists; each
 descriptor is stored as its list number plus a product-quantised code of its residual
 (``pq_bytes`` bytes). The L2 metric is used: on unit vectors it ranks exactly as the cosine
-(``cos = 1 - d^2 / 2``), and residual PQ is most accurate under it.
+(``cos = 1 - d^2 / 2``), and residual PQ is most accurate under it. With ``pca`` > 0 the lists
+and codes are those of the descriptors projected on their ``pca`` principal directions and
+randomly rotated (faiss's ``PCAR``: each PQ byte then codes a few dimensions of similar
+variance); re-ranking stores keep the full descriptors.
 
 faiss is an optional dependency (``pip install 'ssageo[index]'``); only this module imports it,
 and only when an IVF-PQ index is built or opened.
@@ -53,32 +56,72 @@ def faiss_module() -> Any:
     return faiss
 
 
-def check_params(dim: int, lists: int, pq_bytes: int) -> None:
-    """ConfigError when ``pq_bytes`` does not divide the descriptor dimension or is too small."""
-    if lists < 1 or pq_bytes < 1 or dim % pq_bytes:
+def check_params(dim: int, lists: int, pq_bytes: int, pca: int = 0) -> None:
+    """ConfigError when ``pq_bytes`` does not divide the dimension it codes (``pca`` when > 0,
+    else the descriptors'), or ``lists`` or ``pca`` is out of range."""
+    if not 0 <= pca <= dim:
+        raise ConfigError(f"--pca {pca} must be between 0 (off) and the descriptor dimension {dim}")
+    coded = pca or dim
+    if lists < 1 or pq_bytes < 1 or coded % pq_bytes:
         raise ConfigError(
-            f"--pq-bytes {pq_bytes} must divide the descriptor dimension {dim} "
-            f"and --lists {lists} must be >= 1"
+            f"--pq-bytes {pq_bytes} must divide the {'--pca' if pca else 'descriptor'} "
+            f"dimension {coded} and --lists {lists} must be >= 1"
         )
 
 
-def train(sample: np.ndarray, lists: int, pq_bytes: int, seed: int = 0) -> np.ndarray:
-    """Train the coarse quantiser and the PQ on ``sample`` (n, D) float32; returns the empty,
-    trained index serialised as a uint8 array (what shards are encoded against)."""
+def train(sample: np.ndarray, lists: int, pq_bytes: int, seed: int = 0,
+          pca: int = 0) -> np.ndarray:
+    """Train the coarse quantiser and the PQ (after the ``pca`` projection, when > 0) on
+    ``sample`` (n, D) float32; returns the empty, trained index serialised as a uint8 array
+    (what shards are encoded against)."""
     faiss = faiss_module()
     n, dim = sample.shape
-    check_params(dim, lists, pq_bytes)
+    check_params(dim, lists, pq_bytes, pca)
     need = max(lists * MIN_TRAIN_PER_LIST, PQ_CENTROIDS)
     if n < need:
         raise DataError(
             f"IVF-PQ training needs >= {need} tiles for {lists} lists, the first shard has {n}; "
             "give fewer --lists or a larger --shard-size"
         )
-    index = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, lists, pq_bytes, 8)
-    index.cp.seed = seed
-    index.pq.cp.seed = seed
+    coded = pca or dim
+    ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(coded), coded, lists, pq_bytes, 8)
+    ivf.cp.seed = seed
+    ivf.pq.cp.seed = seed
+    index = ivf
+    if pca:
+        # eigen_power 0 (no whitening); the rotation after the projection is seeded by faiss
+        index = faiss.IndexPreTransform(faiss.PCAMatrix(dim, pca, 0, True), ivf)
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     return faiss.serialize_index(index)
+
+
+def ivf(index: Any) -> Any:
+    """The IVF-PQ index inside ``index`` (itself, or behind its PCA transform)."""
+    faiss = faiss_module()
+    return faiss.downcast_index(faiss.extract_index_ivf(index))
+
+
+def _transform(index: Any) -> Any:
+    """The PCA transform in front of ``index``'s lists, or None."""
+    faiss = faiss_module()
+    if isinstance(index, faiss.IndexPreTransform):
+        return faiss.downcast_VectorTransform(index.chain.at(0))
+    return None
+
+
+def project(index: Any, x: np.ndarray) -> np.ndarray:
+    """``x`` (n, D) in the space the lists and codes live in (the PCA transform, if any)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    transform = _transform(index)
+    return x if transform is None else transform.apply(x)
+
+
+def centroids(index: Any) -> np.ndarray:
+    """(lists, D) coarse centroids in the descriptors' own space (mapped back through the PCA
+    transform, if any: the projection's orthonormal rows, transposed)."""
+    inner, transform = ivf(index), _transform(index)
+    c = inner.quantizer.reconstruct_n(0, inner.nlist)
+    return c if transform is None else transform.reverse_transform(c)
 
 
 def load(trained: np.ndarray) -> Any:
@@ -95,7 +138,7 @@ def list_numbers(index: Any, codes: np.ndarray) -> np.ndarray:
     """(n,) inverted-list numbers of IVF codes (:func:`encode`): their first bytes,
     little-endian."""
     lists = np.zeros(len(codes), dtype=np.int64)
-    for byte in range(index.coarse_code_size()):
+    for byte in range(ivf(index).coarse_code_size()):
         lists |= codes[:, byte].astype(np.int64) << (8 * byte)
     return lists
 
@@ -103,14 +146,15 @@ def list_numbers(index: Any, codes: np.ndarray) -> np.ndarray:
 def add_codes(index: Any, codes: np.ndarray, first_id: int) -> None:
     """Add a shard's codes to ``index`` with ids ``first_id, first_id + 1, ...``."""
     ids = np.arange(first_id, first_id + len(codes), dtype=np.int64)
-    index.add_sa_codes(np.ascontiguousarray(codes), ids)
+    ivf(index).add_sa_codes(np.ascontiguousarray(codes), ids)
 
 
 def search(index: Any, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
     """(approximate cosine scores, ids) of the ``k`` best entries per query, best first; ids
     are -1 where fewer than ``k`` entries were found in the ``nprobe`` lists visited."""
-    index.nprobe = min(nprobe, index.nlist)
-    dist, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    inner = ivf(index)
+    inner.nprobe = min(nprobe, inner.nlist)
+    dist, ids = inner.search(project(index, queries), k)
     return 1.0 - dist / 2.0, ids
 
 
@@ -155,16 +199,16 @@ class ResidualSQ:
     @classmethod
     def train(cls, index: Any, sample: np.ndarray, bits: int) -> ResidualSQ:
         """Fit the per-dimension ranges to ``sample``'s residuals under ``index``'s lists."""
-        centroids = index.quantizer.reconstruct_n(0, index.nlist)
-        residual = sample - centroids[cls._assign(index, sample)]
+        means = centroids(index)
+        residual = sample - means[cls._assign(index, sample)]
         low, high = residual.min(0), residual.max(0)
         margin = (high - low) * SQ_MARGIN
         step = np.maximum(high - low + 2 * margin, 1e-12) / (2**bits)
-        return cls(centroids, (low - margin).astype(np.float32), step.astype(np.float32), bits)
+        return cls(means, (low - margin).astype(np.float32), step.astype(np.float32), bits)
 
     @staticmethod
     def _assign(index: Any, x: np.ndarray) -> np.ndarray:
-        return index.quantizer.assign(np.ascontiguousarray(x, dtype=np.float32), 1)[:, 0]
+        return ivf(index).quantizer.assign(project(index, x), 1)[:, 0]
 
     def state(self) -> dict[str, np.ndarray]:
         """Arrays to save (``np.savez``); :meth:`from_state` reads them back."""
@@ -172,8 +216,7 @@ class ResidualSQ:
 
     @classmethod
     def from_state(cls, index: Any, state: Any) -> ResidualSQ:
-        return cls(index.quantizer.reconstruct_n(0, index.nlist), state["low"], state["step"],
-                   int(state["bits"]))
+        return cls(centroids(index), state["low"], state["step"], int(state["bits"]))
 
     def encode(self, index: Any, x: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
         """(n, 4 + packed codes) uint8 rows of ``x`` (n, D); ``codes``, its IVF-PQ codes
@@ -219,6 +262,10 @@ class ResidualSQ:
 
 
 def memory_bytes(index: Any) -> int:
-    """Bytes the searchable index holds in memory: codes, ids, centroids and PQ codebooks."""
-    codes = index.ntotal * (index.code_size + 8)  # 8-byte ids in the inverted lists
-    return codes + index.nlist * index.d * 4 + index.pq.M * PQ_CENTROIDS * index.pq.dsub * 4
+    """Bytes the searchable index holds in memory: codes, ids, centroids, PQ codebooks and the
+    PCA transform's matrix."""
+    inner = ivf(index)
+    codes = inner.ntotal * (inner.code_size + 8)  # 8-byte ids in the inverted lists
+    projection = 0 if _transform(index) is None else index.d * inner.d * 4
+    return (codes + inner.nlist * inner.d * 4 + inner.pq.M * PQ_CENTROIDS * inner.pq.dsub * 4
+            + projection)

@@ -175,7 +175,7 @@ def build_onnx_index(
     source: str, kind: str = "exact", shard_size: int = 65536, lists: int | None = None,
     pq_bytes: int = 32, rerank_store: str | bool = "float32", extend: bool = False,
     batch_size: int = 64,
-    log: Callable[[str], None] = lambda _: None,
+    log: Callable[[str], None] = lambda _: None, pca: int = 0,
 ) -> dict:
     """Embed the tiles of ``table`` (:mod:`ssageo.evaluate.tiles`) with an exported reference
     encoder into an index at ``out``: one ``.npz`` file or a sharded folder (the arguments of
@@ -202,5 +202,6 @@ def build_onnx_index(
                               int(record["descriptor_dim"]), 0, source)
     manifest = build_sharded(out, table, lambda a, b: embed_list(table.rows(a, b)[0]), metadata,
                              kind, shard_size, lists, pq_bytes, rerank_store, extend,
-                             embed_rows=lambda rows: embed_list(table.paths_at(rows)), log=log)
+                             embed_rows=lambda rows: embed_list(table.paths_at(rows)), log=log,
+                             pca=pca)
     return {**manifest["metadata"], "count": manifest["count"]}

@@ -169,6 +169,7 @@ def build_sharded(
     rerank_store: str | bool = "float32",
     extend: bool = False,
     train_size: int = 262144,
+    pca: int = 0,
     embed_rows: Callable[[np.ndarray], np.ndarray] | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict:
@@ -182,7 +183,8 @@ def build_sharded(
     larger than a shard and ``embed_rows`` is given, else the first shard's. ``lists``
     defaults to about 4 sqrt(N) (a power of two, at most what that sample trains).
     ``rerank_store`` (``ivfpq``): "float32" descriptors, "sq12" / "sq8" residual codes, or
-    "none".
+    "none". ``pca`` (``ivfpq``, 0 = off): lists and codes of the descriptors projected on their
+    ``pca`` principal directions (:mod:`ssageo.evaluate.ann`).
     """
     out = Path(out)
     if kind not in KINDS:
@@ -200,8 +202,10 @@ def build_sharded(
             sample = min(train_size, len(table) if sampled else shard_size, len(table))
             lists = int(2 ** np.round(np.log2(max(4 * np.sqrt(len(table)), 1))))
             lists = max(1, min(lists, sample // ann.MIN_TRAIN_PER_LIST))
-        ann.check_params(metadata["descriptor_dim"], lists, pq_bytes)
+        ann.check_params(metadata["descriptor_dim"], lists, pq_bytes, pca)
         params.update(lists=lists, pq_bytes=pq_bytes, rerank_store=ann.store_kind(rerank_store))
+        if pca:  # absent (off) in manifests written before the option
+            params["pca"] = pca
         ann.check_store(params["rerank_store"], metadata["descriptor_dim"])
     manifest = _start(out, metadata, kind, params, extend)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,7 +244,8 @@ def manifest_store(manifest: dict) -> str:
 def _train(folder: Path, manifest: dict, sample: np.ndarray) -> tuple[Any, Any]:
     """Train the IVF-PQ quantisers (and the store's scalar quantiser) on ``sample``, write
     them, and return (the empty faiss index, the scalar quantiser or None)."""
-    trained = ann.train(sample, manifest["params"]["lists"], manifest["params"]["pq_bytes"])
+    params = manifest["params"]
+    trained = ann.train(sample, params["lists"], params["pq_bytes"], pca=params.get("pca", 0))
     index, store, codec = ann.load(trained), manifest_store(manifest), None
     if store in ann.SQ_BITS:
         codec = ann.ResidualSQ.train(index, sample, ann.SQ_BITS[store])
@@ -304,7 +309,7 @@ def build_tile_index(
     source: str, kind: str = "exact", shard_size: int = DEFAULT_SHARD_SIZE,
     lists: int | None = None, pq_bytes: int = 32, rerank_store: str | bool = "float32",
     extend: bool = False, batch_size: int = 64, workers: int = 0, device: str = "cpu",
-    log: Callable[[str], None] = lambda _: None,
+    log: Callable[[str], None] = lambda _: None, pca: int = 0,
 ) -> dict:
     """:func:`build_sharded` of image tiles embedded by ``checkpoint``'s model, shard by shard."""
     from ssageo.evaluate.embed import embed_paths
@@ -320,4 +325,5 @@ def build_tile_index(
     metadata = index_metadata(checkpoint, config, weights_sha256, dim, 0, source)
     return build_sharded(out, table, lambda a, b: embed_list(table.rows(a, b)[0]), metadata,
                          kind, shard_size, lists, pq_bytes, rerank_store, extend,
-                         embed_rows=lambda rows: embed_list(table.paths_at(rows)), log=log)
+                         embed_rows=lambda rows: embed_list(table.paths_at(rows)), log=log,
+                         pca=pca)
