@@ -107,5 +107,24 @@ def test_the_plan_says_when_a_slow_machine_buys_fewer_steps_than_the_regime_need
         int(_places(need - 1) * 0.8) // 16) < FULL_STEPS
 
 
+def test_the_plan_takes_more_threads_only_when_the_steps_run_clearly_faster_with_them(tmp_path):
+    from ssageo.demo import MORE_THREADS_GAIN, Plan, choose_threads, plan_text, read_state
+
+    idle = {1: {"ssa": 0.82, "baseline": 0.50}, 2: {"ssa": 0.51, "baseline": 0.31}}
+    assert choose_threads(idle) == 2  # measured on 2 idle cores: 1.6x faster
+    close = {1: {"ssa": 1.0, "baseline": 0.5},
+             2: {"ssa": 1.0 / MORE_THREADS_GAIN + 0.01, "baseline": 0.5 / MORE_THREADS_GAIN}}
+    assert choose_threads(close) == 1  # not enough faster to share a core with the loader
+    busy = {1: {"ssa": 2.0, "baseline": 1.5}, 2: {"ssa": 6.0, "baseline": 4.0}}
+    assert choose_threads(busy) == 1
+    assert choose_threads({1: idle[1]}) == 1  # one core: nothing else to try
+    plan = Plan(1000, 8, 3, 3, idle[2], threads=2)
+    assert "(2 torch threads)" in plan_text(plan, 10)
+    # a demo folder written before the plan recorded its threads still reads
+    old = {k: v for k, v in plan.__dict__.items() if k != "threads"}
+    (tmp_path / "demo.json").write_text(json.dumps({"done": [], "plan": old}))
+    assert Plan(**read_state(tmp_path / "demo.json")["plan"]).threads == 0
+
+
 def _places(budget_minutes: float) -> int:
     return int(min(4000, max(200, 100 * budget_minutes)))

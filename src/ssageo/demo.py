@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ class Plan:
     eval_every: int
     similarity_every: int
     seconds_per_step: dict[str, float]
+    threads: int = 0  # torch threads of both trainings (0: train.threads auto; older demos)
 
 
 # The world the demo renders (the model reads it at data.reference_size / data.query_size).
@@ -65,6 +67,10 @@ FULL_STEPS = 300
 FULL_R1 = 6.5
 # The steps' time x OVERHEAD: data loading beside the steps, logging, checkpoints.
 OVERHEAD = 1.45
+# Torch threads beyond the default (the cores minus the loader worker) are used only when the
+# measured steps are at least this much faster with them: the measurement leaves out the
+# loader worker, which then shares a core with them (benchmarks/RESULTS.md, issue 18).
+MORE_THREADS_GAIN = 1.2
 
 
 def demo_config(root: Path, seed: int, bev: bool, extra: list[str] | None = None) -> dict:
@@ -115,13 +121,39 @@ def _step_seconds(config: dict, steps: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def thread_options(root: Path, seed: int) -> list[int]:
+    """Torch thread counts the plan tries: the training default (``train.threads: auto``:
+    the cores minus the loader worker) first, then every core of this process."""
+    from ssageo.train.distributed import cpu_threads
+
+    config = demo_config(root, seed, True)
+    default = cpu_threads(config["train"]["threads"], int(config["data"]["workers"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return [default] + ([cores] if cores and cores > default else [])
+
+
+def choose_threads(costs: dict[int, dict[str, float]]) -> int:
+    """The thread count of ``costs`` ({threads: {"ssa": s, "baseline": s}}; the first is the
+    default) whose step pair is fastest, taking more threads than the default only when that
+    is :data:`MORE_THREADS_GAIN` faster."""
+    default, *more = costs
+    pair = {t: c["ssa"] + c["baseline"] for t, c in costs.items()}
+    best = min(more, key=pair.__getitem__, default=default)
+    return best if pair[default] >= MORE_THREADS_GAIN * pair[best] else default
+
+
 def plan_budget(budget_minutes: float, seed: int, root: Path) -> Plan:
-    """Choose world size and epochs so that the whole demo fits ``budget_minutes``."""
+    """Choose torch threads, world size and epochs so that the whole demo fits
+    ``budget_minutes``, from step times measured on this machine."""
     if budget_minutes < 1:
         raise ConfigError(f"--budget-minutes {budget_minutes}: the demo needs at least 1 minute")
-    cost = {name: _step_seconds(demo_config(root, seed, bev))
-            for name, bev in (("ssa", True), ("baseline", False))}
-    return plan_from_costs(budget_minutes, cost)
+    costs = {threads: {name: _step_seconds(demo_config(root, seed, bev,
+                                                       [f"train.threads={threads}"]))
+                       for name, bev in (("ssa", True), ("baseline", False))}
+             for threads in thread_options(root, seed)}
+    threads = choose_threads(costs)
+    plan = plan_from_costs(budget_minutes, costs[threads])
+    return Plan(**{**plan.__dict__, "threads": threads})
 
 
 def _places(budget_minutes: float) -> int:
@@ -162,7 +194,8 @@ def plan_text(plan: Plan, budget_minutes: float) -> str:
     cost = plan.seconds_per_step
     text = (f"budget {budget_minutes:g} min: {plan.places} places, {plan.epochs} epochs "
             f"({steps} steps) per model; measured step time SSA {cost['ssa']:.2f} s, "
-            f"baseline {cost['baseline']:.2f} s")
+            f"baseline {cost['baseline']:.2f} s"
+            + (f" ({plan.threads} torch threads)" if plan.threads else ""))
     if steps >= FULL_STEPS:
         return text
     # the smallest budget (in whole minutes) whose plan reaches FULL_STEPS at these step times
@@ -191,7 +224,7 @@ def read_state(path: Path) -> dict:
     elif not isinstance(state.get("done", []), list):
         problem = "'done' is not a list of stages"
     elif "plan" in state and (not isinstance(state["plan"], dict)
-                              or set(state["plan"]) != fields):
+                              or set(state["plan"]) not in (fields, fields - {"threads"})):
         problem = f"'plan' does not have exactly the keys {', '.join(sorted(fields))}"
     if problem:
         raise DataError(f"{path}: {problem}; remove it to redo the demo")
@@ -270,6 +303,7 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
     for i, (label, run) in enumerate(runs.items()):
         if stage(run.name, f"{4 + i}/6 training: {label}"):
             config = demo_config(world, seed, label == "SSA", [
+                f"train.threads={plan.threads or 'auto'}",
                 f"train.epochs={plan.epochs}",
                 f"eval.every={plan.eval_every}",
                 f"train.sampling.similarity_every={plan.similarity_every}",
