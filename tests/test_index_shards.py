@@ -388,3 +388,10 @@ def test_cli_builds_an_ivfpq_index_and_locates_with_reranking(tile_csv, tmp_path
         assert hits["results"][0]["tile"] == str(root / image)
         assert hits["results"][0]["score"] == pytest.approx(1.0, abs=1e-3)  # sq12 re-score
         assert set(hits["time_s"]) == {"embed_s", "search_s"}
+    # the local page opens the same index with its store read into RAM (serve --in-memory)
+    from ssageo.serve.server import LocateService
+
+    service = LocateService(tmp_path / "ivf", device="cpu", top_k=3, in_memory=True)
+    assert type(service.localizer.index._store(0)) is np.ndarray
+    answer = service.locate((root / "t7.png").read_bytes(), "t7.png")
+    assert answer["results"][0]["tile"] == str(root / "t7.png")

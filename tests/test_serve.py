@@ -52,7 +52,7 @@ def served(tiny_run, tmp_path_factory):
                 if str(manifest.reference_paths[manifest.positive[i]]) in [h["tile"] for h in hits])
     process = subprocess.Popen(
         [sys.executable, "-m", "ssageo", "serve", "--index", str(index), "--port", "0",
-         "--top-k", str(TOP_K), "--max-upload-mb", "0.5"],
+         "--top-k", str(TOP_K), "--max-upload-mb", "0.5", "--in-memory"],  # a no-op for .npz
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = _url_line(process)

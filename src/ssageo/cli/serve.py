@@ -20,6 +20,9 @@ def serve(
     top_k: int = typer.Option(5, min=1, max=50, help="Tiles shown per image (the page's default)."),
     max_upload_mb: float = typer.Option(25.0, min=0.001, help="Largest upload accepted, in MB."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N] | mps"),
+    in_memory: bool = typer.Option(
+        False, "--in-memory", help="ivfpq: read the re-ranking store into RAM when the page "
+        "starts (as `locate --in-memory`)."),
 ) -> None:
     """Serve a page where a person drops a panorama and sees the best tiles, their scores and
     lat/lon, the BEV prediction and the spot on a plot. Ctrl-C stops it."""
@@ -27,7 +30,7 @@ def serve(
     from ssageo.serve.server import LocateService, make_server
 
     service = LocateService(index, checkpoint, resolve_device(device, "--device"), top_k,
-                            int(max_upload_mb * 1e6))
+                            int(max_upload_mb * 1e6), in_memory)
     server = make_server(service, host, port)
     url = f"http://{host}:{server.server_address[1]}/"
     typer.echo(f"serving {index} ({service.count} tiles) on {url} (Ctrl-C stops it)")

@@ -48,10 +48,10 @@ class LocateService:
 
     def __init__(self, index: str | Path, checkpoint: str | Path | None = None,
                  device: str = "cpu", top_k: int = 5,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+                 max_bytes: int = DEFAULT_MAX_BYTES, in_memory: bool = False) -> None:
         from ssageo.evaluate.index import Localizer
 
-        self.localizer = Localizer(index, checkpoint, device)
+        self.localizer = Localizer(index, checkpoint, device, in_memory)
         self.index_path = Path(index)
         self.top_k, self.max_bytes = top_k, max_bytes
         self.lock = threading.Lock()
