@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -152,8 +152,7 @@ def plan_budget(budget_minutes: float, seed: int, root: Path) -> Plan:
                        for name, bev in (("ssa", True), ("baseline", False))}
              for threads in thread_options(root, seed)}
     threads = choose_threads(costs)
-    plan = plan_from_costs(budget_minutes, costs[threads])
-    return Plan(**{**plan.__dict__, "threads": threads})
+    return replace(plan_from_costs(budget_minutes, costs[threads]), threads=threads)
 
 
 def _places(budget_minutes: float) -> int:
