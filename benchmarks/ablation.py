@@ -2,10 +2,14 @@
 and how does that depend on the quality of the prior labels?
 
 Fixed benchmark: CVUSA layout, world seed 0, ``--places`` places (80 % train / 20 % val),
-64x64 satellite tiles, 256x64 panoramas, one world per split (same-area, cross-area). The
+rendered at the demo's sizes (``ssageo.demo.SAT_SIZE`` tiles, ``PANO_SIZE`` panoramas), one
+world per split (same-area, cross-area). Every run trains in the demo's regime
+(``ssageo.demo.demo_config``: its preset, overrides and one loader worker; similarity
+neighbours and validation every ceil(epochs / 3) epochs, as the demo's plan sets them). The
 worlds are fixed; the seeds vary model initialisation, batch sampling and augmentation.
 
-Arms (equal compute: every run trains the same ``--epochs`` x ``--steps`` steps of 16 pairs):
+Arms (equal compute: every run trains the same ``--epochs`` whole epochs, or ``--steps`` steps
+of each when given):
 
 - ``none``      InfoNCE only (``model.bev.enabled=false``);
 - ``oracle``    SSA with the true prior labels, lambda 1;
@@ -18,10 +22,11 @@ and its mIoU against the truth is recorded. The val split is the reported split,
 selected on it: the ``checkpoints/last`` weights are evaluated. Finished runs (``eval.json``)
 are reused; a half-finished run is resumed with ``--resume``, otherwise redone.
 
-    python benchmarks/ablation.py --out /tmp/ablation --jobs 2
+    python benchmarks/ablation.py --out /tmp/ablation --epochs 9
     python benchmarks/ablation.py --out /tmp/abl-smoke --places 100 --epochs 1 --steps 3 --seeds 0
 
-Writes ``OUT/results.json``, ``OUT/ablation.md`` and ``OUT/r1_vs_miou.png``.
+Writes ``OUT/results.json``, ``OUT/ablation.md`` (mean +- std per arm, and each SSA arm's
+difference from ``none`` paired by seed) and ``OUT/r1_vs_miou.png``.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import ssageo  # noqa: F401  (before timm)
-from ssageo.demo import VFM_LIKE
+from ssageo.demo import PANO_SIZE, SAT_SIZE, VFM_LIKE, demo_config
 from ssageo.io import atomic_write, atomic_write_text
 
 SPLITS = ("same-area", "cross-area")
@@ -55,7 +60,8 @@ METRICS = ("R@1", "R@5", "R@10", "R@1%", "median_error_m")
 WORLD_SEED = 0
 
 
-def make_worlds(out: Path, places: int, variants: set[str], console: Console) -> dict:
+def make_worlds(out: Path, places: int, variants: set[str], console: Console,
+                splits: list[str]) -> dict:
     """Generate each split's world once and a hard-linked copy per prior variant with its own
     labels; returns ``{split: {"base": path, variant: {"root", "miou"}}}`` (cached on disk)."""
     from ssageo.priors.oracle import Corruption, OracleBackend
@@ -68,13 +74,13 @@ def make_worlds(out: Path, places: int, variants: set[str], console: Console) ->
         raise FileExistsError(f"{out}: worlds were made with {state.get('places')} places; "
                               "use another --out for other sizes")
     state["places"] = places
-    for split in SPLITS:
+    for split in splits:
         entry = state.setdefault(split, {})
         base = out / "worlds" / split / "base"
         if "base" not in entry:
             console.print(f"generating the {split} world ({places} places)", highlight=False)
-            generate(base, layout="cvusa", places=places, seed=WORLD_SEED, sat_size=64,
-                     pano_size=(256, 64), split=split, overwrite=True)
+            generate(base, layout="cvusa", places=places, seed=WORLD_SEED, sat_size=SAT_SIZE,
+                     pano_size=PANO_SIZE, split=split, overwrite=True)
             entry["base"] = str(base)
             atomic_write_text(state_file, json.dumps(state, indent=1))
         for variant in sorted(variants - set(entry)):
@@ -96,21 +102,23 @@ def make_worlds(out: Path, places: int, variants: set[str], console: Console) ->
     return state
 
 
-def run_overrides(root: str, arm: str, seed: int, epochs: int, steps: int) -> list[str]:
-    """The synth-cpu overrides of one run: one torch thread and no loader worker, so that two
-    runs share the 2 cores; validation only at the end (the loop always validates then)."""
+def run_config(root: str, arm: str, seed: int, epochs: int, steps: int | None,
+               threads: int) -> dict:
+    """One run's config: the demo's (``demo_config``) with the plan's per-epoch settings for
+    ``epochs`` epochs, ``threads`` torch threads, and the arm's BEV head and loss weight."""
     _, weight = ARMS[arm]
-    out = [f"data.root={root}", f"train.seed={seed}", f"train.epochs={epochs}",
-           f"train.max_steps_per_epoch={steps}", "data.workers=0", "train.threads=1",
-           f"eval.every={epochs + 1}", f"model.bev.enabled={str(weight is not None).lower()}"]
-    return out + ([f"loss.ssa_weight={weight}"] if weight is not None else [])
+    every = max(1, -(-epochs // 3))
+    extra = [f"train.epochs={epochs}", f"train.threads={threads}", f"eval.every={every}",
+             f"train.sampling.similarity_every={every}"]
+    extra += [f"train.max_steps_per_epoch={steps}"] if steps else []
+    extra += [f"loss.ssa_weight={weight}"] if weight is not None else []
+    return demo_config(Path(root), seed, weight is not None, extra)
 
 
 def worker(run: Path) -> None:
     """Train (or resume) the run described by ``run/job.json``, then evaluate its last weights
     (``ssageo.demo.evaluate_run`` writes ``eval.json``); the training wall time goes to
     ``timing.json`` (summed over sessions of a resumed run)."""
-    from ssageo.config import load_config
     from ssageo.demo import evaluate_run
     from ssageo.train import train
 
@@ -123,13 +131,13 @@ def worker(run: Path) -> None:
         if job["resume"]:
             train(None, run, resume=True)
         else:
-            train(load_config("synth-cpu", job["overrides"]), run)
+            train(job["config"], run)
         wall = before + time.perf_counter() - start
         atomic_write_text(timing_file, json.dumps({"train_wall_s": round(wall, 1)}))
-    evaluate_run(run, Console(stderr=True))
+    evaluate_run(run)
 
 
-def launch(run: Path, overrides: list[str], resume: bool) -> dict:
+def launch(run: Path, config: dict, resume: bool) -> dict:
     """Run one training + evaluation in a subprocess (its log in ``run/log.txt``)."""
     evaluated = run / "eval.json"
     if not evaluated.is_file():
@@ -138,11 +146,12 @@ def launch(run: Path, overrides: list[str], resume: bool) -> dict:
             shutil.rmtree(run)  # a half-finished run is redone unless --resume
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run / "job.json", json.dumps(
-            {"overrides": overrides, "resume": resume and half}, indent=1))
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+            {"config": config, "resume": resume and half}, indent=1))
+        threads = str(config["train"]["threads"])
+        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         with open(run / "log.txt", "a") as log:  # a log, not a result: appended as it goes
-            done = subprocess.run([sys.executable, __file__, "--worker", str(run)], env=env,
-                                  stdout=log, stderr=subprocess.STDOUT)
+            command = [sys.executable, __file__, "--out", str(run), "--worker", str(run)]
+            done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode != 0:
             raise RuntimeError(f"{run}: run failed (exit {done.returncode}), see {run}/log.txt")
     metrics = json.loads(evaluated.read_text())
@@ -150,10 +159,11 @@ def launch(run: Path, overrides: list[str], resume: bool) -> dict:
     return metrics
 
 
-def aggregate(runs: list[dict], arms: list[str], worlds: dict) -> list[dict]:
+def aggregate(runs: list[dict], arms: list[str], worlds: dict,
+              splits: list[str]) -> list[dict]:
     """Mean and sample standard deviation (ddof 1) over seeds per arm and split."""
     rows = []
-    for split in SPLITS:
+    for split in splits:
         for arm in arms:
             group = [r for r in runs if r["arm"] == arm and r["split"] == split]
             variant = ARMS[arm][0]
@@ -165,6 +175,38 @@ def aggregate(runs: list[dict], arms: list[str], worlds: dict) -> list[dict]:
                             "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
             rows.append(row)
     return rows
+
+
+def paired(runs: list[dict], arms: list[str], splits: list[str]) -> list[dict]:
+    """Each SSA arm minus ``none`` in R@1 and R@5, seed by seed (same seed: same initial
+    weights of the shared parts, same first batches): mean, std (ddof 1), and the differences."""
+    rows = []
+    by = {(r["split"], r["arm"], r["seed"]): r["metrics"] for r in runs}
+    for split in splits:
+        for arm in (a for a in arms if a != "none"):
+            seeds = sorted(s for (sp, a, s) in by if sp == split and a == arm
+                           and (split, "none", s) in by)
+            row = {"split": split, "arm": arm, "seeds": seeds}
+            for key in ("R@1", "R@5"):
+                d = np.array([by[split, arm, s][key] - by[split, "none", s][key]
+                              for s in seeds], dtype=float)
+                row[key] = {"mean": float(d.mean()) if len(d) else float("nan"),
+                            "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                            "each": [round(float(x), 2) for x in d]}
+            rows.append(row)
+    return rows
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    """The paired differences: SSA arm minus no SSA, per split."""
+    lines = ["| split | arm - none | seeds | R@1 difference | each seed | R@5 difference |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['split']} | {r['arm']} | {len(r['seeds'])} | "
+                     f"{r['R@1']['mean']:+.2f} ± {r['R@1']['std']:.2f} | "
+                     + ", ".join(f"{x:+.1f}" for x in r["R@1"]["each"])
+                     + f" | {r['R@5']['mean']:+.2f} ± {r['R@5']['std']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[dict], header: str) -> str:
@@ -180,7 +222,7 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, splits: list[str]) -> None:
     """R@1 (mean +- std) against prior mIoU per split; no-SSA as a horizontal line."""
     import matplotlib
 
@@ -188,7 +230,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for split, colour in zip(SPLITS, ("tab:blue", "tab:orange"), strict=True):
+    for split, colour in zip(splits, ("tab:blue", "tab:orange"), strict=False):
         for r in (r for r in rows if r["split"] == split):
             mean, std = r["R@1"]["mean"], r["R@1"]["std"]
             if r["miou"] is None:
@@ -215,11 +257,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="study folder (reused: finished runs are kept)")
     parser.add_argument("--places", type=int, default=1000)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=50, help="steps (of 16 pairs) per epoch")
+    parser.add_argument("--epochs", type=int, default=9, help="whole epochs per run")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="cut each epoch to this many steps [default: whole epochs]")
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
-    parser.add_argument("--jobs", type=int, default=2, help="trainings run at the same time")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings run at the same time")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per training [default: the cores / --jobs]")
     parser.add_argument("--resume", action="store_true", help="resume half-finished runs")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,16 +274,18 @@ def main() -> None:
     console = Console()
     started = time.perf_counter()
     variants = {ARMS[a][0] for a in args.arms} - {None}
-    worlds = make_worlds(args.out, args.places, variants, console)
-    jobs = [(split, arm, seed) for seed in args.seeds for split in SPLITS for arm in args.arms]
-    name = f"e{args.epochs}x{args.steps}"
+    worlds = make_worlds(args.out, args.places, variants, console, args.splits)
+    jobs = [(split, arm, seed) for seed in args.seeds for split in args.splits
+            for arm in args.arms]
+    name = f"e{args.epochs}" + (f"x{args.steps}" if args.steps else "")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
 
     def one(job: tuple[str, str, int]) -> dict:
         split, arm, seed = job
         variant = ARMS[arm][0]
         root = worlds[split][variant]["root"] if variant else worlds[split]["base"]
         run = args.out / "runs" / name / split / arm / f"seed{seed}"
-        metrics = launch(run, run_overrides(root, arm, seed, args.epochs, args.steps),
+        metrics = launch(run, run_config(root, arm, seed, args.epochs, args.steps, threads),
                          args.resume)
         bar.advance(task)
         console.print(f"{split:10s} {arm:9s} seed {seed}: R@1 {metrics['R@1']:.2f} "
@@ -250,18 +298,22 @@ def main() -> None:
         task = bar.add_task("runs", total=len(jobs))
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             runs = list(pool.map(one, jobs))
-    rows = aggregate(runs, args.arms, worlds)
+    rows = aggregate(runs, args.arms, worlds, args.splits)
+    differences = paired(runs, args.arms, args.splits)
+    steps = {r["split"]: r["metrics"]["steps"] for r in runs}
     settings = {"places": args.places, "epochs": args.epochs, "steps_per_epoch": args.steps,
-                "batch_size": 16, "seeds": args.seeds, "arms": args.arms, "jobs": args.jobs,
+                "steps": steps, "seeds": args.seeds, "arms": args.arms, "jobs": args.jobs,
+                "threads": threads, "splits": args.splits,
                 "world_seed": WORLD_SEED, "wall_s": round(time.perf_counter() - started, 1),
                 "load_average": os.getloadavg()}
     atomic_write_text(args.out / "results.json", json.dumps(
-        {"settings": settings, "worlds": worlds, "runs": runs, "aggregate": rows}, indent=1))
-    header = (f"{args.places} places (80 % train / 20 % val), {args.epochs} x {args.steps} "
-              f"steps of 16 pairs, seeds {args.seeds}; mean ± std (ddof 1) over seeds")
-    table = markdown(rows, header)
+        {"settings": settings, "worlds": worlds, "runs": runs, "aggregate": rows,
+         "paired": differences}, indent=1))
+    header = (f"{args.places} places (80 % train / 20 % val), {args.epochs} epochs, steps per "
+              f"run {steps}, seeds {args.seeds}; mean ± std (ddof 1) over seeds")
+    table = markdown(rows, header) + "\n" + paired_markdown(differences)
     atomic_write_text(args.out / "ablation.md", table)
-    plot(rows, args.out / "r1_vs_miou.png")
+    plot(rows, args.out / "r1_vs_miou.png", args.splits)
     console.print(table, highlight=False)
     console.print(f"wrote {args.out}/results.json, ablation.md, r1_vs_miou.png "
                   f"({settings['wall_s']:.0f} s)", highlight=False)

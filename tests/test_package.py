@@ -49,7 +49,7 @@ def test_the_quick_run_leaves_out_the_slow_tests():
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     collected = [line for line in done.stdout.splitlines() if "::" in line]
     assert collected == [
-        "tests/test_demo.py::test_the_final_table_keeps_model_names_whole_in_80_columns",
+        "tests/test_demo.py::test_the_final_table_keeps_every_cell_whole_in_80_columns",
         "tests/test_demo.py::test_the_plan_says_when_a_slow_machine_buys_fewer_steps_than_the"
         "_regime_needs",
         "tests/test_demo.py::test_the_plan_takes_more_threads_only_when_the_steps_run_clearly"
