@@ -46,7 +46,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import ssageo  # noqa: F401  (before timm)
-from ssageo.demo import PANO_SIZE, SAT_SIZE, VFM_LIKE, demo_config
+from ssageo.demo import PANO_SIZE, SAT_SIZE, VFM_LIKE, demo_config, third
 from ssageo.io import atomic_write, atomic_write_text
 
 SPLITS = ("same-area", "cross-area")
@@ -107,7 +107,7 @@ def run_config(root: str, arm: str, seed: int, epochs: int, steps: int | None,
     """One run's config: the demo's (``demo_config``) with the plan's per-epoch settings for
     ``epochs`` epochs, ``threads`` torch threads, and the arm's BEV head and loss weight."""
     _, weight = ARMS[arm]
-    every = max(1, -(-epochs // 3))
+    every = third(epochs)
     extra = [f"train.epochs={epochs}", f"train.threads={threads}", f"eval.every={every}",
              f"train.sampling.similarity_every={every}"]
     extra += [f"train.max_steps_per_epoch={steps}"] if steps else []

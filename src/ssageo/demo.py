@@ -183,8 +183,14 @@ def plan_from_costs(budget_minutes: float, cost: dict[str, float]) -> Plan:
     places = _places(budget_minutes)
     per_epoch = _steps_per_epoch(places) * (cost["ssa"] + cost["baseline"]) * OVERHEAD
     epochs = max(1, math.floor(_training_seconds(budget_minutes) / per_epoch))
-    return Plan(places=places, epochs=epochs, eval_every=max(1, math.ceil(epochs / 3)),
-                similarity_every=max(1, math.ceil(epochs / 3)), seconds_per_step=cost)
+    return Plan(places=places, epochs=epochs, eval_every=third(epochs),
+                similarity_every=third(epochs), seconds_per_step=cost)
+
+
+def third(epochs: int) -> int:
+    """Epochs between validations and between similarity-neighbour updates in a run of
+    ``epochs``: three of each, the last at the end."""
+    return max(1, math.ceil(epochs / 3))
 
 
 def plan_text(plan: Plan, budget_minutes: float) -> str:
