@@ -368,8 +368,9 @@ def results_table(results: dict, prior_miou: float | None) -> Table:
     if prior_miou is not None:
         title += f"; SSA priors mIoU {prior_miou:.3f}"
     table = Table(title=title, show_edge=False)
-    # every cell stays whole in an 80-column terminal (one decimal: a query of a 200-place
-    # gallery is 0.5 points); the long headers take two lines
+    # every cell stays whole in an 80-column terminal (one decimal: a query of the default
+    # budget's 200-place gallery is 0.5 points; eval.json keeps every digit); the long
+    # headers take two lines
     for column in ("model", "R@1", "R@5", "R@10", "R@1%", "med.\nerr m", "mean\nerr m",
                    "train\nsteps", "train\ntime s"):
         table.add_column(column, justify="left" if column == "model" else "right",
