@@ -39,10 +39,9 @@ def scores(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
 
 def layouts(run_dir: Path, batch: int = 50) -> dict[str, np.ndarray]:
     """Boolean (N, S, S) maps of the val places: ``predicted``, ``truth`` and ``prior``."""
-    import cv2
-
     from ssageo.data import load_manifest
     from ssageo.data.paths import truth_label_path
+    from ssageo.data.transforms import label_to_classes, resize_label
     from ssageo.io import read_image
     from ssageo.priors.oracle import DEFAULT_CLASSES, world_class_names
     from ssageo.report.analysis import bev_probabilities, load_run
@@ -55,10 +54,10 @@ def layouts(run_dir: Path, batch: int = 50) -> dict[str, np.ndarray]:
     queries = manifest.query_paths
     probs = np.concatenate([bev_probabilities(run, queries[i:i + batch])
                             for i in range(0, len(queries), batch)])
-    size = probs.shape[1:][::-1]
+    size = probs.shape[1:]
 
     def resized(mask: np.ndarray) -> np.ndarray:
-        return cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+        return resize_label(mask.astype(np.uint8), size) > 0
 
     truth, prior = [], []
     for i in range(len(queries)):
@@ -66,8 +65,9 @@ def layouts(run_dir: Path, batch: int = 50) -> dict[str, np.ndarray]:
         rel = tile.relative_to(root).as_posix()
         truth.append(resized(np.isin(read_image(root / truth_label_path(rel), mode="L"),
                                      objects)))
-        prior.append(resized(read_image(manifest.prior_paths[manifest.positive[i]],
-                                        mode="L") > 127))
+        label = manifest.prior_paths[manifest.positive[i]]
+        prior.append(resized(label_to_classes(read_image(label, mode="L"), source=str(label),
+                                              dtype=np.uint8) == 1))
     return {"predicted": probs > 0.5, "truth": np.stack(truth), "prior": np.stack(prior)}
 
 
