@@ -28,13 +28,12 @@ def test_short_synth_cpu_run_on_300_places_beats_chance_on_val(tmp_path):
     evals = [r for r in map(json.loads, lines) if r["kind"] == "eval"]
     assert [r["epoch"] for r in evals] == [2, 4]
     best = max(evals, key=lambda r: r["R@1"])
-    chance = {"R@1": 100 / 60, "R@5": 500 / 60, "R@10": 1000 / 60}
-    # Measured on this CPU build (deterministic; 1 torch thread, 1 loader worker): after epoch 4
-    # R@1 11.7, R@5 40.0, R@10 53.3 (7, 24 and 32 of the 60 queries); chance is 1.7, 8.3, 16.7.
-    # Bounds leave a margin of three queries: 4, 21 and 29 queries.
-    last = evals[-1]
-    assert last["R@1"] >= 4 * chance["R@1"]
-    assert last["R@5"] >= 4.2 * chance["R@5"]
-    assert last["R@10"] >= 2.9 * chance["R@10"]
+    # Deterministic on one machine (1 torch thread, 1 loader worker), but the CPU's vector
+    # kernels change the trajectory: after epoch 4, R@1 / R@5 / R@10 = 7 / 24 / 32 of the 60
+    # queries on an AVX-512 CPU (Zen 5) and 7 / 20 / 32 on an AVX2 one (Zen 1); chance is
+    # 1 / 5 / 10. The bounds keep a margin of three queries below the lower of the two:
+    # 4, 17 and 29 queries.
+    found = {k: round(evals[-1][k] * 60 / 100) for k in ("R@1", "R@5", "R@10")}
+    assert found["R@1"] >= 4 and found["R@5"] >= 17 and found["R@10"] >= 29, found
     assert summary["best_val_R@1"] == best["R@1"]
     assert summary["validation"] == "val split"
