@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from ssageo.io import DataError
+
 
 def _demo(out, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, COLUMNS="200")  # rich: one table row per line
@@ -105,9 +107,27 @@ def test_the_plan_says_when_a_slow_machine_buys_fewer_steps_than_the_regime_need
     need = int(text.rsplit("--budget-minutes ", 1)[1].split()[0])
     # the budget it names buys the steps at these step times, and one minute less does not
     costs = slow.seconds_per_step
-    assert plan_from_costs(need, costs).epochs * (int(_places(need) * 0.8) // 16) >= FULL_STEPS
-    assert plan_from_costs(need - 1, costs).epochs * (
-        int(_places(need - 1) * 0.8) // 16) < FULL_STEPS
+    assert plan_from_costs(need, costs).steps >= FULL_STEPS
+    assert plan_from_costs(need - 1, costs).steps < FULL_STEPS
+
+
+def test_where_not_even_one_epoch_fits_the_plan_trains_part_of_one_and_keeps_the_budget():
+    from ssageo.demo import OVERHEAD, REST_STEPS, plan_from_costs, plan_text
+
+    # step times the plan measured on an AVX2-only Zen 1 CPU with a training beside it, where
+    # one whole epoch of both models (50 steps each) took the demo to 755 s of its 600
+    zen1 = {"ssa": 7.03, "baseline": 4.21}
+    plan = plan_from_costs(10, zen1)
+    assert plan.epochs == 1 and 10 <= plan.max_steps_per_epoch < 50
+    assert plan.steps == plan.max_steps_per_epoch
+    pair = zen1["ssa"] + zen1["baseline"]
+    # the whole demo as the plan budgets it: its fixed part, the rest, and the steps
+    assert 60 + 1000 * 0.03 + REST_STEPS * pair + plan.steps * pair * OVERHEAD <= 600
+    text = plan_text(plan, 10)
+    assert f"{plan.steps} of one epoch's 50 steps per model" in text
+    assert f"only {plan.steps} of the" in text
+    # a machine that fits whole epochs keeps them
+    assert plan_from_costs(10, {"ssa": 2.0, "baseline": 1.5}).max_steps_per_epoch == 0
 
 
 def test_the_plan_takes_more_threads_only_when_the_steps_run_clearly_faster_with_them(tmp_path):
@@ -124,9 +144,14 @@ def test_the_plan_takes_more_threads_only_when_the_steps_run_clearly_faster_with
     plan = Plan(1000, 8, 3, 3, idle[2], threads=2)
     assert "(2 torch threads)" in plan_text(plan, 10)
     # a demo folder written before the plan recorded its threads still reads
-    old = {k: v for k, v in plan.__dict__.items() if k != "threads"}
+    old = {k: v for k, v in plan.__dict__.items() if k not in ("threads", "max_steps_per_epoch")}
     (tmp_path / "demo.json").write_text(json.dumps({"done": [], "plan": old}))
-    assert Plan(**read_state(tmp_path / "demo.json")["plan"]).threads == 0
+    again = Plan(**read_state(tmp_path / "demo.json")["plan"])
+    assert again.threads == 0 and again.max_steps_per_epoch == 0 and again.steps == 8 * 50
+    for bad in ({**plan.__dict__, "speed": 1}, {k: v for k, v in old.items() if k != "epochs"}):
+        (tmp_path / "demo.json").write_text(json.dumps({"done": [], "plan": bad}))
+        with pytest.raises(DataError, match="demo.json: 'plan' does not have the keys epochs"):
+            read_state(tmp_path / "demo.json")
 
 
 def _places(budget_minutes: float) -> int:

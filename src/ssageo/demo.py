@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +50,12 @@ class Plan:
     similarity_every: int
     seconds_per_step: dict[str, float]
     threads: int = 0  # torch threads of both trainings (0: train.threads auto; older demos)
+    max_steps_per_epoch: int = 0  # when not even one epoch fits: its steps that do (0: all)
+
+    @property
+    def steps(self) -> int:
+        """Optimisation steps per model."""
+        return self.epochs * (self.max_steps_per_epoch or _steps_per_epoch(self.places))
 
 
 # The world the demo renders (the model reads it at data.reference_size / data.query_size).
@@ -68,6 +74,13 @@ FULL_R1 = 25.5
 # The steps' time x OVERHEAD: data loading beside the steps, logging, checkpoints (measured
 # 1.10x with 2 threads on 2 idle cores, where the whole demo took 0.94x its budget).
 OVERHEAD = 1.15
+# The rest of the demo (world, priors, validation, similarity neighbours, evaluation, report)
+# takes about 60 s + 30 ms per place + the time of REST_STEPS step pairs: fitted on two whole
+# demos, 115 s beside step pairs of 0.91 s (2 idle cores, sixth session) and 284 s beside ones
+# of 11.2 s (an AVX2-only Zen 1 CPU with a training beside it, seventh session).
+REST_STEPS = 17
+# Fewest steps a plan trains when not even that many fit the budget (then it cannot be kept).
+MIN_STEPS = 10
 # Torch threads beyond the default (the cores minus the loader worker) are used only when the
 # measured steps are at least this much faster with them: the measurement leaves out the
 # loader worker, which then shares a core with them (benchmarks/RESULTS.md, issue 18).
@@ -169,22 +182,25 @@ def _steps_per_epoch(places: int) -> int:
     return int(places * 0.8) // _batch_size()
 
 
-def _training_seconds(budget_minutes: float) -> float:
-    """The part of the budget left for the two trainings' steps.
-
-    Everything but the optimisation steps (world, priors, validation, similarity neighbours,
-    evaluation, report) is budgeted at 60 s + 30 ms per place here and at OVERHEAD x the
-    steps' time in ``plan_from_costs`` (benchmarks/RESULTS.md, issue 18)."""
-    return budget_minutes * 60 - 60 - _places(budget_minutes) * 0.03
+def _training_seconds(budget_minutes: float, cost: dict[str, float]) -> float:
+    """The part of the budget left for the two trainings' steps at step times ``cost``: the
+    rest of the demo is budgeted here (see REST_STEPS), the steps' own overhead (OVERHEAD) in
+    ``plan_from_costs`` (benchmarks/RESULTS.md, issue 18)."""
+    pair = cost["ssa"] + cost["baseline"]
+    return budget_minutes * 60 - 60 - _places(budget_minutes) * 0.03 - REST_STEPS * pair
 
 
 def plan_from_costs(budget_minutes: float, cost: dict[str, float]) -> Plan:
     """The plan for measured step times ``cost`` (seconds per step, keys ``ssa``/``baseline``)."""
     places = _places(budget_minutes)
-    per_epoch = _steps_per_epoch(places) * (cost["ssa"] + cost["baseline"]) * OVERHEAD
-    epochs = max(1, math.floor(_training_seconds(budget_minutes) / per_epoch))
+    pair = (cost["ssa"] + cost["baseline"]) * OVERHEAD
+    seconds = _training_seconds(budget_minutes, cost)
+    whole = _steps_per_epoch(places)
+    epochs = max(1, math.floor(seconds / (whole * pair)))
+    fits = max(MIN_STEPS, math.floor(seconds / pair))
+    cut = fits if fits < whole else 0  # not even one whole epoch fits: the part of one that does
     return Plan(places=places, epochs=epochs, eval_every=third(epochs),
-                similarity_every=third(epochs), seconds_per_step=cost)
+                similarity_every=third(epochs), seconds_per_step=cost, max_steps_per_epoch=cut)
 
 
 def third(epochs: int) -> int:
@@ -196,18 +212,18 @@ def third(epochs: int) -> int:
 def plan_text(plan: Plan, budget_minutes: float) -> str:
     """What the plan trains, and, when the budget buys fewer steps than the regime was measured
     with, a notice of what that means and which budget would buy them on this machine."""
-    steps = plan.epochs * _steps_per_epoch(plan.places)
-    cost = plan.seconds_per_step
-    text = (f"budget {budget_minutes:g} min: {plan.places} places, {plan.epochs} epochs "
-            f"({steps} steps) per model; measured step time SSA {cost['ssa']:.2f} s, "
+    steps, cost = plan.steps, plan.seconds_per_step
+    length = (f"{steps} of one epoch's {_steps_per_epoch(plan.places)} steps"
+              if plan.max_steps_per_epoch else f"{plan.epochs} epochs ({steps} steps)")
+    text = (f"budget {budget_minutes:g} min: {plan.places} places, {length} per model; "
+            f"measured step time SSA {cost['ssa']:.2f} s, "
             f"baseline {cost['baseline']:.2f} s"
             + (f" ({plan.threads} torch threads)" if plan.threads else ""))
     if steps >= FULL_STEPS:
         return text
     # the smallest budget (in whole minutes) whose plan reaches FULL_STEPS at these step times
     need = math.ceil(budget_minutes)
-    while need < 10_000 and plan_from_costs(need, cost).epochs * _steps_per_epoch(
-            _places(need)) < FULL_STEPS:
+    while need < 10_000 and plan_from_costs(need, cost).steps < FULL_STEPS:
         need += 1
     return (f"{text}\nnote: this machine runs these steps slower than the 2-core machine "
             f"the demo was sized on, so only {steps} of the {FULL_STEPS} steps per model that "
@@ -224,14 +240,17 @@ def read_state(path: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc}); remove it to redo the demo") from None
     fields = set(Plan.__dataclass_fields__)
+    # the fields with defaults came later: a demo folder written before them still reads
+    required = {n for n, f in Plan.__dataclass_fields__.items() if f.default is MISSING}
     problem = None
     if not isinstance(state, dict):
         problem = "not a JSON object"
     elif not isinstance(state.get("done", []), list):
         problem = "'done' is not a list of stages"
     elif "plan" in state and (not isinstance(state["plan"], dict)
-                              or set(state["plan"]) not in (fields, fields - {"threads"})):
-        problem = f"'plan' does not have exactly the keys {', '.join(sorted(fields))}"
+                              or not required <= set(state["plan"]) <= fields):
+        problem = (f"'plan' does not have the keys {', '.join(sorted(required))} (and only "
+                   f"those or {', '.join(sorted(fields - required))})")
     if problem:
         raise DataError(f"{path}: {problem}; remove it to redo the demo")
     return state
@@ -313,7 +332,8 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
                 f"train.epochs={plan.epochs}",
                 f"eval.every={plan.eval_every}",
                 f"train.sampling.similarity_every={plan.similarity_every}",
-            ])
+            ] + ([f"train.max_steps_per_epoch={plan.max_steps_per_epoch}"]
+                 if plan.max_steps_per_epoch else []))
             # a run a killed demo started: continue it (from step 0 when it has no checkpoint)
             resume = (run / CONFIG_FILE).is_file()
             train(None if resume else config, run, resume=resume)
