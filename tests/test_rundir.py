@@ -312,7 +312,7 @@ def test_non_finite_weights_are_refused_at_evaluation(tmp_path):
 BAD_DEMO_STATE = {
     "truncated": ('{"budget_minutes": 1, "se', "not valid JSON"),
     "a list": ("[]", "not a JSON object"),
-    "plan of another version": ('{"plan": {"places": 200}}', "'plan' does not have exactly"),
+    "plan of another version": ('{"plan": {"places": 200}}', "'plan' does not have the keys"),
     "done not a list": ('{"done": "world"}', "'done' is not a list"),
 }
 
