@@ -52,6 +52,8 @@ def test_the_quick_run_leaves_out_the_slow_tests():
         "tests/test_demo.py::test_the_final_table_keeps_every_cell_whole_in_80_columns",
         "tests/test_demo.py::test_the_plan_says_when_a_slow_machine_buys_fewer_steps_than_the"
         "_regime_needs",
+        "tests/test_demo.py::test_where_not_even_one_epoch_fits_the_plan_trains_part_of_one_and"
+        "_keeps_the_budget",
         "tests/test_demo.py::test_the_plan_takes_more_threads_only_when_the_steps_run_clearly"
         "_faster_with_them"]
     assert "1 deselected" in done.stdout  # the slow demo run
