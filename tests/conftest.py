@@ -1,6 +1,21 @@
-"""Shared fixtures: small synthetic worlds in the real layouts, generated once per session."""
+"""Shared fixtures: small synthetic worlds in the real layouts, generated once per session.
+
+The suite runs in two pytest-xdist workers (``-n 2`` in pyproject.toml). Each worker and every
+process it starts gets one torch thread (``OMP_NUM_THREADS=1``, which ``train.threads: auto``
+and torch both read), so two tests side by side never put more busy OpenMP threads than cores
+on a 2-core machine: over-subscribed OpenMP threads wait on each other (up to ~16x slower
+training steps, see ``ssageo.train.distributed.cpu_threads``).
+"""
+
+import os
 
 import pytest
+
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 SYNTH_PLACES = 40
 SYNTH_SAT = 64

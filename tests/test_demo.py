@@ -130,8 +130,10 @@ def test_where_not_even_one_epoch_fits_the_plan_trains_part_of_one_and_keeps_the
     assert plan_from_costs(10, {"ssa": 2.0, "baseline": 1.5}).max_steps_per_epoch == 0
 
 
-def test_the_plan_takes_more_threads_only_when_the_steps_run_clearly_faster_with_them(tmp_path):
-    from ssageo.demo import MORE_THREADS_GAIN, Plan, choose_threads, plan_text, read_state
+def test_the_plan_takes_more_threads_only_when_the_steps_run_clearly_faster_with_them(
+        tmp_path, monkeypatch):
+    from ssageo.demo import (MORE_THREADS_GAIN, Plan, choose_threads, plan_text, read_state,
+                             thread_options)
 
     idle = {1: {"ssa": 0.82, "baseline": 0.50}, 2: {"ssa": 0.51, "baseline": 0.31}}
     assert choose_threads(idle) == 2  # measured on 2 idle cores: 1.6x faster
@@ -141,6 +143,10 @@ def test_the_plan_takes_more_threads_only_when_the_steps_run_clearly_faster_with
     busy = {1: {"ssa": 2.0, "baseline": 1.5}, 2: {"ssa": 6.0, "baseline": 4.0}}
     assert choose_threads(busy) == 1
     assert choose_threads({1: idle[1]}) == 1  # one core: nothing else to try
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting is not second-guessed
+    assert thread_options(tmp_path, 0) == [3]
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert thread_options(tmp_path, 0)[0] == max(1, len(os.sched_getaffinity(0)) - 1)
     plan = Plan(1000, 8, 3, 3, idle[2], threads=2)
     assert "(2 torch threads)" in plan_text(plan, 10)
     # a demo folder written before the plan recorded its threads still reads

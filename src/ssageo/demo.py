@@ -137,11 +137,14 @@ def _step_seconds(config: dict, steps: int = 3) -> float:
 
 def thread_options(root: Path, seed: int) -> list[int]:
     """Torch thread counts the plan tries: the training default (``train.threads: auto``:
-    the cores minus the loader worker) first, then every core of this process."""
+    the cores minus the loader worker) first, then every core of this process; only the
+    default where ``OMP_NUM_THREADS`` sets it."""
     from ssageo.train.distributed import cpu_threads
 
     config = demo_config(root, seed, True)
     default = cpu_threads(config["train"]["threads"], int(config["data"]["workers"]))
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return [default]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return [default] + ([cores] if cores and cores > default else [])
 
