@@ -132,8 +132,14 @@ def test_where_not_even_one_epoch_fits_the_plan_trains_part_of_one_and_keeps_the
 
 def test_the_plan_takes_more_threads_only_when_the_steps_run_clearly_faster_with_them(
         tmp_path, monkeypatch):
-    from ssageo.demo import (MORE_THREADS_GAIN, Plan, choose_threads, plan_text, read_state,
-                             thread_options)
+    from ssageo.demo import (
+        MORE_THREADS_GAIN,
+        Plan,
+        choose_threads,
+        plan_text,
+        read_state,
+        thread_options,
+    )
 
     idle = {1: {"ssa": 0.82, "baseline": 0.50}, 2: {"ssa": 0.51, "baseline": 0.31}}
     assert choose_threads(idle) == 2  # measured on 2 idle cores: 1.6x faster
