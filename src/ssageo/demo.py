@@ -143,10 +143,9 @@ def thread_options(root: Path, seed: int) -> list[int]:
 
     config = demo_config(root, seed, True)
     default = cpu_threads(config["train"]["threads"], int(config["data"]["workers"]))
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return [default]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return [default] + ([cores] if cores and cores > default else [])
+    mine = os.environ.get("OMP_NUM_THREADS", "").isdigit()
+    return [default] + ([cores] if cores and cores > default and not mine else [])
 
 
 def choose_threads(costs: dict[int, dict[str, float]]) -> int:
@@ -219,8 +218,7 @@ def plan_text(plan: Plan, budget_minutes: float) -> str:
     length = (f"{steps} of one epoch's {_steps_per_epoch(plan.places)} steps"
               if plan.max_steps_per_epoch else f"{plan.epochs} epochs ({steps} steps)")
     text = (f"budget {budget_minutes:g} min: {plan.places} places, {length} per model; "
-            f"measured step time SSA {cost['ssa']:.2f} s, "
-            f"baseline {cost['baseline']:.2f} s"
+            f"measured step time SSA {cost['ssa']:.2f} s, baseline {cost['baseline']:.2f} s"
             + (f" ({plan.threads} torch threads)" if plan.threads else ""))
     if steps >= FULL_STEPS:
         return text
