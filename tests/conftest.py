@@ -1,10 +1,10 @@
 """Shared fixtures: small synthetic worlds in the real layouts, generated once per session.
 
-The suite runs in two pytest-xdist workers (``-n 2`` in pyproject.toml). Each worker and every
-process it starts gets one torch thread (``OMP_NUM_THREADS=1``, which ``train.threads: auto``
-and torch both read), so two tests side by side never put more busy OpenMP threads than cores
-on a 2-core machine: over-subscribed OpenMP threads wait on each other (up to ~16x slower
-training steps, see ``ssageo.train.distributed.cpu_threads``).
+The suite runs in one pytest-xdist worker per core, at most 4 (``-n auto --maxprocesses=4`` in
+pyproject.toml). Each worker and every process it starts gets one torch thread
+(``OMP_NUM_THREADS=1``, which ``train.threads: auto`` and torch both read), so tests side by
+side never put more busy OpenMP threads than cores: over-subscribed OpenMP threads wait on each
+other (up to ~16x slower training steps, see ``ssageo.train.distributed.cpu_threads``).
 """
 
 import os
