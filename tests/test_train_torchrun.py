@@ -8,17 +8,13 @@ import sys
 
 import pytest
 
+from runs import steps
 from ssageo.config import load_config
 from ssageo.train import train
 
 ARGS = ["model.backbone=convnext_atto",
         "data.workers=0", "train.batch_size=8", "train.epochs=1", "train.max_steps_per_epoch=2",
         "train.checkpoint_every=1"]
-
-
-def steps(run):
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == "step"]
 
 
 @pytest.mark.slow
