@@ -103,13 +103,14 @@ def make_worlds(out: Path, places: int, variants: set[str], console: Console,
 
 
 def run_config(root: str, arm: str, seed: int, epochs: int, steps: int | None,
-               threads: int) -> dict:
+               threads: int, grad_every: int = 0) -> dict:
     """One run's config: the demo's (``demo_config``) with the plan's per-epoch settings for
-    ``epochs`` epochs, ``threads`` torch threads, and the arm's BEV head and loss weight."""
+    ``epochs`` epochs, ``threads`` torch threads, the arm's BEV head and loss weight, and the
+    loss terms' gradients logged every ``grad_every`` steps (0: not; same trajectory)."""
     _, weight = ARMS[arm]
     every = third(epochs)
     extra = [f"train.epochs={epochs}", f"train.threads={threads}", f"eval.every={every}",
-             f"train.sampling.similarity_every={every}"]
+             f"train.sampling.similarity_every={every}", f"train.grad_terms_every={grad_every}"]
     extra += [f"train.max_steps_per_epoch={steps}"] if steps else []
     extra += [f"loss.ssa_weight={weight}"] if weight is not None else []
     return demo_config(Path(root), seed, weight is not None, extra)
@@ -222,6 +223,37 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gradient_markdown(runs: list[dict]) -> str:
+    """Per SSA run that logged them (``--grad-every``), in each third of its steps: the median
+    norm of the (weighted) BEV term's gradient on the query encoder over the InfoNCE term's, and
+    the median cosine of the two; empty when no run logged them."""
+    lines = []
+    for r in runs:
+        path = Path(r["run"]) / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        logged = [x for x in records if x["kind"] == "step" and "grad_cos_bev" in x]
+        if not logged:
+            continue
+        cells = []
+        for part in np.array_split(np.arange(len(logged)), 3):
+            chunk = [logged[i] for i in part]
+            if not chunk:
+                cells.append("-")
+                continue
+            ratio = np.median([x["grad_bev"] / x["grad_infonce"] for x in chunk])
+            cosine = np.median([x["grad_cos_bev"] for x in chunk])
+            cells.append(f"{ratio:.2f} / {cosine:+.3f}")
+        lines.append(f"| {r['split']} | {r['arm']} | {r['seed']} | {len(logged)} | "
+                     + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = ["", "Gradients on the query encoder (median per third of training): BEV norm / "
+            "InfoNCE norm, and their cosine", "",
+            "| split | arm | seed | steps logged | first third | second third | last third |",
+            "|---|---|---|---|---|---|---|"]
+    return "\n".join(head + lines) + "\n"
+
+
 def plot(rows: list[dict], path: Path, splits: list[str]) -> None:
     """R@1 (mean +- std) against prior mIoU per split; no-SSA as a horizontal line."""
     import matplotlib
@@ -267,6 +299,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per training [default: the cores / --jobs]")
     parser.add_argument("--resume", action="store_true", help="resume half-finished runs")
+    parser.add_argument("--grad-every", type=int, default=0, metavar="K",
+                        help="log each loss term's gradient on the query encoder every K steps "
+                        "(train.grad_terms_every; tabled in thirds of training)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -285,8 +320,8 @@ def main() -> None:
         variant = ARMS[arm][0]
         root = worlds[split][variant]["root"] if variant else worlds[split]["base"]
         run = args.out / "runs" / name / split / arm / f"seed{seed}"
-        metrics = launch(run, run_config(root, arm, seed, args.epochs, args.steps, threads),
-                         args.resume)
+        metrics = launch(run, run_config(root, arm, seed, args.epochs, args.steps, threads,
+                                         args.grad_every), args.resume)
         bar.advance(task)
         console.print(f"{split:10s} {arm:9s} seed {seed}: R@1 {metrics['R@1']:.2f} "
                       f"R@5 {metrics['R@5']:.2f} ({metrics['train_wall_s']:.0f} s)",
@@ -312,6 +347,7 @@ def main() -> None:
     header = (f"{args.places} places (80 % train / 20 % val), {args.epochs} epochs, steps per "
               f"run {steps}, seeds {args.seeds}; mean ± std (ddof 1) over seeds")
     table = markdown(rows, header) + "\n" + paired_markdown(differences)
+    table += gradient_markdown(runs)
     atomic_write_text(args.out / "ablation.md", table)
     plot(rows, args.out / "r1_vs_miou.png", args.splits)
     console.print(table, highlight=False)

@@ -216,6 +216,19 @@ def test_an_old_metrics_log_reads_with_a_column_and_a_curve_per_loss_term(tmp_pa
     assert _panel_rows(training_curves({"old": read_run_log(tmp_path)})) == 2  # 2 terms, lr, R@1
 
 
+def test_logged_term_gradients_add_a_norm_and_a_cosine_panel(tmp_path):
+    diagnosed = [dict(r, grad_infonce=0.5, grad_bev=2.0, grad_cos_bev=-0.1)
+                 if r["kind"] == "step" else r for r in OLD_LOG]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in diagnosed))
+    log = read_run_log(tmp_path)
+    assert log.series("grad_cos_bev") == ([1.0, 2.0], [-0.1, -0.1])
+    assert _panel_rows(training_curves({"run": log})) == 3  # + gradient norms, cosine
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in OLD_LOG))
+    assert _panel_rows(training_curves({"a": log, "b": read_run_log(other)})) == 3
+
+
 def test_a_new_loss_term_is_one_entry_in_the_term_table(synth_world, tmp_path, monkeypatch,
                                                         capsys):
     def scale_penalty(outputs, prior, loss_cfg):

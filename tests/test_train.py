@@ -123,3 +123,23 @@ def test_trainer_steps_advance_the_state_and_a_new_trainer_restores_it(synth_wor
     assert again.state == trainer.state
     ours, theirs = trainer.model.state_dict(), again.model.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.slow
+def test_gradient_diagnostics_are_logged_and_leave_the_training_unchanged(synth_world, tmp_path):
+    world = synth_world("cvusa")
+    plain, diagnosed = tmp_path / "plain", tmp_path / "diagnosed"
+    train(tiny_config(world), plain)
+    train(tiny_config(world, "train.grad_terms_every=2"), diagnosed)
+    ours, theirs = (load_file(run / "checkpoints/last/model.safetensors")
+                    for run in (plain, diagnosed))
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # the same trajectory
+    records = [json.loads(line) for line in (diagnosed / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if r["kind"] == "step"]
+    logged = [r["step"] for r in records if "grad_cos_bev" in r]
+    assert logged == [2, 4, 6]
+    for r in records:
+        if r["step"] in logged:
+            assert r["grad_infonce"] > 0 and r["grad_bev"] > 0 and -1 <= r["grad_cos_bev"] <= 1
+    with pytest.raises(ConfigError, match="grad_terms_every"):
+        tiny_config(world, "train.grad_terms_every=-1")

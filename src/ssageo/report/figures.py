@@ -65,20 +65,33 @@ def _running_mean(values: Sequence[float]) -> np.ndarray:
 
 def training_curves(runs: Mapping[str, RunLog]) -> bytes:
     """Panels over the global step, two per row: each loss term of the objective (InfoNCE,
-    BEV, ...), the learning rate, validation R@1 (%).
+    BEV, ...), the learning rate, validation R@1 (%); where a run logged them
+    (``train.grad_terms_every``), each term's gradient norm on the query encoder and the cosine
+    of each term's gradient with the first's.
 
     ``runs`` maps a label to a run's log; several runs are overlaid for comparison.
     """
-    panels = [(term.name, "steps", term.title) for term in loss_terms()]
+    terms = loss_terms()
+    panels = [(term.name, "steps", term.title) for term in terms]
     panels += [("lr", "steps", "learning rate"), ("R@1", "evals", "validation R@1 (%)")]
+    if any(log.series(f"grad_{terms[0].name}")[0] for log in runs.values()):
+        # train.grad_terms_every: each term's gradient on the query encoder, and their cosine
+        panels += [("grad", "steps", "gradient norm of each term on the query encoder")]
+        panels += [(f"grad_cos_{term.name}", "steps",
+                    f"cosine of the {term.label} and {terms[0].label} gradients")
+                   for term in terms[1:]]
     rows = math.ceil(len(panels) / 2)
     fig = _figure(11, 3.25 * rows)
     axes = fig.subplots(rows, 2, squeeze=False).ravel()
-    losses = {term.name for term in loss_terms()}
+    losses = {term.name for term in terms}
     for ax, (key, source, title) in zip(axes, panels, strict=False):
         drawn = False
-        for label, log in runs.items():
-            xs, ys = log.series(key, source)
+        lines = [(label, log.series(key, source)) for label, log in runs.items()]
+        if key == "grad":  # one line per term and run
+            lines = [(f"{label} {term.label}" if len(runs) > 1 else term.label,
+                      log.series(f"grad_{term.name}")) for label, log in runs.items()
+                     for term in terms]
+        for label, (xs, ys) in lines:
             if not xs or (key in losses and not any(ys)):  # a term that is off is all 0
                 continue
             if source == "evals":
@@ -90,12 +103,14 @@ def training_curves(runs: Mapping[str, RunLog]) -> bytes:
                 ax.plot(xs, _running_mean(ys), color=line.get_color(), label=label)
             drawn = True
         ax.set_title(title, fontsize=10)
+        if key == "grad" and drawn:
+            ax.set_yscale("log")  # the terms' gradients can differ by orders of magnitude
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if not drawn:
             ax.text(0.5, 0.5, "not recorded in this run", ha="center", va="center",
                     transform=ax.transAxes, color="grey")
-        elif len(runs) > 1:
+        elif len(lines) > 1:
             ax.legend(fontsize=8)
     for ax in axes[len(panels):]:  # an odd number of panels leaves one cell empty
         ax.set_axis_off()

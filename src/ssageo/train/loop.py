@@ -43,7 +43,7 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> flo
 
 _FLOATS = ("lr", "weight_decay", "warmup_epochs", "clip_grad_norm", "clip_grad_value")
 _INTS = ("seed", "epochs", "batch_size", "checkpoint_every", "max_nonfinite_skips",
-         "max_steps_per_epoch")
+         "max_steps_per_epoch", "grad_terms_every")
 
 
 def _numbers(t: dict) -> dict:

@@ -9,7 +9,7 @@ mixed precision, and many CPU kernels have no fast (or no) float16 path.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -63,6 +63,34 @@ def backward(loss: torch.Tensor, params: Iterable[torch.Tensor],
     if clip_value is not None:
         torch.nn.utils.clip_grad_value_(params, clip_value)
     return norm
+
+
+def term_gradients(terms: Mapping[str, torch.Tensor], params: Sequence[torch.Tensor],
+                   scaler: torch.amp.GradScaler) -> dict[str, float]:
+    """Each loss term's own gradient on ``params`` (``train.grad_terms_every``): its norm as
+    ``grad_<term>`` and, for every term after the first, its cosine with the first term's
+    gradient as ``grad_cos_<term>`` (below 0: the terms pull these weights opposite ways).
+
+    Terms are as the objective adds them (already weighted); a term without a graph (0, e.g.
+    the BEV term with the head off) is left out. The graph is kept, so call this before the
+    step's own backward, which it leaves unchanged: no ``.grad`` is touched."""
+    params = [p for p in params if p.requires_grad]
+    flat = {}
+    for name, term in terms.items():
+        if not term.requires_grad:
+            continue
+        grads = torch.autograd.grad(scaler.scale(term), params, retain_graph=True,
+                                    allow_unused=True)
+        flat[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                                for g, p in zip(grads, params, strict=True)])
+        if scaler.is_enabled():
+            flat[name] /= scaler.get_scale()
+    out = {f"grad_{name}": float(vec.norm()) for name, vec in flat.items()}
+    names = list(flat)
+    for name in names[1:]:
+        out[f"grad_cos_{name}"] = float(torch.nn.functional.cosine_similarity(
+            flat[names[0]], flat[name], dim=0))
+    return out
 
 
 def step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, apply: bool) -> None:

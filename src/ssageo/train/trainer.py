@@ -273,6 +273,11 @@ class Trainer:
                             enabled=self.amp_dtype is not None):
             outputs = self.net(query, reference)
             losses = ssa_loss(outputs, prior, self.config["loss"])
+        every = int(t.get("grad_terms_every") or 0)
+        terms = {k: v for k, v in losses.items() if k != "loss"}
+        diagnostics = (precision.term_gradients(terms, list(self.model.encoder("query")
+                                                            .parameters()), self.scaler)
+                       if every and (self.state.step + 1) % every == 0 else {})
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = precision.backward(losses["loss"], self.model.parameters(), self.optimizer,
                                        self.scaler, t["clip_grad_norm"], t.get("clip_grad_value"))
@@ -291,7 +296,7 @@ class Trainer:
         record = {
             "kind": "step", "step": self.state.step, "epoch": epoch + 1, **values, "lr": lr,
             "logit_scale": float(outputs["logit_scale"].detach().exp()),
-            "grad_norm": float(grad_norm), **fov,
+            "grad_norm": float(grad_norm), **diagnostics, **fov,
         }
         if self.scaler.is_enabled():
             record["grad_scale"] = self.scaler.get_scale()
