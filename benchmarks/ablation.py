@@ -225,7 +225,7 @@ def markdown(rows: list[dict], header: str) -> str:
 
 def gradient_markdown(runs: list[dict]) -> str:
     """Per SSA run that logged them (``--grad-every``), in each third of its steps: the median
-    norm of the (weighted) BEV term's gradient on the query encoder over the InfoNCE term's, and
+    norm of the (weighted) BEV term's gradient on the shared trunk over the InfoNCE term's, and
     the median cosine of the two; empty when no run logged them."""
     lines = []
     for r in runs:
@@ -247,7 +247,7 @@ def gradient_markdown(runs: list[dict]) -> str:
                      + " | ".join(cells) + " |")
     if not lines:
         return ""
-    head = ["", "Gradients on the query encoder (median per third of training): BEV norm / "
+    head = ["", "Gradients on the shared trunk (median per third of training): BEV norm / "
             "InfoNCE norm, and their cosine", "",
             "| split | arm | seed | steps logged | first third | second third | last third |",
             "|---|---|---|---|---|---|---|"]
@@ -300,7 +300,7 @@ def main() -> None:
                         help="torch threads per training [default: the cores / --jobs]")
     parser.add_argument("--resume", action="store_true", help="resume half-finished runs")
     parser.add_argument("--grad-every", type=int, default=0, metavar="K",
-                        help="log each loss term's gradient on the query encoder every K steps "
+                        help="log each loss term's gradient on the shared trunk every K steps "
                         "(train.grad_terms_every; tabled in thirds of training)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -177,7 +177,7 @@ class Train:
     max_nonfinite_skips: int = setting(0, "non-finite loss/gradient steps that may be skipped",
                                        checks.integer(0))
     grad_terms_every: int = setting(0, "every K steps log each loss term's gradient norm on "
-                                    "the query encoder and their cosine (0 = off)",
+                                    "the shared trunk and their cosine (0 = off)",
                                     checks.integer(0))
     sampling: Sampling = section(Sampling, "hard-negative batches (METHOD.md section 5)")
 

@@ -66,7 +66,7 @@ def _running_mean(values: Sequence[float]) -> np.ndarray:
 def training_curves(runs: Mapping[str, RunLog]) -> bytes:
     """Panels over the global step, two per row: each loss term of the objective (InfoNCE,
     BEV, ...), the learning rate, validation R@1 (%); where a run logged them
-    (``train.grad_terms_every``), each term's gradient norm on the query encoder and the cosine
+    (``train.grad_terms_every``), each term's gradient norm on the shared trunk and the cosine
     of each term's gradient with the first's.
 
     ``runs`` maps a label to a run's log; several runs are overlaid for comparison.
@@ -75,8 +75,8 @@ def training_curves(runs: Mapping[str, RunLog]) -> bytes:
     panels = [(term.name, "steps", term.title) for term in terms]
     panels += [("lr", "steps", "learning rate"), ("R@1", "evals", "validation R@1 (%)")]
     if any(log.series(f"grad_{terms[0].name}")[0] for log in runs.values()):
-        # train.grad_terms_every: each term's gradient on the query encoder, and their cosine
-        panels += [("grad", "steps", "gradient norm of each term on the query encoder")]
+        # train.grad_terms_every: each term's gradient on the shared trunk, and their cosine
+        panels += [("grad", "steps", "gradient norm of each term on the shared trunk")]
         panels += [(f"grad_cos_{term.name}", "steps",
                     f"cosine of the {term.label} and {terms[0].label} gradients")
                    for term in terms[1:]]

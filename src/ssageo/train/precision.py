@@ -67,24 +67,23 @@ def backward(loss: torch.Tensor, params: Iterable[torch.Tensor],
 
 def term_gradients(terms: Mapping[str, torch.Tensor], params: Sequence[torch.Tensor],
                    scaler: torch.amp.GradScaler) -> dict[str, float]:
-    """Each loss term's own gradient on ``params`` (``train.grad_terms_every``): its norm as
-    ``grad_<term>`` and, for every term after the first, its cosine with the first term's
-    gradient as ``grad_cos_<term>`` (below 0: the terms pull these weights opposite ways).
+    """Each loss term's own gradient on the weights of ``params`` that every term reaches (for
+    SSA the query encoder's trunk, which the BEV head reads; the retrieval head after it only
+    gets InfoNCE's): its norm as ``grad_<term>`` and, for each term after the first, its cosine
+    with the first term's gradient as ``grad_cos_<term>`` (below 0: the terms pull the shared
+    weights opposite ways). ``train.grad_terms_every`` logs these.
 
     Terms are as the objective adds them (already weighted); a term without a graph (0, e.g.
     the BEV term with the head off) is left out. The graph is kept, so call this before the
     step's own backward, which it leaves unchanged: no ``.grad`` is touched."""
     params = [p for p in params if p.requires_grad]
-    flat = {}
-    for name, term in terms.items():
-        if not term.requires_grad:
-            continue
-        grads = torch.autograd.grad(scaler.scale(term), params, retain_graph=True,
-                                    allow_unused=True)
-        flat[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                                for g, p in zip(grads, params, strict=True)])
-        if scaler.is_enabled():
-            flat[name] /= scaler.get_scale()
+    grads = {name: torch.autograd.grad(scaler.scale(term), params, retain_graph=True,
+                                       allow_unused=True)
+             for name, term in terms.items() if term.requires_grad}
+    shared = [i for i in range(len(params)) if all(g[i] is not None for g in grads.values())]
+    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+    flat = {name: torch.cat([g[i].reshape(-1).float() for i in shared]) / scale
+            for name, g in grads.items() if shared}
     out = {f"grad_{name}": float(vec.norm()) for name, vec in flat.items()}
     names = list(flat)
     for name in names[1:]:
