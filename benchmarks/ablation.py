@@ -15,6 +15,7 @@ of each when given):
 - ``oracle``    SSA with the true prior labels, lambda 1;
 - ``vfm``       SSA with oracle labels corrupted like a VFM (``ssageo.demo.VFM_LIKE``), lambda 1;
 - ``vfm-l0.1``  the same priors, lambda 0.1;
+- ``vfm-l0.3``, ``vfm-l3`` (only with ``--arms``) the same priors, lambda 0.3 and 3 (a sweep);
 - ``heavy``     (only with ``--arms``) SSA with heavily corrupted labels, lambda 1.
 
 Each prior variant lives in its own world folder (hard links to the images, its own labels)
@@ -53,7 +54,9 @@ SPLITS = ("same-area", "cross-area")
 HEAVY = {"erode": 2, "drop": 0.4, "false_positives": 0.8}
 # arm -> (prior variant or None, BEV loss weight or None for no BEV head)
 ARMS = {"none": (None, None), "oracle": ("oracle", 1.0), "vfm": ("vfm", 1.0),
-        "vfm-l0.1": ("vfm", 0.1), "heavy": ("heavy", 1.0)}
+        "vfm-l0.1": ("vfm", 0.1), "vfm-l0.3": ("vfm", 0.3), "vfm-l3": ("vfm", 3.0),
+        "heavy": ("heavy", 1.0)}
+MARKERS = {0.1: "s", 0.3: "^", 1.0: "o", 3.0: "D"}  # by lambda
 DEFAULT_ARMS = ("none", "oracle", "vfm", "vfm-l0.1")
 CORRUPTIONS = {"oracle": {}, "vfm": VFM_LIKE, "heavy": HEAVY}
 METRICS = ("R@1", "R@5", "R@10", "R@1%", "median_error_m")
@@ -269,10 +272,11 @@ def plot(rows: list[dict], path: Path, splits: list[str]) -> None:
                 ax.axhline(mean, color=colour, linestyle="--", label=f"{split}: no SSA")
                 ax.axhspan(mean - std, mean + std, color=colour, alpha=0.12)
                 continue
-            lam01 = r["arm"].endswith("l0.1")
-            ax.errorbar(r["miou"] + (0.01 if lam01 else 0.0), mean, yerr=std, color=colour,
-                        marker="s" if lam01 else "o", capsize=3, linestyle="none",
-                        label=f"{split}: SSA λ={'0.1' if lam01 else '1'}")
+            lam = ARMS[r["arm"]][1]
+            shift = 0.01 * sorted(MARKERS).index(lam) - 0.02 if lam in MARKERS else 0.0
+            ax.errorbar(r["miou"] + shift, mean, yerr=std, color=colour,
+                        marker=MARKERS.get(lam, "o"), capsize=3, linestyle="none",
+                        label=f"{split}: SSA λ={lam:g}")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=8)
