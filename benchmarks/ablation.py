@@ -16,6 +16,9 @@ of each when given):
 - ``vfm``       SSA with oracle labels corrupted like a VFM (``ssageo.demo.VFM_LIKE``), lambda 1;
 - ``vfm-l0.1``  the same priors, lambda 0.1;
 - ``vfm-l0.3``, ``vfm-l3`` (only with ``--arms``) the same priors, lambda 0.3 and 3 (a sweep);
+- ``vfm-l0.01`` (only with ``--arms``) lambda 0.01: a control, the BEV gradient a few hundredths
+  of a percent of InfoNCE's on the trunk, so its difference from ``none`` measures how far a
+  tiny perturbation moves a run, not what SSA adds;
 - ``heavy``     (only with ``--arms``) SSA with heavily corrupted labels, lambda 1.
 
 Each prior variant lives in its own world folder (hard links to the images, its own labels)
@@ -55,8 +58,9 @@ HEAVY = {"erode": 2, "drop": 0.4, "false_positives": 0.8}
 # arm -> (prior variant or None, BEV loss weight or None for no BEV head)
 ARMS = {"none": (None, None), "oracle": ("oracle", 1.0), "vfm": ("vfm", 1.0),
         "vfm-l0.1": ("vfm", 0.1), "vfm-l0.3": ("vfm", 0.3), "vfm-l3": ("vfm", 3.0),
+        "vfm-l0.01": ("vfm", 0.01),
         "heavy": ("heavy", 1.0)}
-MARKERS = {0.1: "s", 0.3: "^", 1.0: "o", 3.0: "D"}  # by lambda
+MARKERS = {0.01: "v", 0.1: "s", 0.3: "^", 1.0: "o", 3.0: "D"}  # by lambda
 DEFAULT_ARMS = ("none", "oracle", "vfm", "vfm-l0.1")
 CORRUPTIONS = {"oracle": {}, "vfm": VFM_LIKE, "heavy": HEAVY}
 METRICS = ("R@1", "R@5", "R@10", "R@1%", "median_error_m")
@@ -273,7 +277,8 @@ def plot(rows: list[dict], path: Path, splits: list[str]) -> None:
                 ax.axhspan(mean - std, mean + std, color=colour, alpha=0.12)
                 continue
             lam = ARMS[r["arm"]][1]
-            shift = 0.01 * sorted(MARKERS).index(lam) - 0.02 if lam in MARKERS else 0.0
+            order = sorted(MARKERS)
+            shift = 0.01 * (order.index(lam) - order.index(1.0)) if lam in MARKERS else 0.0
             ax.errorbar(r["miou"] + shift, mean, yerr=std, color=colour,
                         marker=MARKERS.get(lam, "o"), capsize=3, linestyle="none",
                         label=f"{split}: SSA λ={lam:g}")
