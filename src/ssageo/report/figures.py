@@ -86,21 +86,25 @@ def training_curves(runs: Mapping[str, RunLog]) -> bytes:
     losses = {term.name for term in terms}
     for ax, (key, source, title) in zip(axes, panels, strict=False):
         drawn = False
-        lines = [(label, log.series(key, source)) for label, log in runs.items()]
-        if key == "grad":  # one line per term and run
+        # a run keeps its colour in every panel
+        lines = [(label, log.series(key, source), {"color": f"C{i}"})
+                 for i, (label, log) in enumerate(runs.items())]
+        if key == "grad":  # one line per run and term: the run's colour, the term's dashes
             lines = [(f"{label} {term.label}" if len(runs) > 1 else term.label,
-                      log.series(f"grad_{term.name}")) for label, log in runs.items()
-                     for term in terms]
-        for label, (xs, ys) in lines:
+                      log.series(f"grad_{term.name}"),
+                      {"color": f"C{i}", "linestyle": ("-", "--", ":", "-.")[j % 4]})
+                     for i, (label, log) in enumerate(runs.items())
+                     for j, term in enumerate(terms)]
+        for label, (xs, ys), style in lines:
             if not xs or (key in losses and not any(ys)):  # a term that is off is all 0
                 continue
             if source == "evals":
-                ax.plot(xs, ys, marker="o", label=label)
+                ax.plot(xs, ys, marker="o", label=label, **style)
             elif key == "lr":
-                ax.plot(xs, ys, label=label)
+                ax.plot(xs, ys, label=label, **style)
             else:  # per-step losses are noisy: faint raw values under a running mean
-                line = ax.plot(xs, ys, alpha=0.3, linewidth=0.8)[0]
-                ax.plot(xs, _running_mean(ys), color=line.get_color(), label=label)
+                ax.plot(xs, ys, alpha=0.3, linewidth=0.8, **style)
+                ax.plot(xs, _running_mean(ys), label=label, **style)
             drawn = True
         ax.set_title(title, fontsize=10)
         if key == "grad" and drawn:
