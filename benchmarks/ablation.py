@@ -200,20 +200,42 @@ def paired(runs: list[dict], arms: list[str], splits: list[str]) -> list[dict]:
                               for s in seeds], dtype=float)
                 row[key] = {"mean": float(d.mean()) if len(d) else float("nan"),
                             "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
-                            "each": [round(float(x), 2) for x in d]}
+                            "each": [round(float(x), 2) for x in d], **significance(d)}
             rows.append(row)
     return rows
 
 
+def significance(d: np.ndarray) -> dict:
+    """For paired differences ``d``: the 95 % confidence interval of their mean (Student's t),
+    the paired t-test's two-sided p and the exact sign test's (ties left out); NaN with fewer
+    than two seeds."""
+    from scipy import stats
+
+    nan = {"ci95": [float("nan")] * 2, "p_t": float("nan"), "p_sign": float("nan")}
+    if len(d) < 2:
+        return nan
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    signs = d[d != 0]
+    return {"ci95": [float(d.mean()) - half, float(d.mean()) + half],
+            "p_t": float(stats.ttest_1samp(d, 0.0).pvalue) if d.std() > 0 else float("nan"),
+            "p_sign": float(stats.binomtest(int((signs > 0).sum()), len(signs)).pvalue)
+            if len(signs) else 1.0}
+
+
 def paired_markdown(rows: list[dict]) -> str:
     """The paired differences: SSA arm minus no SSA, per split."""
-    lines = ["| split | arm - none | seeds | R@1 difference | each seed | R@5 difference |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| split | arm - none | seeds | R@1 difference | 95 % CI | p (t, sign) | each seed "
+             "| R@5 difference | 95 % CI | p (t, sign) |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cells(m: dict) -> str:
+        low, high = m["ci95"]
+        return (f"{m['mean']:+.2f} ± {m['std']:.2f} | {low:+.2f} .. {high:+.2f} | "
+                f"{m['p_t']:.2f}, {m['p_sign']:.2f}")
+
     for r in rows:
-        lines.append(f"| {r['split']} | {r['arm']} | {len(r['seeds'])} | "
-                     f"{r['R@1']['mean']:+.2f} ± {r['R@1']['std']:.2f} | "
+        lines.append(f"| {r['split']} | {r['arm']} | {len(r['seeds'])} | {cells(r['R@1'])} | "
                      + ", ".join(f"{x:+.1f}" for x in r["R@1"]["each"])
-                     + f" | {r['R@5']['mean']:+.2f} ± {r['R@5']['std']:.2f} |")
+                     + f" | {cells(r['R@5'])} |")
     return "\n".join(lines) + "\n"
 
 

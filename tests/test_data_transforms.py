@@ -21,8 +21,8 @@ from ssageo.data.transforms import (
     rotate_pair,
     train_pipeline,
 )
+from ssageo.synth.city import generate_world
 from ssageo.synth.render import TILE_CELLS, render_panorama, render_satellite
-from ssageo.synth.world import generate_world
 
 PANO = (256, 64)  # (W, H)
 

@@ -7,8 +7,9 @@ import math
 import numpy as np
 
 from ssageo.config import ConfigError
+from ssageo.synth.city import generate_world
 from ssageo.synth.render import TILE_CELLS
-from ssageo.synth.world import DEFAULT_ORIGIN, RES, World, generate_world
+from ssageo.synth.world import DEFAULT_ORIGIN, RES, World
 
 MIN_SPACING_M = 25.0  # no two places closer than this
 AREA_PER_PLACE_M2 = 2600.0  # world area per place (random packing on streets: ~2300 m^2)
