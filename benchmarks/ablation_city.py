@@ -12,8 +12,9 @@ values).
 
     python benchmarks/ablation_city.py --study /tmp/abl-x --world-seed 1 --places 1250
 
-Writes each run's metrics to ``RUN/city<seed>.json`` (reused) and ``STUDY/city<seed>.json``,
-``STUDY/city<seed>.md``; the world goes to ``STUDY/worlds/city<seed>``.
+Writes each run's metrics to ``RUN/city<seed>.json`` (reused), ``STUDY/city<seed>.json``,
+``STUDY/city<seed>.md`` and ``STUDY/city<seed>.png`` (each SSA arm minus ``none``, seed by seed,
+on the val split and on the other city); the world goes to ``STUDY/worlds/city<seed>``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from rich.console import Console
 
 import ssageo  # noqa: F401  (before timm)
 from ssageo.demo import PANO_SIZE, SAT_SIZE
-from ssageo.io import atomic_write_text
+from ssageo.io import atomic_write, atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import ARMS, aggregate, markdown, paired, paired_markdown  # noqa: E402
@@ -65,6 +66,36 @@ def city_metrics(run: Path, world: Path, name: str) -> dict:
     metrics["train_wall_s"] = (json.loads(timing.read_text())["train_wall_s"]
                                if timing.is_file() else float("nan"))
     return metrics
+
+
+def plot_differences(readouts: dict[str, list[dict]], path: Path) -> None:
+    """Each SSA arm minus ``none`` in R@1, seed by seed (dots) with the mean and its 95 % CI
+    (bar), one panel per readout ({title: ``paired`` rows})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(readouts), figsize=(5.2 * len(readouts), 3.8), sharey=True)
+    for ax, (title, rows) in zip(axes, readouts.items(), strict=True):
+        for x, r in enumerate(rows):
+            m = r["R@1"]
+            ax.scatter([x + 0.12] * len(m["each"]), m["each"], s=14, color="tab:blue", alpha=0.6)
+            if len(m["each"]) > 1:
+                low, high = m["ci95"]
+                ax.errorbar(x - 0.12, m["mean"], yerr=[[m["mean"] - low], [high - m["mean"]]],
+                            fmt="o", color="black", capsize=4)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xticks(range(len(rows)),
+                      [f"{r['arm']}\n({len(r['seeds'])} seeds)" for r in rows], fontsize=8)
+        ax.set_title(title, fontsize=9)
+    # the seeds' own spread sets the scale (a 2-seed CI runs far off it: clipped)
+    reach = max(abs(x) for rows in readouts.values() for r in rows for x in r["R@1"]["each"])
+    axes[0].set_ylim(-1.3 * reach, 1.3 * reach)
+    axes[0].set_ylabel("R@1 minus no SSA (points), paired by seed")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
 
 
 def main() -> None:
@@ -112,8 +143,15 @@ def main() -> None:
          "runs": runs, "aggregate": rows, "paired": differences,
          "wall_s": round(time.perf_counter() - started, 1)}, indent=1))
     atomic_write_text(args.study / f"{name}.md", table)
+    val = [dict(r, metrics=json.loads((Path(r["run"]) / "eval.json").read_text()))
+           for r in runs]
+    val_queries = val[0]["metrics"]["queries"]
+    plot_differences({f"the study's val split ({val_queries} queries)":
+                      paired(val, arms, splits),
+                      f"world seed {args.world_seed} ({gallery} queries)": differences},
+                     args.study / f"{name}.png")
     console.print(table, highlight=False)
-    console.print(f"wrote {args.study}/{name}.json, {name}.md", highlight=False)
+    console.print(f"wrote {args.study}/{name}.json, {name}.md, {name}.png", highlight=False)
 
 
 if __name__ == "__main__":

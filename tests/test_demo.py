@@ -89,6 +89,12 @@ def test_the_final_table_keeps_every_cell_whole_in_80_columns():
     assert all(len(line) <= 80 for line in text.splitlines()), text
     for cell in ("12.5", "100.0", "12345", "23456", "12000", "45678", "time s"):
         assert cell in text, text
+    # with the gallery's size, a caption says what one query and chance are worth
+    console = Console(width=80, record=True, color_system=None)
+    console.print(results_table({"SSA": dict(row, queries=200)}, None))
+    text = console.export_text()
+    assert "one query = 0.5 points" in " ".join(text.split()), text
+    assert all(len(line) <= 80 for line in text.splitlines()), text
 
 
 def test_the_plan_says_when_a_slow_machine_buys_fewer_steps_than_the_regime_needs():

@@ -61,13 +61,11 @@ class Plan:
 # The world the demo renders (the model reads it at data.reference_size / data.query_size).
 SAT_SIZE = 128
 PANO_SIZE = (512, 128)
-# The demo's training regime on top of the synth-cpu preset: a 3x higher peak learning rate
-# and no satellite rotation / panorama roll augmentation (docs/FIDELITY.md): at 450 steps of
-# 64 px views they took R@1 from 14.0 to 23.0 % (no SSA; benchmarks/RESULTS.md, "The demo's
-# regime, sixth session"), where a cheaper backbone or ImageNet-pretrained EfficientNet-Lite0
-# learned less per step. FULL_STEPS steps per model is what the default budget bought on the
-# idle 2-core machine the plan was sized on (2026-12-02, sixth session), and FULL_R1 the SSA
-# model's R@1 there on the 200 held-out places.
+# The demo's regime on top of synth-cpu: a 3x higher peak learning rate, no satellite rotation /
+# panorama roll (docs/FIDELITY.md): at 450 steps of 64 px views R@1 14.0 -> 23.0 % (no SSA;
+# RESULTS.md, "The demo's regime, sixth session"; a cheaper backbone or ImageNet EfficientNet-
+# Lite0 learned less per step). FULL_STEPS: what the default budget bought on the idle 2-core
+# machine the plan was sized on (sixth session); FULL_R1: the SSA model's R@1 there.
 REGIME = ["train.lr=3e-3", "data.augment.rotate=0"]
 FULL_STEPS = 450
 FULL_R1 = 25.5
@@ -384,14 +382,17 @@ def evaluate_run(run: Path) -> dict:
 
 
 def results_table(results: dict, prior_miou: float | None) -> Table:
-    """The final comparison table (recalls in %, errors in metres, training time)."""
+    """The final comparison table (recalls in %, errors in metres, training time), with a
+    caption on how far apart two runs' R@1 can be by chance alone."""
     title = "held-out (val) retrieval, synthetic CVUSA-layout world"
     if prior_miou is not None:
         title += f"; SSA priors mIoU {prior_miou:.3f}"
-    table = Table(title=title, show_edge=False)
-    # every cell stays whole in an 80-column terminal (one decimal: a query of the default
-    # budget's 200-place gallery is 0.5 points; eval.json keeps every digit); the long
-    # headers take two lines
+    queries = next(iter(results.values()), {}).get("queries")  # ten seeds of each: RESULTS.md
+    caption = (f"one query = {100 / queries:.1f} points of R@1; on a gallery this size two "
+               "training seeds differ by ~4 points (std), SSA or not: benchmarks/RESULTS.md"
+               if queries else None)
+    table = Table(title=title, caption=caption, show_edge=False)
+    # every cell stays whole in 80 columns (one decimal; eval.json keeps every digit)
     for column in ("model", "R@1", "R@5", "R@10", "R@1%", "med.\nerr m", "mean\nerr m",
                    "train\nsteps", "train\ntime s"):
         table.add_column(column, justify="left" if column == "model" else "right",
