@@ -90,7 +90,8 @@ def plot_differences(readouts: dict[str, list[dict]], path: Path) -> None:
                       [f"{r['arm']}\n({len(r['seeds'])} seeds)" for r in rows], fontsize=8)
         ax.set_title(title, fontsize=9)
     # the seeds' own spread sets the scale (a 2-seed CI runs far off it: clipped)
-    reach = max(abs(x) for rows in readouts.values() for r in rows for x in r["R@1"]["each"])
+    reach = max((abs(x) for rows in readouts.values() for r in rows for x in r["R@1"]["each"]),
+                default=0.0) or 1.0
     axes[0].set_ylim(-1.3 * reach, 1.3 * reach)
     axes[0].set_ylabel("R@1 minus no SSA (points), paired by seed")
     fig.tight_layout()
