@@ -31,7 +31,8 @@ are reused; a half-finished run is resumed with ``--resume``, otherwise redone.
 
 Writes ``OUT/results.json``, ``OUT/ablation.md`` (mean +- std per arm, and each SSA arm's
 difference from ``none`` paired by seed, with its 95 % CI and p values) and
-``OUT/r1_vs_miou.png``. ``ablation_city.py`` reads the same runs out on another city's 1,000
+``OUT/r1_vs_miou.png`` (``--set`` overrides with ``--tag T``: ``results-T.json`` etc., its runs
+in ``runs/e<epochs>-T``). ``ablation_city.py`` reads the same runs out on another city's 1,000
 places.
 """
 
@@ -112,17 +113,18 @@ def make_worlds(out: Path, places: int, variants: set[str], console: Console,
 
 
 def run_config(root: str, arm: str, seed: int, epochs: int, steps: int | None,
-               threads: int, grad_every: int = 0) -> dict:
+               threads: int, grad_every: int = 0, more: list[str] | None = None) -> dict:
     """One run's config: the demo's (``demo_config``) with the plan's per-epoch settings for
-    ``epochs`` epochs, ``threads`` torch threads, the arm's BEV head and loss weight, and the
-    loss terms' gradients logged every ``grad_every`` steps (0: not; same trajectory)."""
+    ``epochs`` epochs, ``threads`` torch threads, the arm's BEV head and loss weight, the
+    loss terms' gradients logged every ``grad_every`` steps (0: not; same trajectory), then
+    the study's own overrides ``more`` (``--set``)."""
     _, weight = ARMS[arm]
     every = third(epochs)
     extra = [f"train.epochs={epochs}", f"train.threads={threads}", f"eval.every={every}",
              f"train.sampling.similarity_every={every}", f"train.grad_terms_every={grad_every}"]
     extra += [f"train.max_steps_per_epoch={steps}"] if steps else []
     extra += [f"loss.ssa_weight={weight}"] if weight is not None else []
-    return demo_config(Path(root), seed, weight is not None, extra)
+    return demo_config(Path(root), seed, weight is not None, extra + (more or []))
 
 
 def worker(run: Path) -> None:
@@ -337,8 +339,14 @@ def main() -> None:
     parser.add_argument("--grad-every", type=int, default=0, metavar="K",
                         help="log each loss term's gradient on the shared trunk every K steps "
                         "(train.grad_terms_every; tabled in thirds of training)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides of every run, e.g. another input size; the "
+                        "runs go to runs/e<epochs>-<--tag>")
+    parser.add_argument("--tag", default=None, help="the name of --set's runs (required then)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if bool(args.set) != bool(args.tag):
+        parser.error("--set and --tag go together: the tag names the overridden runs' folder")
     if args.worker:
         return worker(args.worker)
     console = Console()
@@ -347,7 +355,8 @@ def main() -> None:
     worlds = make_worlds(args.out, args.places, variants, console, args.splits)
     jobs = [(split, arm, seed) for seed in args.seeds for split in args.splits
             for arm in args.arms]
-    name = f"e{args.epochs}" + (f"x{args.steps}" if args.steps else "")
+    name = (f"e{args.epochs}" + (f"x{args.steps}" if args.steps else "")
+            + (f"-{args.tag}" if args.tag else ""))
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
 
     def one(job: tuple[str, str, int]) -> dict:
@@ -356,7 +365,7 @@ def main() -> None:
         root = worlds[split][variant]["root"] if variant else worlds[split]["base"]
         run = args.out / "runs" / name / split / arm / f"seed{seed}"
         metrics = launch(run, run_config(root, arm, seed, args.epochs, args.steps, threads,
-                                         args.grad_every), args.resume)
+                                         args.grad_every, args.set), args.resume)
         bar.advance(task)
         console.print(f"{split:10s} {arm:9s} seed {seed}: R@1 {metrics['R@1']:.2f} "
                       f"R@5 {metrics['R@5']:.2f} ({metrics['train_wall_s']:.0f} s)",
@@ -373,20 +382,22 @@ def main() -> None:
     steps = {r["split"]: r["metrics"]["steps"] for r in runs}
     settings = {"places": args.places, "epochs": args.epochs, "steps_per_epoch": args.steps,
                 "steps": steps, "seeds": args.seeds, "arms": args.arms, "jobs": args.jobs,
-                "threads": threads, "splits": args.splits,
+                "threads": threads, "splits": args.splits, "set": args.set,
                 "world_seed": WORLD_SEED, "wall_s": round(time.perf_counter() - started, 1),
                 "load_average": os.getloadavg()}
-    atomic_write_text(args.out / "results.json", json.dumps(
+    tag = f"-{args.tag}" if args.tag else ""  # a --set study's files beside the plain one's
+    atomic_write_text(args.out / f"results{tag}.json", json.dumps(
         {"settings": settings, "worlds": worlds, "runs": runs, "aggregate": rows,
          "paired": differences}, indent=1))
     header = (f"{args.places} places (80 % train / 20 % val), {args.epochs} epochs, steps per "
-              f"run {steps}, seeds {args.seeds}; mean ± std (ddof 1) over seeds")
+              f"run {steps}, seeds {args.seeds}; mean ± std (ddof 1) over seeds"
+              + (f"; overrides {' '.join(args.set)}" if args.set else ""))
     table = markdown(rows, header) + "\n" + paired_markdown(differences)
     table += gradient_markdown(runs)
-    atomic_write_text(args.out / "ablation.md", table)
-    plot(rows, args.out / "r1_vs_miou.png", args.splits)
+    atomic_write_text(args.out / f"ablation{tag}.md", table)
+    plot(rows, args.out / f"r1_vs_miou{tag}.png", args.splits)
     console.print(table, highlight=False)
-    console.print(f"wrote {args.out}/results.json, ablation.md, r1_vs_miou.png "
+    console.print(f"wrote {args.out}/results{tag}.json, ablation{tag}.md, r1_vs_miou{tag}.png "
                   f"({settings['wall_s']:.0f} s)", highlight=False)
 
 

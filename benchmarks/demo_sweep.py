@@ -6,10 +6,11 @@ compared by steps and by single-thread step time, not by the wall time of a shar
 
 - ``world OUT [--places 1000] [--seed 0]``: the demo's world (CVUSA layout, 128 px tiles,
   512x128 panoramas) with the demo's VFM-like oracle priors, made by the demo's own code;
-- ``steptime --backbones a,b+bev,c@128,d@128x64 [override ...]``: median single-thread step
-  time of each backbone (``+bev``: with the BEV head; ``@128``: 128x512 panoramas and 128 px
-  tiles, ``@128x64``: 64 px tiles, with the BEV grid that covers the tile; see
-  ``variant_overrides``), interleaved step by step in one
+- ``steptime --backbones a,b+bev,c@128,d@128x64 [--threads T] [override ...]``: median step
+  time (one thread unless ``--threads``) of each backbone (``+bev``: with the BEV head;
+  ``@128``: 128x512 panoramas and 128 px tiles, ``@128x64``: 64 px tiles, with the BEV grid
+  that covers the tile; see ``variant_overrides``; without ``@``: the demo's sizes, its
+  ``REGIME`` on the preset's), interleaved step by step in one
   process (fair on a busy machine); prints one line per backbone with its ratio to the first;
 - ``train --steps N WORLD RUN [override ...]``: ``ssageo.train.train`` with the demo's
   overrides plus the given ones for N steps, then R@1/5/10 of ``checkpoints/last`` on the val
@@ -126,6 +127,7 @@ def main() -> None:
     s = sub.add_parser("steptime")
     s.add_argument("--backbones", required=True)
     s.add_argument("--steps", type=int, default=5)
+    s.add_argument("--threads", type=int, default=1, help="torch threads (the demo: 2)")
     s.add_argument("overrides", nargs="*")
     t = sub.add_parser("train")
     t.add_argument("world", type=Path)
@@ -133,7 +135,7 @@ def main() -> None:
     t.add_argument("--steps", type=int, required=True)
     t.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads if args.command == "steptime" else 1)
     if args.command == "world":
         make_world(args.out, args.places, args.seed)
     elif args.command == "steptime":

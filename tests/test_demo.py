@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -103,13 +104,12 @@ def test_the_plan_says_when_a_slow_machine_buys_fewer_steps_than_the_regime_need
     fast = plan_from_costs(10, {"ssa": 0.2, "baseline": 0.15})
     text = plan_text(fast, 10)
     assert "note:" not in text and f"{fast.epochs} epochs" in text
-    assert fast.places == 1000 and fast.epochs * 50 >= FULL_STEPS
+    assert fast.places == 1000 and fast.steps >= FULL_STEPS
 
     slow = plan_from_costs(10, {"ssa": 2.0, "baseline": 1.5})  # a busy machine: 100x slower
     assert 1 <= slow.epochs < fast.epochs
     text = plan_text(slow, 10)
-    steps = slow.epochs * 50
-    assert f"only {steps} of the {FULL_STEPS} steps" in text and "expect a lower R@1" in text
+    assert f"only {slow.steps} of the {FULL_STEPS} steps" in text and "expect a lower R@1" in text
     need = int(text.rsplit("--budget-minutes ", 1)[1].split()[0])
     # the budget it names buys the steps at these step times, and one minute less does not
     costs = slow.seconds_per_step
@@ -132,8 +132,31 @@ def test_where_not_even_one_epoch_fits_the_plan_trains_part_of_one_and_keeps_the
     text = plan_text(plan, 10)
     assert f"{plan.steps} of one epoch's 50 steps per model" in text
     assert f"only {plan.steps} of the" in text
-    # a machine that fits whole epochs keeps them
-    assert plan_from_costs(10, {"ssa": 2.0, "baseline": 1.5}).max_steps_per_epoch == 0
+
+
+def test_the_plan_spends_the_budget_on_steps_in_epochs_cut_evenly():
+    from ssageo.demo import OVERHEAD, REST_STEPS, plan_from_costs, plan_text
+
+    def seconds(plan, cost):  # the whole demo as the plan budgets it
+        pair = cost["ssa"] + cost["baseline"]
+        return 60 + plan.places * 0.03 + REST_STEPS * pair + plan.steps * pair * OVERHEAD
+
+    # step pairs of the machines the demo ran on (Zen 5, two Zen 4s, a busy one), and others
+    for ssa, baseline in ((0.63, 0.28), (0.73, 0.45), (0.96, 0.56), (2.0, 1.5), (0.5, 0.3),
+                          (1.3, 0.7), (0.3, 0.2)):
+        cost = {"ssa": ssa, "baseline": baseline}
+        plan = plan_from_costs(10, cost)
+        # within the budget, and one more step per epoch would not be
+        more = replace(plan, max_steps_per_epoch=plan.steps // plan.epochs + 1)
+        assert seconds(plan, cost) <= 600 < seconds(more, cost)
+        per_epoch = plan.max_steps_per_epoch or 50
+        assert plan.steps == plan.epochs * per_epoch and per_epoch <= 50
+        # the fewest epochs that hold the steps: one epoch fewer could not
+        assert (plan.epochs - 1) * 50 < plan.steps
+        text = plan_text(plan, 10)
+        assert (f"{plan.epochs} epochs ({plan.steps} steps)" in text if per_epoch == 50
+                else f"{plan.epochs} epochs of {per_epoch} of their 50 steps ({plan.steps} "
+                     "steps)" in text), text
 
 
 def test_the_plan_takes_more_threads_only_when_the_steps_run_clearly_faster_with_them(

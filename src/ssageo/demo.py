@@ -50,7 +50,7 @@ class Plan:
     similarity_every: int
     seconds_per_step: dict[str, float]
     threads: int = 0  # torch threads of both trainings (0: train.threads auto; older demos)
-    max_steps_per_epoch: int = 0  # when not even one epoch fits: its steps that do (0: all)
+    max_steps_per_epoch: int = 0  # each epoch cut to this many steps to fit the budget (0: all)
 
     @property
     def steps(self) -> int:
@@ -62,13 +62,14 @@ class Plan:
 SAT_SIZE = 128
 PANO_SIZE = (512, 128)
 # The demo's regime on top of synth-cpu: a 3x higher peak learning rate, no satellite rotation /
-# panorama roll (docs/FIDELITY.md): at 450 steps of 64 px views R@1 14.0 -> 23.0 % (no SSA;
-# RESULTS.md, "The demo's regime, sixth session"; a cheaper backbone or ImageNet EfficientNet-
-# Lite0 learned less per step). FULL_STEPS: what the default budget bought on the idle 2-core
-# machine the plan was sized on (sixth session); FULL_R1: the SSA model's R@1 there.
-REGIME = ["train.lr=3e-3", "data.augment.rotate=0"]
+# panorama roll (docs/FIDELITY.md): at 450 steps R@1 14.0 -> 23.0 % (no SSA; RESULTS.md, "The
+# demo's regime, sixth session"; a cheaper backbone or ImageNet EfficientNet-Lite0 learned less
+# per step); and 48x192 panoramas (64 px tiles): step pairs 0.75x those of 64x256 ones, and no
+# less learnt per step (RESULTS.md, "Smaller panoramas, twelfth session"). FULL_STEPS: the steps
+# the regime was measured with; FULL_R1: the SSA model's mean R@1 with them, over seeds.
+REGIME = ["train.lr=3e-3", "data.augment.rotate=0", "data.query_size=[48,192]"]
 FULL_STEPS = 450
-FULL_R1 = 25.5
+FULL_R1 = 23.6
 # The steps' time x OVERHEAD: data loading beside the steps, logging, checkpoints (measured
 # 1.10x with 2 threads on 2 idle cores, where the whole demo took 0.94x its budget).
 OVERHEAD = 1.15
@@ -191,16 +192,19 @@ def _training_seconds(budget_minutes: float, cost: dict[str, float]) -> float:
 
 
 def plan_from_costs(budget_minutes: float, cost: dict[str, float]) -> Plan:
-    """The plan for measured step times ``cost`` (seconds per step, keys ``ssa``/``baseline``)."""
+    """The plan for measured step times ``cost`` (seconds per step, keys ``ssa``/``baseline``):
+    every step that fits the budget, in as few epochs as hold them, each epoch cut to the same
+    number of steps where whole ones would leave part of the budget unused (or not fit)."""
     places = _places(budget_minutes)
     pair = (cost["ssa"] + cost["baseline"]) * OVERHEAD
     seconds = _training_seconds(budget_minutes, cost)
     whole = _steps_per_epoch(places)
-    epochs = max(1, math.floor(seconds / (whole * pair)))
     fits = max(MIN_STEPS, math.floor(seconds / pair))
-    cut = fits if fits < whole else 0  # not even one whole epoch fits: the part of one that does
+    epochs = math.ceil(fits / whole)
+    each = fits // epochs
     return Plan(places=places, epochs=epochs, eval_every=third(epochs),
-                similarity_every=third(epochs), seconds_per_step=cost, max_steps_per_epoch=cut)
+                similarity_every=third(epochs), seconds_per_step=cost,
+                max_steps_per_epoch=each if each < whole else 0)
 
 
 def third(epochs: int) -> int:
@@ -212,9 +216,11 @@ def third(epochs: int) -> int:
 def plan_text(plan: Plan, budget_minutes: float) -> str:
     """What the plan trains, and, when the budget buys fewer steps than the regime was measured
     with, a notice of what that means and which budget would buy them on this machine."""
-    steps, cost = plan.steps, plan.seconds_per_step
-    length = (f"{steps} of one epoch's {_steps_per_epoch(plan.places)} steps"
-              if plan.max_steps_per_epoch else f"{plan.epochs} epochs ({steps} steps)")
+    steps, cost, whole = plan.steps, plan.seconds_per_step, _steps_per_epoch(plan.places)
+    length = (f"{plan.epochs} epochs ({steps} steps)" if not plan.max_steps_per_epoch
+              else f"{steps} of one epoch's {whole} steps" if plan.epochs == 1
+              else f"{plan.epochs} epochs of {plan.max_steps_per_epoch} of their {whole} steps "
+                   f"({steps} steps)")
     text = (f"budget {budget_minutes:g} min: {plan.places} places, {length} per model; "
             f"measured step time SSA {cost['ssa']:.2f} s, baseline {cost['baseline']:.2f} s"
             + (f" ({plan.threads} torch threads)" if plan.threads else ""))
@@ -226,7 +232,7 @@ def plan_text(plan: Plan, budget_minutes: float) -> str:
         need += 1
     return (f"{text}\nnote: this machine runs these steps slower than the 2-core machine "
             f"the demo was sized on, so only {steps} of the {FULL_STEPS} steps per model that "
-            f"gave SSA R@1 {FULL_R1:g} % there fit in {budget_minutes:g} min: expect a lower "
+            f"gave SSA R@1 {FULL_R1:g} % on average fit in {budget_minutes:g} min: expect a lower "
             f"R@1 (benchmarks/RESULTS.md). --budget-minutes {need} trains them here.")
 
 
