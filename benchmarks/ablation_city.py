@@ -14,7 +14,9 @@ values).
 
 Writes each run's metrics to ``RUN/city<seed>.json`` (reused), ``STUDY/city<seed>.json``,
 ``STUDY/city<seed>.md`` and ``STUDY/city<seed>.png`` (each SSA arm minus ``none``, seed by seed,
-on the val split and on the other city); the world goes to ``STUDY/worlds/city<seed>``.
+on the val split and on the other city); the world goes to ``STUDY/worlds/city<seed>``. With
+``--length L`` only the runs of ``runs/L`` (e.g. an ``ablation.py --tag`` study's ``e9-T``) are
+read, and the tables go to ``STUDY/city<seed>-L.*``.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import ARMS, aggregate, markdown, paired, paired_markdown  # noqa: E402
 
 
-def finished_runs(study: Path) -> list[dict]:
+def finished_runs(study: Path, length: str = "*") -> list[dict]:
     """``{"split", "arm", "seed", "run"}`` of every evaluated run under ``study/runs``
-    (``runs/<length>/<split>/<arm>/seed<N>``), sorted."""
+    (``runs/<length>/<split>/<arm>/seed<N>``; only those of ``length`` when given), sorted."""
     found = []
-    for evaluated in sorted(study.glob("runs/*/*/*/seed*/eval.json")):
+    for evaluated in sorted(study.glob(f"runs/{length}/*/*/seed*/eval.json")):
         run = evaluated.parent
         if run.parent.name in ARMS:
             found.append({"split": run.parents[1].name, "arm": run.parent.name,
@@ -107,6 +109,8 @@ def main() -> None:
     parser.add_argument("--places", type=int, default=1250,
                         help="places of the other city; its train split (80 %%) is evaluated")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--length", default=None, help="only the runs in runs/LENGTH (e.g. "
+                        "e9-q48 from ablation.py --tag q48); tables to city<seed>-LENGTH.*")
     args = parser.parse_args()
     if args.world_seed == 0:
         parser.error("--world-seed 0 is the ablation's own city")
@@ -122,9 +126,10 @@ def main() -> None:
         generate(world, layout="cvusa", places=args.places, seed=args.world_seed,
                  sat_size=SAT_SIZE, pano_size=PANO_SIZE, overwrite=True, progress=True)
     worlds = json.loads((args.study / "worlds.json").read_text())
-    runs = finished_runs(args.study)
+    runs = finished_runs(args.study, args.length or "*")
     if not runs:
-        raise SystemExit(f"{args.study}: no finished runs (runs/*/*/*/seed*/eval.json)")
+        raise SystemExit(f"{args.study}: no finished runs "
+                         f"(runs/{args.length or '*'}/*/*/seed*/eval.json)")
     for i, r in enumerate(runs, 1):
         r["metrics"] = city_metrics(Path(r["run"]), world, name)
         console.print(f"{i}/{len(runs)} {r['split']} {r['arm']} seed {r['seed']}: R@1 "
@@ -139,20 +144,21 @@ def main() -> None:
               f"{args.world_seed}'s train split: {gallery} queries, a gallery of {gallery}; "
               "mean ± std (ddof 1) over seeds")
     table = markdown(rows, header) + "\n" + paired_markdown(differences)
-    atomic_write_text(args.study / f"{name}.json", json.dumps(
+    out = name + (f"-{args.length}" if args.length else "")  # the tables' file names
+    atomic_write_text(args.study / f"{out}.json", json.dumps(
         {"world": str(world), "world_seed": args.world_seed, "places": args.places,
          "runs": runs, "aggregate": rows, "paired": differences,
          "wall_s": round(time.perf_counter() - started, 1)}, indent=1))
-    atomic_write_text(args.study / f"{name}.md", table)
+    atomic_write_text(args.study / f"{out}.md", table)
     val = [dict(r, metrics=json.loads((Path(r["run"]) / "eval.json").read_text()))
            for r in runs]
     val_queries = val[0]["metrics"]["queries"]
     plot_differences({f"the study's val split ({val_queries} queries)":
                       paired(val, arms, splits),
                       f"world seed {args.world_seed} ({gallery} queries)": differences},
-                     args.study / f"{name}.png")
+                     args.study / f"{out}.png")
     console.print(table, highlight=False)
-    console.print(f"wrote {args.study}/{name}.json, {name}.md, {name}.png", highlight=False)
+    console.print(f"wrote {args.study}/{out}.json, {out}.md, {out}.png", highlight=False)
 
 
 if __name__ == "__main__":
