@@ -61,12 +61,10 @@ class Plan:
 # The world the demo renders (the model reads it at data.reference_size / data.query_size).
 SAT_SIZE = 128
 PANO_SIZE = (512, 128)
-# The demo's regime on top of synth-cpu: a 3x higher peak learning rate, no satellite rotation /
-# panorama roll (docs/FIDELITY.md): at 450 steps R@1 14.0 -> 23.0 % (no SSA; RESULTS.md, "The
-# demo's regime, sixth session"; a cheaper backbone or ImageNet EfficientNet-Lite0 learned less
-# per step); and 48x192 panoramas (64 px tiles): step pairs 0.75-0.82x 64x256 ones, and no
-# less learnt per step (RESULTS.md, "Smaller panoramas, twelfth session"). FULL_STEPS: the steps
-# the regime was measured with; FULL_R1: the SSA model's mean R@1 with them, over seeds.
+# The demo's regime on top of synth-cpu (docs/FIDELITY.md; RESULTS.md, "The demo's regime, sixth
+# session" and "Smaller panoramas, twelfth session"): lr 3e-3, no tile rotation, and 48x192
+# panoramas (step pairs 0.75-0.82x those of 64x256, no less learnt per step). FULL_STEPS: the
+# steps it was measured with; FULL_R1: the SSA model's mean R@1 with them, over four seeds.
 REGIME = ["train.lr=3e-3", "data.augment.rotate=0", "data.query_size=[48,192]"]
 FULL_STEPS = 450
 FULL_R1 = 23.6
