@@ -117,8 +117,16 @@ def test_the_plan_says_when_a_slow_machine_buys_fewer_steps_than_the_regime_need
     assert plan_from_costs(need - 1, costs).steps < FULL_STEPS
 
 
+def planned_seconds(plan, cost):
+    """The whole demo as the plan budgets it: its fixed part, the rest, and the steps."""
+    from ssageo.demo import OVERHEAD, REST_STEPS
+
+    pair = cost["ssa"] + cost["baseline"]
+    return 60 + plan.places * 0.03 + REST_STEPS * pair + plan.steps * pair * OVERHEAD
+
+
 def test_where_not_even_one_epoch_fits_the_plan_trains_part_of_one_and_keeps_the_budget():
-    from ssageo.demo import OVERHEAD, REST_STEPS, plan_from_costs, plan_text
+    from ssageo.demo import plan_from_costs, plan_text
 
     # step times the plan measured on an AVX2-only Zen 1 CPU with a training beside it, where
     # one whole epoch of both models (50 steps each) took the demo to 755 s of its 600
@@ -126,20 +134,14 @@ def test_where_not_even_one_epoch_fits_the_plan_trains_part_of_one_and_keeps_the
     plan = plan_from_costs(10, zen1)
     assert plan.epochs == 1 and 10 <= plan.max_steps_per_epoch < 50
     assert plan.steps == plan.max_steps_per_epoch
-    pair = zen1["ssa"] + zen1["baseline"]
-    # the whole demo as the plan budgets it: its fixed part, the rest, and the steps
-    assert 60 + 1000 * 0.03 + REST_STEPS * pair + plan.steps * pair * OVERHEAD <= 600
+    assert planned_seconds(plan, zen1) <= 600
     text = plan_text(plan, 10)
     assert f"{plan.steps} of one epoch's 50 steps per model" in text
     assert f"only {plan.steps} of the" in text
 
 
 def test_the_plan_spends_the_budget_on_steps_in_epochs_cut_evenly():
-    from ssageo.demo import OVERHEAD, REST_STEPS, plan_from_costs, plan_text
-
-    def seconds(plan, cost):  # the whole demo as the plan budgets it
-        pair = cost["ssa"] + cost["baseline"]
-        return 60 + plan.places * 0.03 + REST_STEPS * pair + plan.steps * pair * OVERHEAD
+    from ssageo.demo import plan_from_costs, plan_text
 
     # step pairs of the machines the demo ran on (Zen 5, two Zen 4s, a busy one), and others
     for ssa, baseline in ((0.63, 0.28), (0.73, 0.45), (0.96, 0.56), (2.0, 1.5), (0.5, 0.3),
@@ -148,7 +150,7 @@ def test_the_plan_spends_the_budget_on_steps_in_epochs_cut_evenly():
         plan = plan_from_costs(10, cost)
         # within the budget, and one more step per epoch would not be
         more = replace(plan, max_steps_per_epoch=plan.steps // plan.epochs + 1)
-        assert seconds(plan, cost) <= 600 < seconds(more, cost)
+        assert planned_seconds(plan, cost) <= 600 < planned_seconds(more, cost)
         per_epoch = plan.max_steps_per_epoch or 50
         assert plan.steps == plan.epochs * per_epoch and per_epoch <= 50
         # the fewest epochs that hold the steps: one epoch fewer could not
