@@ -9,9 +9,9 @@ compared by steps and by single-thread step time, not by the wall time of a shar
 - ``steptime --backbones a,b+bev,c@128,d@128x64 [--threads T] [override ...]``: median step
   time (one thread unless ``--threads``) of each backbone (``+bev``: with the BEV head;
   ``@128``: 128x512 panoramas and 128 px tiles, ``@128x64``: 64 px tiles, with the BEV grid
-  that covers the tile; see ``variant_overrides``; without ``@``: the demo's sizes, its
-  ``REGIME`` on the preset's), interleaved step by step in one
-  process (fair on a busy machine); prints one line per backbone with its ratio to the first;
+  that covers the tile pixel for pixel; see ``variant_overrides``; without ``@``: the demo's
+  sizes, its ``REGIME`` on the preset's), interleaved step by step in one process (fair on a
+  busy machine); prints one line per backbone with its ratio to the first;
 - ``train --steps N WORLD RUN [override ...]``: ``ssageo.train.train`` with the demo's
   overrides plus the given ones for N steps, then R@1/5/10 of ``checkpoints/last`` on the val
   split; appends one JSON line (overrides, steps, metrics, mean step time) to
@@ -52,7 +52,7 @@ def make_world(out: Path, places: int, seed: int) -> None:
 def variant_overrides(spec: str) -> tuple[bool, list[str]]:
     """``name[@Q[xT]][+bev]`` -> (BEV head on, overrides): backbone ``name``; ``@Q``: Q x 4Q
     panoramas and Q x Q tiles, ``@QxT``: T x T tiles instead, with the BEV grid that covers the
-    tile (T / 8); without ``@``, the preset's sizes."""
+    tile pixel for pixel (T / 8; labels at T px); without ``@``, the demo's sizes."""
     bev = spec.endswith("+bev")
     name, _, size = spec.removesuffix("+bev").partition("@")
     out = [f"model.backbone={name}"]
@@ -60,7 +60,7 @@ def variant_overrides(spec: str) -> tuple[bool, list[str]]:
         q, _, t = size.partition("x")
         tile = int(t or q)
         out += [f"data.reference_size=[{tile},{tile}]", f"data.query_size=[{q},{4 * int(q)}]",
-                f"model.bev.grid_size={tile // 8}"]
+                f"model.bev.grid_size={tile // 8}", f"data.prior_size=[{tile},{tile}]"]
     return bev, out
 
 
@@ -68,7 +68,7 @@ def step_times(backbones: list[str], overrides: list[str], steps: int) -> dict[s
     """Median single-thread step time per backbone, interleaved step by step; a name ending in
     ``+bev`` is that backbone with the BEV head (the SSA model), otherwise without it; ``@S``
     sets its input size (``variant_overrides``)."""
-    from ssageo.demo import StepTimer, demo_config
+    from ssageo.demo.plan import StepTimer, demo_config
 
     timers = {}
     for b in backbones:

@@ -240,6 +240,10 @@ def test_a_file_without_base_overrides_the_defaults_and_old_run_configs_still_lo
     (["data.reference_size=[128,128]"], r"^model.bev.grid_size: 8 gives 64x64 BEV logits.*"
                                         r"\[128, 128\].*use model.bev.grid_size=16"),
     (["data.reference_size=[64,96]"], r"^model.bev.grid_size: .*a square tile"),
+    (["data.prior_size=[32,32]"], r"^model.bev.grid_size: 8 gives 64x64 BEV logits, which must "
+                                  r"cover the prior labels \(data.prior_size \[32, 32\]\); use "
+                                  r"model.bev.grid_size=4"),
+    (["data.prior_size=[32,48]"], r"^model.bev.grid_size: .*square prior labels"),
     (["train.sampling.neighbour_select=40"], r"^train.sampling.neighbour_select: must be at "
                                              r"most train.sampling.neighbour_range \(32\)"),
     (["train.sampling.neighbour_range=200"], r"^train.sampling.gps_k: must be at least "
@@ -254,6 +258,7 @@ def test_consistent_combinations_pass():
     assert load_config("synth-cpu", ["data.reference_size=[128,128]",
                                      "model.bev.grid_size=16"])["model"]["bev"]["grid_size"] == 16
     load_config("synth-cpu", ["data.reference_size=[64,96]", "model.bev.enabled=false"])
+    load_config("synth-cpu", ["data.prior_size=[32,32]", "model.bev.grid_size=4"])
     load_config("synth-cpu", ["train.sampling.neighbour_range=200", "train.sampling.first=random"])
 
 

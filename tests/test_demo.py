@@ -24,7 +24,7 @@ def test_demo_runs_every_stage_prints_the_table_and_reuses_stages_on_rerun(tmp_p
     first = _demo(out, "--budget-minutes", "1", "--seed", "3")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     state = json.loads((out / "demo.json").read_text())
-    assert state["done"] == ["world", "priors", "ssa", "baseline"]
+    assert state["done"] == ["world", "priors", "warmup", "ssa", "baseline"]
     assert 0.3 < state["prior_miou"] < 0.95  # corrupted oracle: imperfect, far from empty
 
     # The table shows the numbers of this run's own evaluation files.
@@ -65,7 +65,7 @@ def test_demo_runs_every_stage_prints_the_table_and_reuses_stages_on_rerun(tmp_p
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert f"[train] resumed from {baseline / 'checkpoints' / 'best'}" in third.stderr
     again = json.loads((out / "demo.json").read_text())
-    assert again["done"] == ["world", "priors", "ssa", "baseline"]
+    assert again["done"] == ["world", "priors", "warmup", "ssa", "baseline"]
     for key in ("R@1", "R@5", "R@10", "R@1%", "steps"):
         assert again["results"]["no-SSA baseline"][key] == state["results"]["no-SSA baseline"][key]
     assert sorted(p.name for p in (baseline / "checkpoints").iterdir()) == ["best", "last"]
@@ -99,7 +99,7 @@ def test_the_final_table_keeps_every_cell_whole_in_80_columns():
 
 
 def test_the_plan_says_when_a_slow_machine_buys_fewer_steps_than_the_regime_needs():
-    from ssageo.demo import FULL_STEPS, plan_from_costs, plan_text
+    from ssageo.demo.plan import FULL_STEPS, plan_from_costs, plan_text
 
     fast = plan_from_costs(10, {"ssa": 0.2, "baseline": 0.15})
     text = plan_text(fast, 10)
@@ -119,14 +119,14 @@ def test_the_plan_says_when_a_slow_machine_buys_fewer_steps_than_the_regime_need
 
 def planned_seconds(plan, cost):
     """The whole demo as the plan budgets it: its fixed part, the rest, and the steps."""
-    from ssageo.demo import OVERHEAD, REST_STEPS
+    from ssageo.demo.plan import OVERHEAD, REST_STEPS
 
     pair = cost["ssa"] + cost["baseline"]
     return 60 + plan.places * 0.03 + REST_STEPS * pair + plan.steps * pair * OVERHEAD
 
 
 def test_where_not_even_one_epoch_fits_the_plan_trains_part_of_one_and_keeps_the_budget():
-    from ssageo.demo import plan_from_costs, plan_text
+    from ssageo.demo.plan import plan_from_costs, plan_text
 
     # step times the plan measured on an AVX2-only Zen 1 CPU with a training beside it, where
     # one whole epoch of both models (50 steps each) took the demo to 755 s of its 600
@@ -141,7 +141,7 @@ def test_where_not_even_one_epoch_fits_the_plan_trains_part_of_one_and_keeps_the
 
 
 def test_the_plan_spends_the_budget_on_steps_in_epochs_cut_evenly():
-    from ssageo.demo import plan_from_costs, plan_text
+    from ssageo.demo.plan import plan_from_costs, plan_text
 
     # step pairs of the machines the demo ran on (Zen 5, two Zen 4s, a busy one), and others
     for ssa, baseline in ((0.63, 0.28), (0.73, 0.45), (0.96, 0.56), (2.0, 1.5), (0.5, 0.3),
@@ -153,22 +153,46 @@ def test_the_plan_spends_the_budget_on_steps_in_epochs_cut_evenly():
         assert planned_seconds(plan, cost) <= 600 < planned_seconds(more, cost)
         per_epoch = plan.max_steps_per_epoch or 50
         assert plan.steps == plan.epochs * per_epoch and per_epoch <= 50
-        # the fewest epochs that hold the steps: one epoch fewer could not
-        assert (plan.epochs - 1) * 50 < plan.steps
+        # the fewest epochs that hold the steps that fit: one epoch fewer could not (the even
+        # cut leaves fewer than one step per epoch of them out)
+        assert (plan.epochs - 1) * 50 < plan.steps + plan.epochs
         text = plan_text(plan, 10)
         assert (f"{plan.epochs} epochs ({plan.steps} steps)" in text if per_epoch == 50
                 else f"{plan.epochs} epochs of {per_epoch} of their 50 steps ({plan.steps} "
                      "steps)" in text), text
 
 
+def test_the_warm_up_epochs_settle_as_many_epochs_as_the_time_left_holds():
+    from ssageo.demo.plan import FINAL_PAIRS, LATER_EPOCH, Plan, settle_epochs, settled_text
+
+    first = Plan(1000, 11, 4, 4, {"ssa": 0.52, "baseline": 0.41}, threads=2,
+                 max_steps_per_epoch=45)
+    # the thirteenth session's Zen 4: the real steps ran ~1.23x the first plan's measure
+    warmup = {"ssa": 31.0, "baseline": 26.0}
+    for left in (0.0, 40.0, 200.0, 520.0, 5000.0):
+        plan = settle_epochs(first, warmup, left)
+        assert plan.max_steps_per_epoch == 45 and plan.places == 1000 and plan.threads == 2
+        assert (plan.eval_every, plan.similarity_every) == (-(-plan.epochs // 3),) * 2
+        final, later = FINAL_PAIRS * 57.0 / 45, LATER_EPOCH * 57.0
+        if plan.epochs > 1:  # the later epochs and the last part fit; one epoch more would not
+            assert (plan.epochs - 1) * later + final <= left
+        assert left < plan.epochs * later + final
+    assert settle_epochs(first, warmup, 0.0).epochs == 1  # the warm-up epoch is the whole run
+    assert settle_epochs(first, warmup, 520.0).steps == 8 * 45
+    text = settled_text(settle_epochs(first, warmup, 520.0), warmup, 10)
+    assert text.startswith("warm-up epochs took SSA 31 s, baseline 26 s: 1000 places, 8 epochs "
+                           "of 45 of their 50 steps (360 steps) per model"), text
+    assert "note:" in text and "only 360 of the 450 steps" in text
+
+
 def test_the_plan_takes_more_threads_only_when_the_steps_run_clearly_faster_with_them(
         tmp_path, monkeypatch):
-    from ssageo.demo import (
+    from ssageo.demo import read_state
+    from ssageo.demo.plan import (
         MORE_THREADS_GAIN,
         Plan,
         choose_threads,
         plan_text,
-        read_state,
         thread_options,
     )
 

@@ -55,6 +55,7 @@ def test_the_quick_run_leaves_out_the_slow_tests():
         "tests/test_demo.py::test_where_not_even_one_epoch_fits_the_plan_trains_part_of_one_and"
         "_keeps_the_budget",
         "tests/test_demo.py::test_the_plan_spends_the_budget_on_steps_in_epochs_cut_evenly",
+        "tests/test_demo.py::test_the_warm_up_epochs_settle_as_many_epochs_as_the_time_left_holds",
         "tests/test_demo.py::test_the_plan_takes_more_threads_only_when_the_steps_run_clearly"
         "_faster_with_them"]
     assert "1 deselected" in done.stdout  # the slow demo run

@@ -125,6 +125,53 @@ def test_trainer_steps_advance_the_state_and_a_new_trainer_restores_it(synth_wor
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_a_run_stopped_after_its_warm_up_epoch_can_be_lengthened_and_resumed_exactly(
+        synth_world, tmp_path):
+    """``until_epoch`` stops after the warm-up; given more epochs in its config.yaml, the resumed
+    run ends with the weights of a run planned that long from the start (what ``ssageo demo``
+    does once its warm-up epochs have shown this machine's real step times)."""
+    from ssageo.train.rundir import read_config, write_config
+
+    world = synth_world("cvusa")
+    straight = train(tiny_config(world, "train.epochs=3"), tmp_path / "straight")
+    stopped = train(tiny_config(world), tmp_path / "stopped", until_epoch=1)
+    assert stopped == {"steps": 3, "epochs_done": 1, "epochs": 2, "stopped": True}
+    assert not (tmp_path / "stopped" / "summary.json").exists()
+    config = read_config(tmp_path / "stopped")
+    config["train"]["epochs"] = 3
+    write_config(tmp_path / "stopped", config)
+    resumed = train(None, tmp_path / "stopped", resume=True)
+    assert resumed["steps"] == straight["steps"] == 9 and resumed["epochs"] == 3
+    ours = load_file(tmp_path / "stopped" / "checkpoints" / "last" / "model.safetensors")
+    theirs = load_file(tmp_path / "straight" / "checkpoints" / "last" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_bev_head_trains_on_prior_labels_coarser_than_the_tile(synth_world, tmp_path):
+    """model.bev.grid_size=4 with data.prior_size=[32,32]: 32x32 logits over the 64 px tile,
+    trained on the labels resized to them (the demo's cheaper head)."""
+    from torch.utils.data import default_collate
+
+    from ssageo.train import Trainer
+    from ssageo.train.rundir import open_run_dir
+
+    cfg = tiny_config(synth_world("cvusa"), "data.workers=0", "model.bev.grid_size=4",
+                      "data.prior_size=[32,32]")
+    assert cfg["data"]["reference_size"] == [64, 64]
+    with open_run_dir(tmp_path / "run", resume=False):
+        trainer = Trainer(cfg, tmp_path / "run")
+        trainer.setup()
+        trainer.restore()
+        batch = default_collate([trainer.dataset[i] for i in range(4)])
+        assert batch["prior"].shape == (4, 32, 32) and batch["reference"].shape[-2:] == (64, 64)
+        query = torch.randn(2, 3, *cfg["data"]["query_size"])
+        assert trainer.model(query, None, with_bev=True)["bev_logits"].shape == (2, 2, 32, 32)
+        before = trainer.model.bev.decoder.classifier.weight.clone()
+        record, _ = trainer.train_step(batch, epoch=0)
+    assert math.isfinite(record["bev"]) and record["bev"] > 0
+    assert not torch.equal(before, trainer.model.bev.decoder.classifier.weight)
+
+
 @pytest.mark.slow
 def test_gradient_diagnostics_are_logged_and_leave_the_training_unchanged(synth_world, tmp_path):
     world = synth_world("cvusa")

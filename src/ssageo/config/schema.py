@@ -72,8 +72,10 @@ class Data:
                                         checks.size())
     query_size: list[int] = setting([64, 256], "ground panorama (H, W) fed to the model",
                                     checks.size())
-    prior_size: list[int] | None = setting(None, "prior label size; null = the satellite "
-                                           "tile's size", checks.size(optional=True))
+    prior_size: list[int] | None = setting(None, "prior label size, the BEV logits' (8 x "
+                                           "model.bev.grid_size, square, over the whole tile); "
+                                           "null = the satellite tile's size",
+                                           checks.size(optional=True))
     workers: int = setting(2, "data loader worker processes", checks.integer(0))
     decode: str = setting("full", "full: decode every pixel, then resize; reduced: JPEGs decode "
                           "at 1/2-1/8 scale while >= the working size (faster)",
@@ -267,14 +269,19 @@ def build(cls: type, values: dict, prefix: str = "") -> Any:
 def consistency(config: Config) -> None:
     """Rules between keys, checked once the keys themselves are valid."""
     bev, tile = config.model.bev, config.data.reference_size
-    if bev.enabled and tile != [8 * bev.grid_size] * 2:
-        # bev.py: the decoder's (B,K,8N,8N) logits lie on the satellite tile's grid
-        fits = (f"model.bev.grid_size={tile[0] // 8}" if tile[0] == tile[1] and tile[0] % 8 == 0
-                else "a square tile whose side is a multiple of 8")
+    labels = config.data.prior_size or tile
+    if bev.enabled and (tile[0] != tile[1] or labels != [8 * bev.grid_size] * 2):
+        # bev.py: the decoder's (B,K,8N,8N) logits lie on the satellite tile's square, at the
+        # prior labels' resolution (the tile's own unless data.prior_size says otherwise)
+        square = tile[0] == tile[1] and labels[0] == labels[1] and labels[0] % 8 == 0
+        fits = (f"model.bev.grid_size={labels[0] // 8}" if square
+                else "a square tile (and square prior labels) whose side is a multiple of 8")
+        where = (f"the prior labels (data.prior_size {labels})" if config.data.prior_size
+                 else f"the satellite tile pixel for pixel (data.reference_size {tile})")
         raise ConfigError(
             f"model.bev.grid_size: {bev.grid_size} gives {8 * bev.grid_size}x"
-            f"{8 * bev.grid_size} BEV logits, which must cover the satellite tile pixel for "
-            f"pixel (data.reference_size {tile}); use {fits} or model.bev.enabled=false")
+            f"{8 * bev.grid_size} BEV logits, which must cover {where}; use {fits} or "
+            f"model.bev.enabled=false")
     d = config.data
     if d.fov_min is not None and d.fov_min > d.fov:
         raise ConfigError(f"data.fov_min: must be at most data.fov ({d.fov:g}), got "

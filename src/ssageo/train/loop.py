@@ -64,13 +64,15 @@ def _numbers(t: dict) -> dict:
     return out
 
 
-def train(config: dict | None, out: Path, resume: bool = False) -> dict:
+def train(config: dict | None, out: Path, resume: bool = False,
+          until_epoch: int | None = None) -> dict:
     """Train per ``config`` into run directory ``out`` (or resume the run in ``out``).
 
     Resuming continues from the newest complete checkpoint (``last`` or ``best``), or starts
     the run over from step 0 with its saved config when it has none. The run directory is
     locked for the whole run (only one process trains into it).
 
+    ``until_epoch`` k stops the run after its epoch k (``Trainer.fit``; resume it to go on).
     Returns the run summary (also written to ``summary.json``). Raises DataError/ConfigError
     for bad input or a run directory in use, FileExistsError for an existing run without
     ``resume``, and NonFiniteLossError when the loss or gradient is non-finite more than
@@ -100,7 +102,7 @@ def train(config: dict | None, out: Path, resume: bool = False) -> dict:
     try:
         from ssageo.train.trainer import Trainer  # it builds on this module's helpers
 
-        return Trainer(config, out, resume, t, dist_info).run()
+        return Trainer(config, out, resume, t, dist_info).run(until_epoch)
     finally:
         if lock is not None:
             lock.release()

@@ -84,11 +84,11 @@ class Trainer:
         if self.dist.is_main:
             logger.info(message)
 
-    def run(self) -> dict:
-        """Set up, restore (when resuming) and train; returns the summary."""
+    def run(self, until_epoch: int | None = None) -> dict:
+        """Set up, restore (when resuming) and train (see ``fit``); returns the summary."""
         self.setup()
         self.restore()
-        return self.fit()
+        return self.fit(until_epoch)
 
     # --- setup / restore / save -------------------------------------------------------------
 
@@ -197,12 +197,16 @@ class Trainer:
 
     # --- training ---------------------------------------------------------------------------
 
-    def fit(self) -> dict:
+    def fit(self, until_epoch: int | None = None) -> dict:
         """Train the remaining epochs (validating and checkpointing), write ``summary.json``
-        and return the summary."""
+        and return the summary. With ``until_epoch`` k < ``train.epochs``, stop after epoch k
+        (its ``last`` checkpoint written, no summary) and return where the run stands: a
+        resumed run goes on from there as if never stopped, and may then be given another
+        ``train.epochs`` where its learning rate has not yet depended on it (the warm-up)."""
         t = self.settings
         started = time.perf_counter()
-        for epoch in range(self.state.epoch, t["epochs"]):
+        end = t["epochs"] if until_epoch is None else min(t["epochs"], until_epoch)
+        for epoch in range(self.state.epoch, end):
             self.train_epoch(epoch)
             self.state.epoch, self.state.batch = epoch + 1, 0
             self.sampler.set_epoch(epoch + 1)
@@ -212,6 +216,9 @@ class Trainer:
                 if self.validate(epoch):
                     self.save("best")
             self.save("last")
+        if self.state.epoch < t["epochs"]:
+            return {"steps": self.state.step, "epochs_done": self.state.epoch,
+                    "epochs": t["epochs"], "stopped": True}
         best = self.state.best_r1 is not None
         summary = {
             "steps": self.state.step, "epochs": t["epochs"], "world_size": self.dist.world_size,
