@@ -53,6 +53,17 @@ def test_demo_runs_every_stage_prints_the_table_and_reuses_stages_on_rerun(tmp_p
     assert "epoch 1/" not in second.stdout + second.stderr  # nothing was trained again
     assert json.loads((out / "demo.json").read_text())["results"] == state["results"]
 
+    # A folder an older demo wrote (no warm-up stage; its runs planned whole) is reused as is.
+    older = {k: v for k, v in state.items() if k not in ("settled", "warmup_seconds")}
+    older["done"] = [name for name in state["done"] if name != "warmup"]
+    (out / "demo.json").write_text(json.dumps(older))
+    config = (out / "runs" / "ssa" / "config.yaml").read_text()
+    fourth = _demo(out, "--budget-minutes", "1", "--seed", "3")
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert "epoch 1/" not in fourth.stdout + fourth.stderr
+    assert (out / "runs" / "ssa" / "config.yaml").read_text() == config
+    assert json.loads((out / "demo.json").read_text())["results"] == state["results"]
+
     # Killed between the baseline's first `best` and its first `last` (a half-written `last`
     # left behind): the rerun continues from `best` and ends with the same results.
     baseline = out / "runs" / "baseline"

@@ -148,6 +148,8 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
 
     runs = {"SSA": out / "runs" / "ssa", "no-SSA baseline": out / "runs" / "baseline"}
     names = {"SSA": "ssa", "no-SSA baseline": "baseline"}
+    if "ssa" in state.get("done", []) and "warmup" not in state["done"]:
+        state["done"].insert(state["done"].index("ssa"), "warmup")  # an older demo: no warm-up
     if stage("warmup", "4/7 warm-up epoch of both models (it settles how many epochs fit)"):
         warmup = state.setdefault("warmup_seconds", {})
         for label, run in runs.items():
