@@ -10,7 +10,7 @@ Stages, each reused when a rerun finds it finished in the same output folder:
 4. warm-up        the first epoch of ``runs/ssa`` (SSA: InfoNCE + BEV loss) and of
                   ``runs/baseline`` (InfoNCE only); their real wall times settle how many
                   epochs fit what is left of the budget;
-5. training       the rest of both runs: same seed, same number of steps;
+5. training       the rest of both runs (stages 5 and 6): same seed, same number of steps;
 6. evaluation     both final checkpoints on the held-out ``val`` split (``eval.json`` per run),
                   then ``report.html``, the visual report of the SSA run beside the baseline.
 
@@ -147,20 +147,19 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
     from ssageo.train.rundir import CONFIG_FILE, read_config, write_config
 
     runs = {"SSA": out / "runs" / "ssa", "no-SSA baseline": out / "runs" / "baseline"}
-    names = {"SSA": "ssa", "no-SSA baseline": "baseline"}
     if "ssa" in state.get("done", []) and "warmup" not in state["done"]:
         state["done"].insert(state["done"].index("ssa"), "warmup")  # an older demo: no warm-up
     if stage("warmup", "4/7 warm-up epoch of both models (it settles how many epochs fit)"):
         warmup = state.setdefault("warmup_seconds", {})
         for label, run in runs.items():
-            if names[label] in warmup:
+            if run.name in warmup:
                 continue
             begun = time.perf_counter()
             # a run a killed demo started: continue it (from step 0 when it has no checkpoint)
             resume = (run / CONFIG_FILE).is_file()
             train(None if resume else run_config(world, seed, plan, label == "SSA"), run,
                   resume=resume, until_epoch=1)
-            warmup[names[label]] = round(time.perf_counter() - begun, 1)
+            warmup[run.name] = round(time.perf_counter() - begun, 1)
             save()
         if "settled" not in state:
             left = budget_minutes * 60 - (time.perf_counter() - started)
@@ -177,9 +176,9 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
         finish("warmup")
 
     for i, (label, run) in enumerate(runs.items()):
-        if stage(names[label], f"{5 + i}/7 training: {label}"):
+        if stage(run.name, f"{5 + i}/7 training: {label}"):
             train(None, run, resume=True)
-            finish(names[label])
+            finish(run.name)
 
     results = {label: evaluate_run(run) for label, run in runs.items()}
     console.rule("[bold]7/7 evaluation and report")
