@@ -190,10 +190,16 @@ def test_the_warm_up_epochs_settle_as_many_epochs_as_the_time_left_holds():
         assert left < plan.epochs * later + final
     assert settle_epochs(first, warmup, 0.0).epochs == 1  # the warm-up epoch is the whole run
     assert settle_epochs(first, warmup, 520.0).steps == 8 * 45
-    text = settled_text(settle_epochs(first, warmup, 520.0), warmup, 10)
+    text = settled_text(settle_epochs(first, warmup, 520.0), warmup, 10, spent=80.0)
     assert text.startswith("warm-up epochs took SSA 31 s, baseline 26 s: 1000 places, 8 epochs "
                            "of 45 of their 50 steps (360 steps) per model"), text
     assert "note:" in text and "only 360 of the 450 steps" in text
+    # the budget it names settles the 450 steps (10 epochs of 45) after the same 80 s, and one
+    # minute less does not: from the warm-up epochs' real times, not the first estimate's
+    need = int(text.rsplit("--budget-minutes ", 1)[1].split()[0])
+    assert settle_epochs(first, warmup, need * 60 - 80.0).steps >= 450
+    assert settle_epochs(first, warmup, (need - 1) * 60 - 80.0).steps < 450
+    assert need == 12  # 80 + 9 x 65.55 + 16.5 = 686 s
 
 
 def test_the_plan_takes_more_threads_only_when_the_steps_run_clearly_faster_with_them(

@@ -161,10 +161,10 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
                   resume=resume, until_epoch=1)
             warmup[run.name] = round(time.perf_counter() - begun, 1)
             save()
-        if "settled" not in state:
-            left = budget_minutes * 60 - (time.perf_counter() - started)
-            plan = settle_epochs(plan, warmup, left)
-            state.update(plan=plan.__dict__, settled=True)
+        if "settled" not in state:  # the seconds this demo had spent when it settled
+            spent = round(time.perf_counter() - started, 1)
+            plan = settle_epochs(plan, warmup, budget_minutes * 60 - spent)
+            state.update(plan=plan.__dict__, settled=spent)
             save()
         for run in runs.values():  # the warm-up's learning rates do not depend on the length
             config = read_config(run)
@@ -172,7 +172,7 @@ def _run_demo(out: Path, budget_minutes: float, seed: int, console: Console) -> 
             config["eval"]["every"] = plan.eval_every
             config["train"]["sampling"]["similarity_every"] = plan.similarity_every
             write_config(run, config)
-        logger.info(settled_text(plan, warmup, budget_minutes))
+        logger.info(settled_text(plan, warmup, budget_minutes, state["settled"]))
         finish("warmup")
 
     for i, (label, run) in enumerate(runs.items()):

@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -199,10 +200,12 @@ def third(epochs: int) -> int:
     return max(1, math.ceil(epochs / 3))
 
 
-def plan_text(plan: Plan, budget_minutes: float, notice: bool = True) -> str:
+def plan_text(plan: Plan, budget_minutes: float, notice: bool = True,
+              reaches: Callable[[int], bool] | None = None) -> str:
     """What the plan trains, and, when the budget buys fewer steps than the regime was measured
     with (and ``notice``), a notice of what that means and which budget would buy them on this
-    machine."""
+    machine: the fewest whole minutes that ``reaches`` (default: whose first plan, at the
+    measured step times, does)."""
     steps, cost, whole = plan.steps, plan.seconds_per_step, _steps_per_epoch(plan.places)
     length = (f"{plan.epochs} epochs ({steps} steps)" if not plan.max_steps_per_epoch
               else f"{steps} of one epoch's {whole} steps" if plan.epochs == 1
@@ -213,9 +216,9 @@ def plan_text(plan: Plan, budget_minutes: float, notice: bool = True) -> str:
             + (f" ({plan.threads} torch threads)" if plan.threads else ""))
     if steps >= FULL_STEPS or not notice:
         return text
-    # the smallest budget (in whole minutes) whose plan reaches FULL_STEPS at these step times
+    reaches = reaches or (lambda minutes: plan_from_costs(minutes, cost).steps >= FULL_STEPS)
     need = math.ceil(budget_minutes)
-    while need < 10_000 and plan_from_costs(need, cost).steps < FULL_STEPS:
+    while need < 10_000 and not reaches(need):
         need += 1
     return (f"{text}\nnote: this machine runs these steps slower than the 2-core machine "
             f"the demo was sized on, so only {steps} of the {FULL_STEPS} steps per model that "
@@ -243,7 +246,12 @@ def settle_epochs(plan: Plan, warmup: dict[str, float], seconds_left: float) -> 
     return replace(plan, epochs=epochs, eval_every=third(epochs), similarity_every=third(epochs))
 
 
-def settled_text(plan: Plan, warmup: dict[str, float], budget_minutes: float) -> str:
-    """What the warm-up epochs showed and how many epochs that leaves room for."""
+def settled_text(plan: Plan, warmup: dict[str, float], budget_minutes: float,
+                 spent: float) -> str:
+    """What the warm-up epochs showed and how many epochs that leaves room for; a notice
+    names the budget whose settling, after the same ``spent`` seconds, trains FULL_STEPS."""
+    def reaches(minutes: int) -> bool:
+        return settle_epochs(plan, warmup, minutes * 60 - spent).steps >= FULL_STEPS
+
     return (f"warm-up epochs took SSA {warmup['ssa']:.0f} s, baseline {warmup['baseline']:.0f} s: "
-            + plan_text(plan, budget_minutes).split(": ", 1)[1])
+            + plan_text(plan, budget_minutes, reaches=reaches).split(": ", 1)[1])
