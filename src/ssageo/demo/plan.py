@@ -110,15 +110,26 @@ class StepTimer:
         return time.perf_counter() - start
 
 
-def _step_seconds(config: dict, steps: int = 3) -> float:
-    """Median wall time of one optimisation step of ``config``'s model on random inputs."""
+def step_seconds(configs: dict, rounds: int = 5) -> dict:
+    """Median wall time of one optimisation step of each config's model on random inputs (the
+    values of ``configs``, under the same keys), each with the torch threads it will train with.
+    The steps are interleaved, one of each config per round, so that a machine whose speed
+    drifts for seconds at a time (2-core cloud machines: the same step measured 0.69 s, then
+    0.56 s) slows them all alike: the thread choice compares them."""
     from ssageo.train.distributed import cpu_threads
 
-    d, t = config["data"], config["train"]
-    torch.set_num_threads(cpu_threads(t["threads"], int(d["workers"])))  # as training will
-    timer = StepTimer(config)
-    times = [timer.step() for _ in range(steps + 1)][1:]  # the first warms up allocators
-    return sorted(times)[len(times) // 2]
+    def threads(config: dict) -> int:
+        return cpu_threads(config["train"]["threads"], int(config["data"]["workers"]))
+
+    timers = {key: StepTimer(config) for key, config in configs.items()}
+    times: dict = {key: [] for key in configs}
+    for round_ in range(rounds + 1):  # the first round warms up the allocators
+        for key, timer in timers.items():
+            torch.set_num_threads(threads(configs[key]))  # as training will
+            seconds = timer.step()
+            if round_:
+                times[key].append(seconds)
+    return {key: sorted(t)[len(t) // 2] for key, t in times.items()}
 
 
 def thread_options(root: Path, seed: int) -> list[int]:
@@ -149,10 +160,13 @@ def plan_budget(budget_minutes: float, seed: int, root: Path) -> Plan:
     ``budget_minutes``, from step times measured on this machine."""
     if budget_minutes < 1:
         raise ConfigError(f"--budget-minutes {budget_minutes}: the demo needs at least 1 minute")
-    costs = {threads: {name: _step_seconds(demo_config(root, seed, bev,
-                                                       [f"train.threads={threads}"]))
-                       for name, bev in (("ssa", True), ("baseline", False))}
-             for threads in thread_options(root, seed)}
+    models = (("ssa", True), ("baseline", False))
+    measured = step_seconds({(threads, name): demo_config(root, seed, bev,
+                                                          [f"train.threads={threads}"])
+                             for threads in thread_options(root, seed) for name, bev in models})
+    costs: dict[int, dict[str, float]] = {}
+    for (threads, name), seconds in measured.items():
+        costs.setdefault(threads, {})[name] = seconds
     threads = choose_threads(costs)
     return replace(plan_from_costs(budget_minutes, costs[threads]), threads=threads)
 
