@@ -64,23 +64,19 @@ def variant_overrides(spec: str) -> tuple[bool, list[str]]:
     return bev, out
 
 
-def step_times(backbones: list[str], overrides: list[str], steps: int) -> dict[str, float]:
-    """Median single-thread step time per backbone, interleaved step by step; a name ending in
-    ``+bev`` is that backbone with the BEV head (the SSA model), otherwise without it; ``@S``
-    sets its input size (``variant_overrides``)."""
-    from ssageo.demo.plan import StepTimer, demo_config
+def step_times(backbones: list[str], overrides: list[str], steps: int,
+               threads: int) -> dict[str, float]:
+    """Median step time per backbone on ``threads`` torch threads, interleaved step by step
+    (``ssageo.demo.plan.step_seconds``, as the demo's plan measures); a name ending in ``+bev``
+    is that backbone with the BEV head (the SSA model), otherwise without it; ``@S`` sets its
+    input size (``variant_overrides``)."""
+    from ssageo.demo.plan import demo_config, step_seconds
 
-    timers = {}
+    configs = {}
     for b in backbones:
         bev, own = variant_overrides(b)
-        timers[b] = StepTimer(demo_config(Path("."), 0, bev, [*own, *overrides]))
-    times: dict[str, list[float]] = {b: [] for b in backbones}
-    for i in range(steps + 1):
-        for b, timer in timers.items():
-            t = timer.step()
-            if i:  # the first step warms up allocators and kernels
-                times[b].append(t)
-    return {b: sorted(v)[len(v) // 2] for b, v in times.items()}
+        configs[b] = demo_config(Path("."), 0, bev, [*own, *overrides, f"train.threads={threads}"])
+    return step_seconds(configs, rounds=steps)
 
 
 def train_and_evaluate(world: Path, run: Path, steps: int, overrides: list[str]) -> dict:
@@ -140,7 +136,7 @@ def main() -> None:
         make_world(args.out, args.places, args.seed)
     elif args.command == "steptime":
         names = args.backbones.split(",")
-        times = step_times(names, args.overrides, args.steps)
+        times = step_times(names, args.overrides, args.steps, args.threads)
         for b, v in times.items():
             print(f"{b}: {v:.3f} s/step ({v / times[names[0]]:.2f}x {names[0]})")
     else:
